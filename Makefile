@@ -1,0 +1,43 @@
+# The two commands of the README: `make serve` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+BIN    := $(VENV)/bin
+
+# A stamp per extra set, redone whenever the project's dependencies change.
+$(VENV)/.installed-serve: pyproject.toml scripts/setup-venv.sh
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml scripts/setup-venv.sh
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev
+	touch $@ $(VENV)/.installed-serve
+
+.PHONY: install serve test lint typecheck unit bench clean
+
+install: $(VENV)/.installed-serve
+
+## Start the server with the packaged default model on http://$(HOST):$(PORT)
+serve: $(VENV)/.installed-serve
+	$(BIN)/medserve serve --host $(HOST) --port $(PORT)
+
+## Lint, type-check and run the whole test suite (what CI runs)
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/run_tests.py
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+## Single-stream decode speed: HTTP through medserve vs in-process llama.cpp
+bench: $(VENV)/.installed-dev
+	$(BIN)/python tests/bench/single_stream.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP layer: wire models, routes, streaming, error mapping."""

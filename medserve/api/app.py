@@ -1,0 +1,140 @@
+"""The application factory: settings and router in, a FastAPI app out.
+
+Everything the app uses lives on ``app.state`` (settings, router); nothing is global, so
+tests build as many apps as they like. The lifespan sets the offline environment, loads
+every model before the first request is accepted, and unloads them on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from medserve import __version__
+from medserve.api.middleware import RequestContext
+from medserve.api.routes import router as routes
+from medserve.config import Settings, served_models
+from medserve.errors import (
+    InvalidRequestError,
+    MedserveError,
+    MethodNotAllowedError,
+    NotFoundError,
+    envelope,
+    headers,
+)
+from medserve.privacy import apply_offline_env
+from medserve.router import Router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
+    """Build the app. ``router`` defaults to the models the settings name."""
+    router = router or Router.from_specs(served_models(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        apply_offline_env(os.environ)
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.close()
+
+    app = FastAPI(
+        title="medserve",
+        version=__version__,
+        summary="OpenAI-compatible inference for medical LLMs, on premises.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.router = router
+    app.include_router(routes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    _add_error_handlers(app)
+    return app
+
+
+def error_response(exc: MedserveError) -> JSONResponse:
+    """The one mapping from an error to its HTTP response."""
+    return JSONResponse(envelope(exc), status_code=exc.status, headers=headers(exc))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def on_medserve(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, MedserveError)
+        return error_response(exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(exc))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(NotFoundError("No such route."))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowedError("Method not allowed for this route."))
+        if exc.status_code < 500:
+            return error_response(InvalidRequestError("The request could not be processed."))
+        return error_response(MedserveError("Internal server error."))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception(
+            "unhandled error", extra={"request_id": request.state.request_id}, exc_info=exc
+        )
+        return error_response(MedserveError("Internal server error."))
+
+    app.add_exception_handler(MedserveError, on_medserve)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """FastAPI's 422 becomes OpenAI's 400, naming the first bad parameter, not its value."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("The request body is invalid.")
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return InvalidRequestError("The request body is not valid JSON.")
+    # For a value that matched no branch of a union, the deepest error is the useful one.
+    first = max(errors, key=lambda e: len(_loc(e)))
+    loc = _loc(first)
+    param = _param(loc)
+    if param is None:
+        return InvalidRequestError("The request body must be a JSON object.")
+    message = str(first.get("msg", "invalid value"))
+    value = first.get("input")
+    if isinstance(value, str) and value and value in message:
+        message = message.replace(value, "<value>")
+    if first.get("type") == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param)
+
+
+def _loc(error: Any) -> list[str | int]:
+    """The error's location without "body" and pydantic's union-branch labels."""
+    parts = [p for p in error.get("loc", ()) if p != "body"]
+    return [p for p in parts if isinstance(p, int) or not _is_type_label(str(p))]
+
+
+def _is_type_label(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part
+
+
+def _param(loc: list[str | int]) -> str | None:
+    if not loc:
+        return None
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text

@@ -1,0 +1,107 @@
+"""Thin HTTP handlers: resolve the model, parse, hand to serving, return."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from medserve.api import serving
+from medserve.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from medserve.router import Router, Served
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 503)
+}
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+
+
+def get_router(request: Request) -> Router:
+    router: Router = request.app.state.router
+    return router
+
+
+RouterDep = Annotated[Router, Depends(get_router)]
+
+
+@router.get("/health", include_in_schema=False)
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Says nothing about the models."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", include_in_schema=False)
+async def ready(models: RouterDep) -> JSONResponse:
+    """Readiness: every model is loaded and accepting requests."""
+    report = []
+    for served in models:
+        h = await served.engine.health()
+        report.append(
+            {"id": served.spec.id, "ready": h.ready, "running": h.running, "waiting": h.waiting}
+        )
+    ok = bool(report) and all(m["ready"] for m in report)
+    return JSONResponse(
+        {"status": "ready" if ok else "not_ready", "models": report},
+        status_code=200 if ok else 503,
+        headers=None if ok else {"Retry-After": "5"},
+    )
+
+
+def _card(served: Served) -> ModelCard:
+    info = served.engine.info
+    return ModelCard(
+        id=served.spec.id,
+        created=0,
+        owned_by=info.owned_by,
+        engine=info.kind,
+        context_length=info.context_length,
+    )
+
+
+@router.get("/v1/models", responses=ERRORS)
+async def list_models(models: RouterDep) -> ModelList:
+    return ModelList(data=[_card(models.get(s.spec.id)) for s in models])
+
+
+@router.get("/v1/models/{model_id:path}", responses=ERRORS)
+async def get_model(model_id: str, models: RouterDep) -> ModelCard:
+    return _card(models.get(model_id))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, models: RouterDep
+) -> Response:
+    served = models.get(body.model)
+    request.state.model = served.spec.id
+    job = await serving.chat_job(body, served, request.state.request_id)
+    return await _respond(job, served, request)
+
+
+@router.post("/v1/completions", response_model=Completion, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request, models: RouterDep) -> Response:
+    served = models.get(body.model)
+    request.state.model = served.spec.id
+    job = await serving.completion_job(body, served, request.state.request_id)
+    return await _respond(job, served, request)
+
+
+async def _respond(job: serving.Job, served: Served, request: Request) -> Response:
+    if job.stream:
+        return EventSourceResponse(serving.stream(job, served, request), sep="\n")
+    result = await serving.complete(job, served, request)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result.model_dump())

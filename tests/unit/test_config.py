@@ -1,0 +1,117 @@
+"""Settings precedence, the model registry, --model parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medserve.config import (
+    ConfigError,
+    ModelSpec,
+    load_registry,
+    load_settings,
+    served_models,
+    spec_from_cli,
+)
+from tests.conftest import ROOT
+
+
+def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MEDSERVE_HOST", "MEDSERVE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    s = load_settings()
+    assert s.host == "127.0.0.1"
+    assert s.port == 8000
+
+
+def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "medserve.toml"
+    cfg.write_text('host = "127.0.0.2"\nport = 9001\nmax_body_bytes = 5000\n')
+    monkeypatch.setenv("MEDSERVE_PORT", "9002")
+    s = load_settings(cfg, port=9003)
+    assert (s.host, s.port, s.max_body_bytes) == ("127.0.0.2", 9003, 5000)
+    assert load_settings(cfg).port == 9002
+
+
+def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    cfg = tmp_path / "conf" / "medserve.toml"
+    cfg.write_text('models_dir = "registry"\n[[models]]\nid = "m"\npath = "weights/m.gguf"\n')
+    s = load_settings(cfg)
+    assert s.models_dir == tmp_path / "conf" / "registry"
+    assert s.models[0].path == tmp_path / "conf" / "weights" / "m.gguf"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("port = [", "not valid TOML"),
+        ("port = 'eighty'", "invalid settings"),
+        ("unknown_setting = 1", "invalid settings"),
+    ],
+)
+def test_bad_config_file(tmp_path: Path, text: str, fragment: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(cfg)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_shipped_registry_has_the_default_model() -> None:
+    specs = load_registry(ROOT / "models")
+    default = next(s for s in specs if s.id == "smollm2-135m-instruct")
+    assert default.engine == "llamacpp"
+    assert default.weights().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert default.defaults.repeat_penalty > 1.0
+
+
+def test_registry_relative_path_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('id = "a"\npath = "a.gguf"\n')
+    spec = load_registry(tmp_path)[0]
+    assert spec.path == tmp_path / "a.gguf"
+    with pytest.raises(ConfigError, match="weights file not found"):
+        spec.weights()
+    (tmp_path / "b.toml").write_text('id = "b"\n')
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_registry(tmp_path)
+
+
+def test_missing_package_names_the_fix() -> None:
+    spec = ModelSpec(id="x", package="no_such_model_package_here", file="m.gguf")
+    with pytest.raises(ConfigError, match="not installed"):
+        spec.weights()
+
+
+@pytest.mark.parametrize(
+    ("value", "model_id", "path"),
+    [
+        ("/m/Meditron-7B.Q4_K_M.gguf", "meditron-7b.q4_k_m", "/m/Meditron-7B.Q4_K_M.gguf"),
+        ("triage=/m/x.gguf", "triage", "/m/x.gguf"),
+    ],
+)
+def test_spec_from_cli(value: str, model_id: str, path: str) -> None:
+    spec = spec_from_cli(value)
+    assert (spec.id, spec.path, spec.engine) == (model_id, Path(path), "llamacpp")
+
+
+def test_bad_model_ids_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        spec_from_cli("bad id with spaces=/m/x.gguf")
+
+
+def test_served_models_rejects_duplicates(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[models]]\nid = "a"\nengine = "fake"\n[[models]]\nid = "a"\nengine = "fake"\n')
+    with pytest.raises(ConfigError, match="unique"):
+        served_models(load_settings(cfg))
+
+
+def test_served_models_empty_registry(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no models to serve"):
+        served_models(load_settings(models_dir=tmp_path))

@@ -1,0 +1,32 @@
+"""Offline environment and the whitelisting JSON log formatter."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from medserve.logs import JsonFormatter
+from medserve.privacy import OFFLINE_ENV, apply_offline_env
+from tests.conftest import SECRET
+
+
+def test_offline_env_is_forced() -> None:
+    env = {"HF_HUB_OFFLINE": "0", "PATH": "/bin"}
+    changed = apply_offline_env(env)
+    assert changed == {"HF_HUB_OFFLINE": "0"}
+    assert all(env[k] == v for k, v in OFFLINE_ENV.items())
+    assert env["PATH"] == "/bin"
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK"):
+        assert env[key] == "1"
+
+
+def test_formatter_keeps_only_whitelisted_fields() -> None:
+    record = logging.LogRecord("medserve.x", logging.INFO, __file__, 1, "request", None, None)
+    record.request_id = "abc"
+    record.status = 200
+    record.prompt = SECRET  # a careless extra: must not be written
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "abc"
+    assert line["status"] == 200
+    assert line["msg"] == "request"
+    assert SECRET not in json.dumps(line)
