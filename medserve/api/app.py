@@ -54,6 +54,10 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
         version=__version__,
         summary="OpenAI-compatible inference for medical LLMs, on premises.",
         lifespan=lifespan,
+        # The docs pages load their JavaScript from a public CDN: a browser opening them
+        # would reach the internet from inside the hospital. /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.router = router
@@ -128,7 +132,9 @@ def _loc(error: Any) -> list[str | int]:
 
 
 def _is_type_label(part: str) -> bool:
-    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part
+    # pydantic names union branches "str", "list[str]", "constrained-str", ...; field
+    # names never contain "[" or "-".
+    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part or "-" in part
 
 
 def _param(loc: list[str | int]) -> str | None:

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+# At most 4 stop sequences (as OpenAI), each bounded: matching cost grows with their length.
+StopText = Annotated[str, Field(max_length=256)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
 
 
 class _Wire(BaseModel):

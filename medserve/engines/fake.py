@@ -39,8 +39,8 @@ class FakeEngine:
             owned_by=spec.owned_by,
         )
         self._started = False
+        self._active: set[str] = set()
         self._aborted: set[str] = set()
-        self.running = 0
         self.generated_tokens = 0
         self.fail_after: int | None = None
         self.requests: list[GenerationRequest] = []
@@ -72,7 +72,7 @@ class FakeEngine:
         matcher = StopMatcher(request.sampling.stop)
         count = 0
         finish: str = "stop"
-        self.running += 1
+        self._active.add(request.request_id)
         try:
             for i, word in enumerate(words):
                 if request.request_id in self._aborted:
@@ -98,11 +98,12 @@ class FakeEngine:
                 completion_tokens=count,
             )
         finally:
-            self.running -= 1
+            self._active.discard(request.request_id)
             self._aborted.discard(request.request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+        if request_id in self._active:
+            self._aborted.add(request_id)
 
     async def health(self) -> Health:
-        return Health(ready=self._started, running=self.running)
+        return Health(ready=self._started, running=len(self._active))

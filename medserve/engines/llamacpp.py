@@ -61,6 +61,7 @@ class LlamaCppEngine:
         self._waiting = 0
         self._closed = False
         self.generated_tokens = 0
+        self.prompt_tokens_evaluated = 0
 
     @property
     def info(self) -> EngineInfo:
@@ -207,7 +208,41 @@ class LlamaCppEngine:
     def _decode(
         self, llama: Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
     ) -> None:
-        """Worker thread: run one sequence, emitting chunks, then ``None``."""
+        """Worker thread: run one sequence, emitting chunks; always ends with ``None``."""
+        try:
+            if self._prefill(llama, request.prompt.token_ids, cancel):
+                self._sample(llama, request, cancel, emit)
+        except Exception:
+            # llama.cpp's exception text is logged here (it never holds the prompt); the
+            # client gets a generic message.
+            log.exception("generation failed", extra={"request_id": request.request_id})
+            emit(EngineError("The engine failed while generating."))
+        finally:
+            emit(None)
+
+    def _prefill(self, llama: Llama, prompt: tuple[int, ...], cancel: threading.Event) -> bool:
+        """Evaluate the prompt; False if cancelled on the way.
+
+        Full prefill every time, no reuse of the previous request's KV prefix: reusing it
+        changes the batch shape of the prompt's last tokens, and with it float rounding, so
+        the same greedy request could answer differently the second time. Same request,
+        same seed, same answer matters more here than the prefill it saves. Chunks of
+        n_batch (as ``Llama.eval`` would) with a cancel check between them, so a client
+        that leaves during a long prompt frees the model within one chunk.
+        """
+        llama.reset()  # type: ignore[no-untyped-call]
+        step = llama.n_batch
+        for start in range(0, len(prompt), step):
+            if cancel.is_set():
+                return False
+            llama.eval(prompt[start : start + step])
+            self.prompt_tokens_evaluated += min(step, len(prompt) - start)
+        return True
+
+    def _sample(
+        self, llama: Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
+    ) -> None:
+        """Decode token by token until EOG, a stop sequence, max_tokens or cancellation."""
         from llama_cpp import llama_model_get_vocab, llama_vocab_is_eog
 
         s = request.sampling
@@ -217,11 +252,8 @@ class LlamaCppEngine:
         count = 0
         finish: FinishReason = "length"
         llama.set_seed(s.seed)
-        # Full prefill every time, no reuse of the previous request's KV prefix: reusing it
-        # changes the batch shape of the prompt's last tokens, and with it float rounding,
-        # so the same greedy request could answer differently the second time. Same
-        # request, same seed, same answer matters more here than the prefill it saves.
-        llama.reset()  # type: ignore[no-untyped-call]
+        # The prompt is already in the KV cache with fresh logits, so generate() finds it
+        # cached and samples the first token straight away.
         tokens = llama.generate(
             list(request.prompt.token_ids),
             top_k=s.top_k,
@@ -248,23 +280,17 @@ class LlamaCppEngine:
                 if matcher.stopped:
                     finish = "stop"
                     break
-            tail = matcher.feed(utf8.decode(b"", final=True)) + matcher.flush()
-            emit(
-                GenerationChunk(
-                    tail,
-                    finish_reason=finish,
-                    prompt_tokens=len(request.prompt.token_ids),
-                    completion_tokens=count,
-                )
-            )
-        except Exception:
-            # llama.cpp's exception text is logged here (it never holds the prompt); the
-            # client gets a generic message.
-            log.exception("generation failed", extra={"request_id": request.request_id})
-            emit(EngineError("The engine failed while generating."))
         finally:
             tokens.close()
-            emit(None)
+        tail = matcher.feed(utf8.decode(b"", final=True)) + matcher.flush()
+        emit(
+            GenerationChunk(
+                tail,
+                finish_reason=finish,
+                prompt_tokens=len(request.prompt.token_ids),
+                completion_tokens=count,
+            )
+        )
 
     async def abort(self, request_id: str) -> None:
         cancel = self._cancels.get(request_id)

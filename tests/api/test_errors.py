@@ -130,6 +130,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
         None,
     ),
     ("five stop sequences", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    ("stop too long", CHAT, chat(stop="s" * 257), 400, "stop", None),
     ("user too long", CHAT, chat(user="u" * 300), 400, "user", None),
     (
         "prompt over context",

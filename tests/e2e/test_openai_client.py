@@ -149,6 +149,10 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
         lines = r.iter_lines()
         data = [line for line in (next(lines) for _ in range(12)) if line.startswith("data: ")]
         assert len(data) >= 3
+        # Generation runs off the event loop: liveness answers while this stream is open.
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        ready = httpx.get(f"{server.url}/ready", timeout=5).json()["models"][0]
+        assert ready["running"] == 1
     # The connection is closed. The model must go idle long before 8000 tokens are done:
     # poll readiness (bounded) until nothing is running.
     deadline = time.monotonic() + 20

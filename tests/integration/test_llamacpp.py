@@ -7,11 +7,12 @@ instance; stop sequences are checked against an unstopped run of the same greedy
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import jinja2
 import pytest
-from llama_cpp import Llama
+from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_is_eog
 
 from medserve.config import ModelSpec, SamplingDefaults
 from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Prompt, Sampling
@@ -150,3 +151,54 @@ async def test_abort_stops_a_running_request(engine: LlamaCppEngine) -> None:
     rest = [c async for c in stream]
     assert sum(1 for c in rest if c.finish_reason) == 0
     assert len(rest) < 5
+
+
+async def test_greedy_output_equals_llama_cpp_pythons_own_loop(engine: LlamaCppEngine) -> None:
+    """The engine's prefill + sampling is token for token the library's generate()."""
+    prompt = await engine.render_chat(QUESTION)
+    text, _ = await run(engine, request(prompt, max_tokens=32))
+    oracle = Llama(
+        model_path=str(smollm2_path()), n_ctx=2048, n_threads=engine_threads(), verbose=False
+    )
+    vocab = llama_model_get_vocab(oracle.model)
+    pieces = []
+    for token in oracle.generate(
+        list(prompt.token_ids), top_k=40, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.3
+    ):
+        if llama_vocab_is_eog(vocab, token):
+            break
+        pieces.append(oracle.detokenize([token]))
+        if len(pieces) == 32:
+            break
+    oracle.close()
+    assert text == b"".join(pieces).decode("utf-8", "replace")
+
+
+def engine_threads() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+async def test_abort_during_a_long_prefill(vocab: Llama) -> None:
+    """A request cancelled while its prompt is evaluated stops within one n_batch chunk."""
+    spec = ModelSpec(id="small-batch", path=smollm2_path(), context_length=2048, batch_size=32)
+    e = LlamaCppEngine(spec)
+    await e.start()
+    try:
+        prompt = await e.render_text(" ".join(["hypertension"] * 1200))
+        total = len(prompt.token_ids)
+        assert total > 1000
+        stream = e.generate(request(prompt, "long", max_tokens=4))
+        first = asyncio.ensure_future(anext(stream, None))
+        # Wait (bounded) until the prefill is under way, then abort.
+        for _ in range(500):
+            if e.prompt_tokens_evaluated >= 32:
+                break
+            await asyncio.sleep(0.01)
+        await e.abort("long")
+        assert await first is None  # ended without a single chunk
+        assert e.prompt_tokens_evaluated < total
+        assert (await e.health()).running == 0
+    finally:
+        await e.close()
