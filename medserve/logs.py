@@ -1,7 +1,9 @@
 """One JSON object per log line, with only whitelisted fields.
 
 Fields come from a fixed list, never from arbitrary ``extra`` keys, so a future log call
-that passes a prompt or a completion by mistake still cannot write it.
+that passes a prompt or a completion by mistake still cannot write it. Exceptions are
+logged as their type and stack frames, without their message: a library error can quote
+its input, and that input may be patient text.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 
 FIELDS = (
     "request_id",
@@ -42,8 +45,10 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, field, None)
             if value is not None:
                 line[field] = value
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[0] is not None:
+            kind, _, tb = record.exc_info
+            line["exc_type"] = f"{kind.__module__}.{kind.__qualname__}"
+            line["traceback"] = "".join(traceback.format_tb(tb))
         return json.dumps(line, ensure_ascii=False)
 
 

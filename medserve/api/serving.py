@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,8 @@ from medserve.errors import (
     envelope,
 )
 from medserve.router import Served
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["chat", "completion"]
 # llama.cpp reads seed 0xFFFFFFFF as "pick a random seed"; stay below it.
@@ -313,4 +316,9 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
     except MedserveError as exc:
         http.state.stream_error = exc.type
         yield json.dumps(envelope(exc))
+    except Exception:
+        # Headers are out, so no handler can turn this into a 500: say it in the stream.
+        log.exception("stream failed", extra={"request_id": r.request_id})
+        http.state.stream_error = MedserveError.type
+        yield json.dumps(envelope(MedserveError("Internal server error.")))
     yield "[DONE]"

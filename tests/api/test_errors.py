@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from medserve.engines.base import GenerationChunk
 from tests.conftest import SECRET
 
 CHAT = "/v1/chat/completions"
@@ -277,3 +278,29 @@ def test_engine_failure_mid_stream_is_an_error_event(client: TestClient, fake_en
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])
     assert_envelope(error, None, "engine_error")
+
+
+def test_unexpected_engine_crash_mid_stream_is_an_error_event(
+    client: TestClient, fake_engine: Any
+) -> None:
+    async def broken(request: Any) -> Any:
+        yield GenerationChunk("partial")
+        raise RuntimeError(SECRET)  # e.g. a library bug whose message quotes its input
+
+    fake_engine.generate = broken
+    r = client.post(CHAT, json=chat(stream=True))
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert_envelope(json.loads(events[-2]), None, None)
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+
+
+def test_unexpected_engine_crash_is_a_500_envelope(client: TestClient, fake_engine: Any) -> None:
+    async def broken(request: Any) -> Any:
+        raise RuntimeError(SECRET)
+        yield  # pragma: no cover
+
+    fake_engine.generate = broken
+    r = client.post(CHAT, json=chat())
+    assert r.status_code == 500
+    assert_envelope(r.json(), None, None)

@@ -30,3 +30,18 @@ def test_formatter_keeps_only_whitelisted_fields() -> None:
     assert line["status"] == 200
     assert line["msg"] == "request"
     assert SECRET not in json.dumps(line)
+
+
+def test_exceptions_are_logged_without_their_message() -> None:
+    try:
+        raise RuntimeError(f"could not parse {SECRET}")
+    except RuntimeError:
+        import sys
+
+        record = logging.LogRecord(
+            "medserve.x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info()
+        )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["exc_type"] == "builtins.RuntimeError"
+    assert "test_exceptions_are_logged_without_their_message" in line["traceback"]
+    assert SECRET not in json.dumps(line)
