@@ -37,28 +37,20 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Wire):
-    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+class _Sampling(_Wire):
+    """Fields both generation endpoints share, in OpenAI's order."""
+
     model: str
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    response_format: dict[str, Any] | None = None
     seed: int | None = None
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
     user: str | None = Field(None, max_length=256)
     # medserve extensions (not in the OpenAI spec; llama.cpp's server has the same names)
     top_k: int | None = Field(None, ge=0, description="Top-k cut; 0 disables it.")
@@ -68,31 +60,27 @@ class ChatCompletionRequest(_Wire):
     )
 
 
-class CompletionRequest(_Wire):
-    model: str
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+
+class CompletionRequest(_Sampling):
     prompt: str | list[Any]
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = None
+    # OpenAI's default for the legacy endpoint.
     max_tokens: int | None = Field(16, ge=1)
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    user: str | None = Field(None, max_length=256)
-    # medserve extensions (not in the OpenAI spec)
-    top_k: int | None = Field(None, ge=0, description="Top-k cut; 0 disables it.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p cut.")
-    repeat_penalty: float | None = Field(
-        None, ge=0.0, le=2.0, description="Multiplicative repetition penalty; 1.0 is off."
-    )
 
 
 class Usage(BaseModel):
