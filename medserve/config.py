@@ -77,7 +77,22 @@ class ModelSpec(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for decoding; default: every core of this machine."
     )
-    batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per decode call.")
+    batch_size: int = Field(
+        512, ge=32, description="Most tokens in one decode call (prompt chunks + one per slot)."
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Sequences decoded together; default: 4, or twice the cores if more. "
+        "Each gets `context_length` KV cells.",
+    )
+    max_queue: int = Field(
+        32, ge=0, description="Requests that may wait for a slot; more get 503 + Retry-After."
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="Longest a request may wait and run before it is cut (504)."
+    )
     owned_by: str = Field("medserve", description="Shown in /v1/models.")
     defaults: SamplingDefaults = Field(
         default_factory=SamplingDefaults, description="Sampling defaults for this model."

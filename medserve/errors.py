@@ -17,7 +17,8 @@ patient text, and error bodies end up in client logs.
     ├── RequestTooLargeError           413 invalid_request_error   code=request_too_large
     ├── UnavailableError               503 server_error            (Retry-After)
     │   └── OverloadedError            503                         code=overloaded
-    └── EngineError                    500 server_error            code=engine_error
+    ├── EngineError                    500 server_error            code=engine_error
+    └── RequestTimeoutError            504 server_error            code=timeout
 """
 
 from __future__ import annotations
@@ -127,6 +128,16 @@ class EngineError(MedserveError):
     """The inference engine failed while generating. Not the client's fault."""
 
     default_code = "engine_error"
+
+
+class RequestTimeoutError(MedserveError):
+    """The request did not finish within the model's time limit; its slot was freed."""
+
+    status = 504
+    default_code = "timeout"
+
+    def __init__(self, message: str = "The request took longer than this server allows.") -> None:
+        super().__init__(message)
 
 
 def envelope(error: MedserveError) -> dict[str, Any]:

@@ -1,25 +1,24 @@
 """llama.cpp in-process through llama-cpp-python: the CPU engine and the default.
 
-One loaded model per engine. Decoding runs on a dedicated worker thread (llama.cpp releases
-the GIL inside its C calls), so the event loop keeps answering ``/health`` and streaming
-other bytes while a request generates. Tokens cross to the event loop through an asyncio
-queue; a request whose consumer goes away (client disconnect, server shutdown) sets a
-cancel flag the worker checks after every token, so the model is free again within one
-decode step.
+One loaded model per engine, decoded by a :class:`~medserve.engines.batching.Scheduler` on
+its own thread: up to ``parallel`` requests share each ``llama_decode`` step (continuous
+batching), and the event loop stays free to answer ``/health`` and stream other bytes.
+Tokens cross to the event loop through an asyncio queue per request. A consumer that goes
+away (client disconnect, shutdown) sets the job's cancel flag; the scheduler frees its slot
+and KV cells before the next step.
 
-Requests are served one at a time for now; batched decoding of several sequences per
-``llama_decode`` replaces the lock in a later change.
+Admission is bounded: ``parallel`` running plus ``max_queue`` waiting; beyond that a request
+gets 503 ``overloaded`` with ``Retry-After`` at once rather than an unbounded wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import os
 import threading
-from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,41 +26,38 @@ import anyio
 from medserve.config import ModelSpec
 from medserve.engines.base import (
     EngineInfo,
-    FinishReason,
     GenerationChunk,
     GenerationRequest,
     Health,
     Message,
     Prompt,
 )
-from medserve.engines.stops import StopMatcher
-from medserve.errors import EngineError, InvalidRequestError, UnavailableError
+from medserve.engines.batching import Item, Job, Scheduler
+from medserve.errors import EngineError, InvalidRequestError, OverloadedError, UnavailableError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
 
-Item = GenerationChunk | BaseException | None
-Emit = Callable[[Item], None]
-
 
 class LlamaCppEngine:
-    """A GGUF model served by llama.cpp on the CPU."""
+    """A GGUF model served by llama.cpp on the CPU with continuous batching."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
         self._llama: Llama | None = None
+        self._scheduler: Scheduler | None = None
+        self._thread: threading.Thread | None = None
         self._info: EngineInfo | None = None
         self._formatter: Any = None
-        # One worker thread owns the model: llama.cpp contexts are not thread-safe.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llamacpp-{spec.id}")
-        self._lock = asyncio.Lock()
-        self._cancels: dict[str, threading.Event] = {}
-        self._waiting = 0
+        self._jobs: dict[str, Job] = {}
+        self._admitted = 0
+        self._running = 0
         self._closed = False
-        self.generated_tokens = 0
-        self.prompt_tokens_evaluated = 0
+        cores = os.cpu_count() or 1
+        self.parallel = spec.parallel or max(4, 2 * cores if cores > 2 else 4)
+        self.threads = spec.threads or cores
 
     @property
     def info(self) -> EngineInfo:
@@ -69,33 +65,51 @@ class LlamaCppEngine:
             raise RuntimeError("engine not started")
         return self._info
 
+    @property
+    def generated_tokens(self) -> int:
+        return self._scheduler.generated_tokens if self._scheduler else 0
+
+    @property
+    def prompt_tokens_evaluated(self) -> int:
+        return self._scheduler.prompt_tokens_evaluated if self._scheduler else 0
+
     async def start(self) -> None:
         path = self._spec.weights()
-        loop = asyncio.get_running_loop()
-        self._llama = await loop.run_in_executor(self._worker, self._load, str(path))
+        self._llama, scheduler = await asyncio.to_thread(self._load, str(path))
+        self._scheduler = scheduler
+        self._thread = threading.Thread(
+            target=scheduler.run, name=f"llamacpp-{self._spec.id}", daemon=True
+        )
+        self._thread.start()
 
-    def _load(self, path: str) -> Llama:
+    def _load(self, path: str) -> tuple[Llama, Scheduler]:
         from llama_cpp import Llama, llama_model_n_ctx_train
 
-        threads = self._spec.threads or os.cpu_count() or 1
         try:
-            llama = Llama(
-                model_path=path,
-                n_ctx=self._spec.context_length or 0,  # 0: the model's trained context
-                n_batch=self._spec.batch_size,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
+            # This Llama holds the weights, vocabulary and metadata; its own context is
+            # tiny and unused. Decoding happens in the scheduler's multi-sequence context.
+            llama = Llama(model_path=path, n_ctx=32, n_batch=32, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"model {self._spec.id!r} failed to load: {exc}") from exc
         trained = int(llama_model_n_ctx_train(llama.model))
-        if llama.n_ctx() > trained:
+        context = self._spec.context_length or trained
+        if context > trained:
             llama.close()
             raise EngineError(
-                f"model {self._spec.id!r}: context_length {llama.n_ctx()} exceeds the "
-                f"model's trained context of {trained}"
+                f"model {self._spec.id!r}: context_length {context} exceeds the model's "
+                f"trained context of {trained}"
             )
+        try:
+            scheduler = Scheduler(
+                llama,
+                parallel=self.parallel,
+                slot_context=context,
+                batch_size=self._spec.batch_size,
+                threads=self.threads,
+            )
+        except ValueError as exc:
+            llama.close()
+            raise EngineError(f"model {self._spec.id!r}: no llama.cpp context: {exc}") from exc
         template = self._chat_template(llama)
         if template is not None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -110,15 +124,20 @@ class LlamaCppEngine:
             name=f"llamacpp:{self._spec.id}",
             kind="llamacpp",
             model=self._spec.id,
-            context_length=llama.n_ctx(),
+            context_length=context,
             owned_by=self._spec.owned_by,
             has_chat_template=template is not None,
         )
         log.info(
             "model loaded",
-            extra={"model": self._spec.id, "n_ctx": llama.n_ctx(), "threads": threads},
+            extra={
+                "model": self._spec.id,
+                "n_ctx": context,
+                "threads": self.threads,
+                "parallel": self.parallel,
+            },
         )
-        return llama
+        return llama, scheduler
 
     def _chat_template(self, llama: Llama) -> str | None:
         source = self._spec.chat_template
@@ -129,19 +148,19 @@ class LlamaCppEngine:
             return f.read()
 
     async def close(self) -> None:
+        """Cancel every request, stop the scheduler thread, free the model."""
         if self._closed:
             return
         self._closed = True
-        for cancel in self._cancels.values():
-            cancel.set()
-        llama, self._llama = self._llama, None
-        loop = asyncio.get_running_loop()
-        if llama is not None:
-            await loop.run_in_executor(self._worker, llama.close)
-        self._worker.shutdown(wait=True)
+        if self._scheduler is not None and self._thread is not None:
+            self._scheduler.stop()
+            await asyncio.to_thread(self._thread.join)
+        if self._llama is not None:
+            self._llama.close()
+        self._llama = self._scheduler = self._thread = None
 
     def _require(self) -> Llama:
-        if self._llama is None:
+        if self._llama is None or self._closed:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
         return self._llama
 
@@ -172,137 +191,83 @@ class LlamaCppEngine:
         return await asyncio.to_thread(_tokenize, self._require(), text, False)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        llama = self._require()
+        self._require()
+        scheduler = self._scheduler
+        assert scheduler is not None
+        if self._admitted >= self.parallel + self._spec.max_queue:
+            raise OverloadedError(
+                "Every slot of this model is busy and its queue is full; retry shortly.",
+                retry_after=_retry_after(self._spec.max_queue, self.parallel),
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Item] = asyncio.Queue()
 
         def emit(item: Item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        cancel = threading.Event()
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
-        self._cancels[request.request_id] = cancel
-        try:
-            if self._closed:
-                raise UnavailableError("The server is shutting down.", code="shutting_down")
-            done = loop.run_in_executor(self._worker, self._decode, llama, request, cancel, emit)
-            try:
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            finally:
-                cancel.set()
-                # Wait for the worker to notice (at most one decode step) before the next
-                # request may use the model; shielded so a cancelled consumer still waits.
-                with anyio.CancelScope(shield=True):
-                    await done
-        finally:
-            self._cancels.pop(request.request_id, None)
-            self._lock.release()
+        def on_start() -> None:
+            loop.call_soon_threadsafe(self._started)
 
-    def _decode(
-        self, llama: Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
-    ) -> None:
-        """Worker thread: run one sequence, emitting chunks; always ends with ``None``."""
-        try:
-            if self._prefill(llama, request.prompt.token_ids, cancel):
-                self._sample(llama, request, cancel, emit)
-        except Exception:
-            # llama.cpp's exception text is logged here (it never holds the prompt); the
-            # client gets a generic message.
-            log.exception("generation failed", extra={"request_id": request.request_id})
-            emit(EngineError("The engine failed while generating."))
-        finally:
-            emit(None)
+        released = asyncio.Event()
 
-    def _prefill(self, llama: Llama, prompt: tuple[int, ...], cancel: threading.Event) -> bool:
-        """Evaluate the prompt; False if cancelled on the way.
+        def on_release(started: bool) -> None:
+            loop.call_soon_threadsafe(self._released, started, released)
 
-        Full prefill every time, no reuse of the previous request's KV prefix: reusing it
-        changes the batch shape of the prompt's last tokens, and with it float rounding, so
-        the same greedy request could answer differently the second time. Same request,
-        same seed, same answer matters more here than the prefill it saves. Chunks of
-        n_batch (as ``Llama.eval`` would) with a cancel check between them, so a client
-        that leaves during a long prompt frees the model within one chunk.
-        """
-        llama.reset()  # type: ignore[no-untyped-call]
-        step = llama.n_batch
-        for start in range(0, len(prompt), step):
-            if cancel.is_set():
-                return False
-            llama.eval(prompt[start : start + step])
-            self.prompt_tokens_evaluated += min(step, len(prompt) - start)
-        return True
-
-    def _sample(
-        self, llama: Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
-    ) -> None:
-        """Decode token by token until EOG, a stop sequence, max_tokens or cancellation."""
-        from llama_cpp import llama_model_get_vocab, llama_vocab_is_eog
-
-        s = request.sampling
-        vocab = llama_model_get_vocab(llama.model)
-        matcher = StopMatcher(s.stop)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        count = 0
-        finish: FinishReason = "length"
-        llama.set_seed(s.seed)
-        # The prompt is already in the KV cache with fresh logits, so generate() finds it
-        # cached and samples the first token straight away.
-        tokens = llama.generate(
-            list(request.prompt.token_ids),
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            temp=s.temperature,
-            repeat_penalty=s.repeat_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
+        job = Job(
+            request=request,
+            emit=emit,
+            deadline=time.monotonic() + self._spec.timeout_s,
+            on_start=on_start,
+            on_release=on_release,
         )
+        self._admitted += 1
+        self._jobs[request.request_id] = job
+        scheduler.submit(job)
         try:
-            while count < s.max_tokens:
-                token = next(tokens)
-                if cancel.is_set():
-                    return
-                if llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                count += 1
-                self.generated_tokens += 1
-                text = matcher.feed(utf8.decode(llama.detokenize([token])))
-                if text:
-                    emit(GenerationChunk(text))
-                if matcher.stopped:
-                    finish = "stop"
-                    break
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            tokens.close()
-        tail = matcher.feed(utf8.decode(b"", final=True)) + matcher.flush()
-        emit(
-            GenerationChunk(
-                tail,
-                finish_reason=finish,
-                prompt_tokens=len(request.prompt.token_ids),
-                completion_tokens=count,
-            )
-        )
+            # Finished, failed or abandoned: the scheduler frees the slot before its next
+            # step. Wait for that (shielded, so a cancelled consumer waits too), so that
+            # when the stream is closed the slot and its KV cells are free.
+            job.cancel.set()
+            self._jobs.pop(request.request_id, None)
+            with anyio.CancelScope(shield=True):
+                await released.wait()
+
+    def _started(self) -> None:
+        self._running += 1
+
+    def _released(self, started: bool, released: asyncio.Event) -> None:
+        self._admitted -= 1
+        if started:
+            self._running -= 1
+        released.set()
 
     async def abort(self, request_id: str) -> None:
-        cancel = self._cancels.get(request_id)
-        if cancel is not None:
-            cancel.set()
+        job = self._jobs.get(request_id)
+        if job is not None:
+            job.cancel.set()
 
     async def health(self) -> Health:
         return Health(
-            ready=self._llama is not None and not self._closed,
-            running=len(self._cancels),
-            waiting=self._waiting,
+            ready=self._scheduler is not None and not self._closed,
+            running=self._running,
+            waiting=self._admitted - self._running,
         )
+
+    async def occupied_sequences(self) -> list[int]:
+        """Sequence slots that still hold KV cells; empty when idle (leak check)."""
+        if self._scheduler is None:
+            return []
+        return await asyncio.wrap_future(self._scheduler.probe(self._scheduler.occupied_sequences))
+
+
+def _retry_after(queue: int, parallel: int) -> int:
+    """A rough wait: one queue's worth of requests at a few seconds each, 1..30 s."""
+    return max(1, min(30, 2 * (queue // max(parallel, 1) + 1)))
 
 
 def _token_text(llama: Llama, token: int) -> str:

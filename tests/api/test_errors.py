@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from medserve.engines.base import GenerationChunk
+from medserve.errors import OverloadedError, RequestTimeoutError
 from tests.conftest import SECRET
 
 CHAT = "/v1/chat/completions"
@@ -304,3 +305,25 @@ def test_unexpected_engine_crash_is_a_500_envelope(client: TestClient, fake_engi
     r = client.post(CHAT, json=chat())
     assert r.status_code == 500
     assert_envelope(r.json(), None, None)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (OverloadedError("busy", retry_after=7), 503, "overloaded"),
+        (RequestTimeoutError(), 504, "timeout"),
+    ],
+)
+def test_engine_capacity_errors(
+    client: TestClient, fake_engine: Any, error: Exception, status: int, code: str
+) -> None:
+    async def refuse(request: Any) -> Any:
+        raise error
+        yield  # pragma: no cover
+
+    fake_engine.generate = refuse
+    r = client.post(CHAT, json=chat())
+    assert r.status_code == status
+    assert_envelope(r.json(), None, code)
+    if status == 503:
+        assert r.headers["retry-after"] == "7"

@@ -58,7 +58,7 @@ def in_process(llama: Llama, prompt_ids: list[int], max_tokens: int) -> tuple[fl
         if len(stamps) >= max_tokens:
             break
     gen.close()
-    llama.reset()  # type: ignore[no-untyped-call]  # no prefix reuse between rounds: both sides prefill the whole prompt
+    llama.reset()  # no prefix reuse between rounds: both sides prefill the whole prompt
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
 
 

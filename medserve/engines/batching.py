@@ -1,0 +1,329 @@
+"""Continuous batching for llama.cpp: many sequences share one ``llama_decode`` per step.
+
+llama-cpp-python's own server runs one request at a time behind a lock. This scheduler
+keeps one loaded model and one llama.cpp context with ``parallel`` sequence slots, and on
+every step decodes one token for each generating sequence plus a chunk of prompt for the
+sequences still in prefill, all in a single batch. New requests take a free slot between
+steps; finished, cancelled or timed-out ones leave and their KV cells are freed at once.
+
+It runs on one dedicated thread that owns the llama.cpp context (contexts are not
+thread-safe). Other threads talk to it only through its inbox: jobs to run, and probes
+(small functions run between steps, used to inspect state safely).
+
+Sampling uses llama.cpp's sampler chains, built exactly as ``Llama.generate`` builds them,
+so a greedy request gives the same tokens here as through the library's own loop.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from medserve.engines.base import FinishReason, GenerationChunk, GenerationRequest
+from medserve.engines.stops import StopMatcher
+from medserve.errors import EngineError, RequestTimeoutError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+log = logging.getLogger(__name__)
+
+Item = GenerationChunk | BaseException | None
+# Llama's own default for how many recent tokens the penalties look at.
+PENALTY_LAST_N = 64
+
+
+@dataclass(eq=False)
+class Job:
+    """One request handed to the scheduler, and how it reports back.
+
+    ``emit`` receives chunks, then an exception or nothing, then ``None`` (always last).
+    ``on_start`` fires when the job gets a slot; ``on_release(started)`` when it is over,
+    whether it ran or was dropped from the queue.
+    """
+
+    request: GenerationRequest
+    emit: Callable[[Item], None]
+    deadline: float
+    on_start: Callable[[], None] = lambda: None
+    on_release: Callable[[bool], None] = lambda started: None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Slot:
+    job: Job
+    seq: int
+    sampler: Any
+    prompt: list[int]
+    matcher: StopMatcher
+    utf8: codecs.IncrementalDecoder
+    prefilled: int = 0
+    n_past: int = 0
+    count: int = 0
+    next_token: int = -1
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class _Probe:
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Future[Any] = Future()
+
+
+class Scheduler:
+    """Owns a llama.cpp context with ``parallel`` sequences; call :meth:`run` on a thread."""
+
+    def __init__(
+        self, llama: Llama, *, parallel: int, slot_context: int, batch_size: int, threads: int
+    ) -> None:
+        from llama_cpp import llama_context_default_params, llama_get_memory
+        from llama_cpp._internals import LlamaBatch, LlamaContext
+
+        self._llama = llama
+        self.parallel = parallel
+        self.slot_context = slot_context
+        self.batch_size = batch_size
+        params = llama_context_default_params()
+        params.n_ctx = slot_context * parallel
+        params.n_batch = batch_size
+        params.n_ubatch = batch_size
+        params.n_seq_max = parallel
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        # One KV buffer per sequence: each gets slot_context cells and attention never
+        # scans other requests' cells.
+        params.kv_unified = False
+        params.no_perf = True
+        self._ctx = LlamaContext(model=llama._model, params=params, verbose=False)
+        self._batch = LlamaBatch(n_tokens=batch_size, embd=0, n_seq_max=parallel, verbose=False)
+        self._memory = llama_get_memory(self._ctx.ctx)
+        self._inbox: queue.SimpleQueue[Job | _Probe | None] = queue.SimpleQueue()
+        self._free = list(range(parallel - 1, -1, -1))
+        self._waiting: deque[Job] = deque()
+        self._slots: list[_Slot] = []
+        self.generated_tokens = 0
+        self.prompt_tokens_evaluated = 0
+
+    # -- called from other threads -------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def probe(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the scheduler thread between two steps."""
+        p = _Probe(fn)
+        self._inbox.put(p)
+        return p.result
+
+    def stop(self) -> None:
+        """Finish: cancel every job (queued or running) and end :meth:`run`."""
+        self._inbox.put(None)
+
+    # -- the scheduler thread ------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self._admit():
+                self._reap()
+                if self._slots:
+                    self._step()
+        finally:
+            for slot in list(self._slots):
+                self._release(slot, None)
+            leftovers: list[Job | _Probe | None] = list(self._waiting)
+            while True:
+                try:
+                    leftovers.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in leftovers:
+                if isinstance(item, Job):
+                    item.emit(None)
+                    item.on_release(False)
+                elif isinstance(item, _Probe):
+                    item.result.cancel()
+            self._batch.close()
+            self._ctx.close()
+
+    def occupied_sequences(self) -> list[int]:
+        """Sequence ids that hold KV cells (scheduler thread only; use :meth:`probe`)."""
+        from llama_cpp import llama_memory_seq_pos_max
+
+        return [s for s in range(self.parallel) if llama_memory_seq_pos_max(self._memory, s) >= 0]
+
+    def _admit(self) -> bool:
+        """Read the inbox (blocking only when idle), then fill free slots in arrival order.
+
+        Returns False when asked to stop.
+        """
+        while True:
+            idle = not self._slots and not self._waiting
+            try:
+                item = self._inbox.get(block=idle)
+            except queue.Empty:
+                break
+            if item is None:
+                return False
+            if isinstance(item, _Probe):
+                try:
+                    item.result.set_result(item.fn())
+                except Exception as exc:
+                    item.result.set_exception(exc)
+                continue
+            self._waiting.append(item)
+        while self._free and self._waiting:
+            self._start(self._waiting.popleft())
+        return True
+
+    def _start(self, job: Job) -> None:
+        from llama_cpp._internals import LlamaSampler
+
+        s = job.request.sampling
+        sampler = LlamaSampler()
+        sampler.add_penalties(
+            self._llama.n_vocab(),
+            PENALTY_LAST_N,
+            s.repeat_penalty,
+            s.frequency_penalty,
+            s.presence_penalty,
+        )
+        if s.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(s.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(s.top_p, 1)
+            sampler.add_min_p(s.min_p, 1)
+            sampler.add_temp(s.temperature)
+            sampler.add_dist(s.seed)
+        slot = _Slot(
+            job=job,
+            seq=self._free.pop(),
+            sampler=sampler,
+            prompt=list(job.request.prompt.token_ids),
+            matcher=StopMatcher(s.stop),
+            utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        )
+        self._slots.append(slot)
+        job.on_start()
+
+    def _reap(self) -> None:
+        """Drop cancelled and timed-out jobs, running or waiting, before the next step."""
+        now = time.monotonic()
+        for slot in list(self._slots):
+            if slot.job.cancel.is_set():
+                self._release(slot, None)
+            elif now > slot.job.deadline:
+                self._release(slot, RequestTimeoutError())
+        for job in list(self._waiting):
+            if job.cancel.is_set() or now > job.deadline:
+                self._waiting.remove(job)
+                if not job.cancel.is_set():
+                    job.emit(RequestTimeoutError())
+                job.emit(None)
+                job.on_release(False)
+
+    def _step(self) -> None:
+        from llama_cpp import llama_decode, llama_sampler_sample
+
+        batch = self._batch.batch
+        n = 0
+        wanted: list[tuple[_Slot, int]] = []
+        decoding = [s for s in self._slots if s.decoding]
+        for slot in decoding:
+            self._add(batch, n, slot.next_token, slot.n_past, slot.seq, True)
+            slot.n_past += 1
+            wanted.append((slot, n))
+            n += 1
+        # Prompt chunks fill the rest of the batch, smaller while others are decoding, so
+        # a long prompt delays everyone's next token by a fraction of its prefill.
+        budget = self.batch_size - n if not decoding else max(32, self.batch_size // 4)
+        for slot in self._slots:
+            if slot.decoding or budget <= 0:
+                continue
+            take = min(budget, len(slot.prompt) - slot.prefilled)
+            for i in range(take):
+                pos = slot.prefilled + i
+                last = pos == len(slot.prompt) - 1
+                self._add(batch, n, slot.prompt[pos], pos, slot.seq, last)
+                if last:
+                    wanted.append((slot, n))
+                n += 1
+            slot.prefilled += take
+            slot.n_past = slot.prefilled
+            budget -= take
+            self.prompt_tokens_evaluated += take
+        batch.n_tokens = n
+        code = llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            log.error("llama_decode failed", extra={"status": code})
+            for slot in list(self._slots):
+                self._release(slot, EngineError("The engine failed while generating."))
+            return
+        for slot, index in wanted:
+            token = llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, index)
+            self._advance(slot, int(token))
+
+    @staticmethod
+    def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _advance(self, slot: _Slot, token: int) -> None:
+        """Handle one sampled token: emit text, or finish the request."""
+        from llama_cpp import llama_model_get_vocab, llama_vocab_is_eog
+
+        finish: FinishReason | None = None
+        if llama_vocab_is_eog(llama_model_get_vocab(self._llama.model), token):
+            finish = "stop"
+        else:
+            slot.count += 1
+            self.generated_tokens += 1
+            text = slot.matcher.feed(slot.utf8.decode(self._llama.detokenize([token])))
+            if text:
+                slot.job.emit(GenerationChunk(text))
+            if slot.matcher.stopped:
+                finish = "stop"
+            elif slot.count >= slot.job.request.sampling.max_tokens:
+                finish = "length"
+            elif slot.n_past >= self.slot_context:
+                finish = "length"  # unreachable: validation keeps prompt + max_tokens in context
+        if finish is None:
+            slot.next_token = token
+            return
+        tail = slot.matcher.feed(slot.utf8.decode(b"", final=True)) + slot.matcher.flush()
+        final = GenerationChunk(
+            tail,
+            finish_reason=finish,
+            prompt_tokens=len(slot.prompt),
+            completion_tokens=slot.count,
+        )
+        self._release(slot, final)
+
+    def _release(self, slot: _Slot, last: Item) -> None:
+        """Free the slot's KV cells and sampler, and tell the job it is over."""
+        from llama_cpp import llama_memory_seq_rm
+
+        llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.sampler.close()
+        self._slots.remove(slot)
+        self._free.append(slot.seq)
+        if last is not None:
+            slot.job.emit(last)
+        slot.job.emit(None)
+        slot.job.on_release(True)

@@ -1,0 +1,193 @@
+"""Continuous batching on the real model: many requests share each decode step.
+
+Each test builds its own small engine (loading SmolLM2 takes a fraction of a second) with
+the slot count and limits it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from medserve.config import ModelSpec
+from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Prompt, Sampling
+from medserve.engines.llamacpp import LlamaCppEngine
+from medserve.errors import OverloadedError, RequestTimeoutError
+from tests.conftest import smollm2_path
+
+pytestmark = [pytest.mark.engine, pytest.mark.anyio]
+
+QUESTIONS = [
+    "List three common symptoms of type 2 diabetes.",
+    "What is hypertension?",
+    "How is asthma treated?",
+    "Explain what an MRI scan does.",
+]
+# Greedy, no repeat penalty: SmolLM2 repeats "la" until max_tokens (checked: 4000 of 4000).
+ENDLESS = "la " * 50
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def engine(**overrides: object) -> LlamaCppEngine:
+    spec = {"id": "m", "path": smollm2_path(), "context_length": 1024, "parallel": 4}
+    spec.update(overrides)
+    return LlamaCppEngine(ModelSpec.model_validate(spec))
+
+
+def request(prompt: Prompt, rid: str, **sampling: object) -> GenerationRequest:
+    base: dict[str, object] = {
+        "max_tokens": 40,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 40,
+        "min_p": 0.0,
+        "repeat_penalty": 1.3,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "seed": 7,
+    }
+    base.update(sampling)
+    return GenerationRequest(rid, "m", prompt, Sampling(**base))  # type: ignore[arg-type]
+
+
+async def collect(e: LlamaCppEngine, req: GenerationRequest) -> tuple[str, GenerationChunk]:
+    parts, last = [], None
+    async for chunk in e.generate(req):
+        parts.append(chunk.text)
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return "".join(parts), last
+
+
+@pytest.fixture
+async def four() -> AsyncIterator[LlamaCppEngine]:
+    e = engine()
+    await e.start()
+    yield e
+    await e.close()
+
+
+async def test_concurrent_greedy_equals_sequential(four: LlamaCppEngine) -> None:
+    prompts = [await four.render_chat((Message("user", q),)) for q in QUESTIONS]
+    alone = [(await collect(four, request(p, f"s{i}")))[0] for i, p in enumerate(prompts)]
+    together = await asyncio.gather(
+        *(collect(four, request(p, f"c{i}")) for i, p in enumerate(prompts))
+    )
+    assert [text for text, _ in together] == alone
+    assert all(text.strip() for text in alone)
+
+
+async def test_stop_and_max_tokens_per_request_in_a_shared_batch(four: LlamaCppEngine) -> None:
+    prompt = await four.render_chat((Message("user", QUESTIONS[0]),))
+    full, _ = await collect(four, request(prompt, "full", max_tokens=40))
+    stop = full[10:14]
+    results = await asyncio.gather(
+        collect(four, request(prompt, "a", max_tokens=40)),
+        collect(four, request(prompt, "b", max_tokens=5)),
+        collect(four, request(prompt, "c", max_tokens=40, stop=(stop,))),
+        collect(
+            four, request(await four.render_text(ENDLESS), "d", max_tokens=17, repeat_penalty=1.0)
+        ),
+    )
+    (a, la), (b, lb), (c, lc), (_, ld) = results
+    assert a == full and la.completion_tokens == 40
+    assert lb.finish_reason == "length" and lb.completion_tokens == 5 and full.startswith(b)
+    assert c == full[: full.index(stop)] and lc.finish_reason == "stop"
+    assert ld.finish_reason == "length" and ld.completion_tokens == 17
+
+
+async def test_a_disconnect_frees_its_slot_for_the_next_requests() -> None:
+    e = engine(parallel=2, max_queue=0)
+    await e.start()
+    try:
+        endless = await e.render_text(ENDLESS)
+        streams = [
+            e.generate(request(endless, f"long{i}", max_tokens=900, repeat_penalty=1.0))
+            for i in range(2)
+        ]
+        for s in streams:
+            await anext(s)
+        assert (await e.health()).running == 2
+        with pytest.raises(OverloadedError):
+            await anext(e.generate(request(endless, "third", max_tokens=4)))
+        for s in streams:
+            await s.aclose()
+        health = await e.health()
+        assert (health.running, health.waiting) == (0, 0)
+        # Both slots are free again: the next two requests run to completion.
+        done = await asyncio.gather(
+            *(collect(e, request(endless, f"next{i}", max_tokens=6)) for i in range(2))
+        )
+        assert [last.completion_tokens for _, last in done] == [6, 6]
+        assert await e.occupied_sequences() == []
+    finally:
+        await e.close()
+
+
+async def test_queue_full_is_overloaded_and_the_queue_still_drains() -> None:
+    e = engine(parallel=1, max_queue=1)
+    await e.start()
+    try:
+        endless = await e.render_text(ENDLESS)
+        running = e.generate(request(endless, "run", max_tokens=60, repeat_penalty=1.0))
+        await anext(running)
+        waiting = asyncio.ensure_future(collect(e, request(endless, "wait", max_tokens=5)))
+        await asyncio.sleep(0)  # let the waiting request be admitted to the queue
+        assert (await e.health()).waiting == 1
+        with pytest.raises(OverloadedError) as info:
+            await anext(e.generate(request(endless, "reject", max_tokens=5)))
+        assert info.value.status == 503 and info.value.retry_after
+        rest = [c async for c in running]
+        assert rest[-1].finish_reason == "length"
+        _, last = await waiting
+        assert last.completion_tokens == 5
+    finally:
+        await e.close()
+
+
+async def test_timeout_frees_the_slot() -> None:
+    e = engine(parallel=1, timeout_s=0.3)
+    await e.start()
+    try:
+        endless = await e.render_text(ENDLESS)
+        with pytest.raises(RequestTimeoutError):
+            await collect(e, request(endless, "slow", max_tokens=3000, repeat_penalty=1.0))
+        health = await e.health()
+        assert (health.running, health.waiting) == (0, 0)
+        assert await e.occupied_sequences() == []
+    finally:
+        await e.close()
+
+
+async def test_no_kv_cells_leak_after_100_mixed_requests() -> None:
+    e = engine(parallel=4, max_queue=200)
+    await e.start()
+    try:
+        prompts = [await e.render_chat((Message("user", q),)) for q in QUESTIONS]
+        endless = await e.render_text(ENDLESS)
+
+        async def one(i: int) -> None:
+            kind = i % 4
+            if kind == 0:  # finishes by length
+                await collect(e, request(prompts[i % 4], f"r{i}", max_tokens=1 + i % 7))
+            elif kind == 1:  # stop sequence hit early
+                await collect(e, request(prompts[i % 4], f"r{i}", max_tokens=30, stop=(" ",)))
+            elif kind == 2:  # client leaves after the first chunk
+                s = e.generate(request(endless, f"r{i}", max_tokens=500, repeat_penalty=1.0))
+                await anext(s)
+                await s.aclose()
+            else:  # sampled, seeded
+                await collect(e, request(prompts[i % 4], f"r{i}", max_tokens=5, temperature=0.9))
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+        health = await e.health()
+        assert (health.running, health.waiting) == (0, 0)
+        assert await e.occupied_sequences() == []
+    finally:
+        await e.close()
