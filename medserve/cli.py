@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -94,6 +94,87 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
         except ConfigError as exc:
             where = f"[red]{exc}[/]"
         table.add_row(spec.id, spec.engine, str(spec.context_length or "model"), where)
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="Base URL of the server, without /v1.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    model: Annotated[str, typer.Option(help="Model id to request.")] = "smollm2-135m-instruct",
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Requests in flight.")] = 1,
+    requests: Annotated[int, typer.Option(min=1, max=100_000, help="Requests in all.")] = 16,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of each request.")] = 64,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Prompts: JSONL with a 'prompt' field, or one per line.")
+    ] = None,
+    stream: Annotated[bool, typer.Option(help="Stream, to measure TTFT and ITL.")] = False,
+    api_key: Annotated[str | None, typer.Option(envvar="MEDSERVE_BENCH_API_KEY")] = None,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 300.0,
+    time_limit: Annotated[float, typer.Option(help="Stop issuing after this, seconds.")] = 1800.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Load-test an OpenAI-compatible endpoint (medserve, llama.cpp, vLLM, ...)."""
+    import asyncio
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from medserve import bench as load
+
+    try:
+        prompts = load.load_prompts(prompt_file)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _fail(f"cannot read prompts: {exc}") from None
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=as_json,
+    )
+    with progress:
+        task = progress.add_task(f"c={concurrency}", total=requests)
+        report = asyncio.run(
+            load.run(
+                url,
+                model,
+                concurrency=concurrency,
+                requests=requests,
+                max_tokens=max_tokens,
+                prompts=prompts,
+                stream=stream,
+                api_key=api_key,
+                request_timeout_s=timeout,
+                time_limit_s=time_limit,
+                on_done=lambda _: progress.advance(task),
+            )
+        )
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_report(report)
+    if report.completed == 0:
+        raise typer.Exit(1)
+
+
+def _print_report(report: Any) -> None:
+    table = Table("metric", "value", title=f"{report.url}  model={report.model}")
+    table.add_row("requests ok / sent", f"{report.completed} / {report.requests}")
+    table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in report.errors.items()) or "none")
+    table.add_row("duration", f"{report.duration_s:.2f} s")
+    table.add_row("requests/s", f"{report.requests_per_s:.2f}")
+    table.add_row("output tokens/s", f"{report.output_tokens_per_s:.1f}")
+    for name, values in (
+        ("TTFT", report.ttft_s),
+        ("inter-token", report.itl_s),
+        ("end-to-end", report.latency_s),
+    ):
+        if values:
+            shown = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in values.items())
+            table.add_row(name, shown)
     Console().print(table)
 
 

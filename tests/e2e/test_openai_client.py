@@ -185,3 +185,37 @@ def test_server_log_holds_no_patient_text(server: Server, client: openai.OpenAI)
     assert marker in log
     assert '"route": "/v1/chat/completions"' in log
     assert SECRET not in log
+
+
+def test_bench_cli_against_the_server(server: Server) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medserve",
+            "bench",
+            "--url",
+            server.url,
+            "--concurrency",
+            "4",
+            "--requests",
+            "8",
+            "--max-tokens",
+            "8",
+            "--stream",
+            "--json",
+            "--time-limit",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert (report["completed"], report["errors"]) == (8, {})
+    assert 0 < report["output_tokens"] <= 64
+    assert report["ttft_s"]["p50"] > 0
