@@ -57,7 +57,7 @@ def serve(
     import uvicorn
 
     from medserve import logs
-    from medserve.api.app import create_app
+    from medserve.api.app import begin_drain, create_app
     from medserve.router import Router
 
     apply_offline_env(os.environ)
@@ -69,15 +69,24 @@ def serve(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     logs.configure(settings.log_level)
-    uvicorn.run(
-        create_app(settings, router),
+    application = create_app(settings, router)
+    server_config = uvicorn.Config(
+        application,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,  # medserve logs its own access line, without paths' values
         server_header=False,
-        timeout_graceful_shutdown=30,
+        # In-flight requests get the drain period, plus a little for the streams' own.
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            begin_drain(application)
+            super().handle_exit(sig, frame)
+
+    Server(server_config).run()
 
 
 @models_app.command("list")

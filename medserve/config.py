@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         2_000_000, ge=1024, description="Largest accepted request body; larger gets 413."
     )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: stop taking requests (503) and give in-flight ones this long "
+        "to finish before exiting.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of medserve's own loggers."
     )

@@ -61,10 +61,18 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.router = router
+    app.state.draining = False
     app.include_router(routes)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     _add_error_handlers(app)
     return app
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Shutdown has begun: refuse new generation (503), let in-flight requests finish."""
+    if not app.state.draining:
+        app.state.draining = True
+        log.info("draining", extra={"duration_ms": app.state.settings.drain_timeout_s * 1000})
 
 
 def error_response(exc: MedserveError) -> JSONResponse:

@@ -18,6 +18,7 @@ from medserve.api.protocol import (
     ModelCard,
     ModelList,
 )
+from medserve.errors import UnavailableError
 from medserve.router import Router, Served
 
 router = APIRouter()
@@ -36,6 +37,19 @@ def get_router(request: Request) -> Router:
 RouterDep = Annotated[Router, Depends(get_router)]
 
 
+def accepting(request: Request) -> None:
+    """New generation requests are refused once the server drains for shutdown."""
+    if request.app.state.draining:
+        raise UnavailableError(
+            "The server is shutting down; retry on another replica or shortly.",
+            code="shutting_down",
+            retry_after=int(request.app.state.settings.drain_timeout_s) or 1,
+        )
+
+
+Accepting = Depends(accepting)
+
+
 @router.get("/health", include_in_schema=False)
 async def health() -> dict[str, str]:
     """Liveness: the process answers. Says nothing about the models."""
@@ -43,7 +57,7 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", include_in_schema=False)
-async def ready(models: RouterDep) -> JSONResponse:
+async def ready(models: RouterDep, request: Request) -> JSONResponse:
     """Readiness: every model is loaded and accepting requests."""
     report = []
     for served in models:
@@ -51,9 +65,11 @@ async def ready(models: RouterDep) -> JSONResponse:
         report.append(
             {"id": served.spec.id, "ready": h.ready, "running": h.running, "waiting": h.waiting}
         )
-    ok = bool(report) and all(m["ready"] for m in report)
+    draining = bool(request.app.state.draining)
+    ok = bool(report) and all(m["ready"] for m in report) and not draining
+    status = "draining" if draining else "ready" if ok else "not_ready"
     return JSONResponse(
-        {"status": "ready" if ok else "not_ready", "models": report},
+        {"status": status, "models": report},
         status_code=200 if ok else 503,
         headers=None if ok else {"Retry-After": "5"},
     )
@@ -80,7 +96,12 @@ async def get_model(model_id: str, models: RouterDep) -> ModelCard:
     return _card(models.get(model_id))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=ERRORS,
+    dependencies=[Accepting],
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, models: RouterDep
 ) -> Response:
@@ -90,7 +111,9 @@ async def chat_completions(
     return await _respond(job, served, request)
 
 
-@router.post("/v1/completions", response_model=Completion, responses=ERRORS)
+@router.post(
+    "/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Accepting]
+)
 async def completions(body: CompletionRequest, request: Request, models: RouterDep) -> Response:
     served = models.get(body.model)
     request.state.model = served.spec.id
@@ -100,7 +123,11 @@ async def completions(body: CompletionRequest, request: Request, models: RouterD
 
 async def _respond(job: serving.Job, served: Served, request: Request) -> Response:
     if job.stream:
-        return EventSourceResponse(serving.stream(job, served, request), sep="\n")
+        # On shutdown, an open stream gets the drain period to finish before it is cut.
+        grace = request.app.state.settings.drain_timeout_s
+        return EventSourceResponse(
+            serving.stream(job, served, request), sep="\n", shutdown_grace_period=grace
+        )
     result = await serving.complete(job, served, request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)

@@ -198,3 +198,14 @@ def test_logs_never_carry_patient_text(
     for record in server:
         assert SECRET not in record.getMessage()
         assert SECRET not in json.dumps(record.__dict__, default=str)
+
+
+def test_draining_refuses_new_generation(client: TestClient) -> None:
+    client.app.state.draining = True  # type: ignore[attr-defined]
+    r = client.post(CHAT, json={"model": MODEL, "messages": MESSAGES})
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "shutting_down"
+    assert int(r.headers["retry-after"]) >= 1
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert client.get("/v1/models").status_code == 200

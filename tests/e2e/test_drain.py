@@ -1,0 +1,52 @@
+"""SIGTERM drains: the open stream finishes, then the process exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serverproc import running_server
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sigterm_lets_the_open_stream_finish(tmp_path: Path) -> None:
+    with running_server(tmp_path / "serve.log") as server:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "prompt": "la " * 50,  # greedy, no penalty: runs to max_tokens
+            "max_tokens": 600,
+            "temperature": 0,
+            "repeat_penalty": 1.0,
+            "stream": True,
+        }
+        first = threading.Event()
+        events: list[str] = []
+
+        def read() -> None:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(timeout=60)
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(timeout=60)
+        assert not reader.is_alive()
+        # uvicorn re-raises the captured SIGTERM once its shutdown is complete.
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = server.log.read_text()
+    assert "Application shutdown complete." in log
+    assert "draining" in log
+    assert events[-1] == "[DONE]"
+    finish = json.loads(events[-2])["choices"][0]["finish_reason"]
+    assert finish == "length"
+    assert len(events) > 400  # about one event per token: the stream was not cut short
