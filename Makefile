@@ -14,6 +14,10 @@ $(VENV)/.installed-dev: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev
 	touch $@ $(VENV)/.installed-serve
 
+$(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,bench
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
+
 .PHONY: install serve test lint typecheck unit bench clean
 
 install: $(VENV)/.installed-serve
@@ -35,9 +39,12 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-## Single-stream decode speed: HTTP through medserve vs in-process llama.cpp
-bench: $(VENV)/.installed-dev
+## Benchmarks: single-stream HTTP vs in-process, then medserve vs llama-cpp-python's
+## server vs llama.cpp's server at 1, 4 and 8 concurrent users (a few minutes; run it on
+## an otherwise idle machine)
+bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/single_stream.py
+	$(BIN)/python tests/bench/compare.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

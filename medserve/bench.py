@@ -99,13 +99,19 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> 
 
 
 async def _one(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, stream: bool
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    stream: bool,
+    extra: dict[str, Any],
 ) -> Sample:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
+        **extra,
     }
     start = time.perf_counter()
     try:
@@ -165,13 +171,18 @@ async def run(
     max_tokens: int,
     prompts: list[str],
     stream: bool = False,
+    extra_body: dict[str, Any] | None = None,
     api_key: str | None = None,
     request_timeout_s: float = 300.0,
     time_limit_s: float = 1800.0,
     on_done: Callable[[Sample], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Report:
-    """Send ``requests`` requests, ``concurrency`` at a time; stop issuing at the time limit."""
+    """Send ``requests`` requests, ``concurrency`` at a time; stop issuing at the time limit.
+
+    ``extra_body`` adds fields to every request (e.g. ``repeat_penalty``, which medserve,
+    llama.cpp's server and llama-cpp-python's server all accept).
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     samples: list[Sample] = []
     issued = 0
@@ -191,7 +202,7 @@ async def run(
             while issued < requests and time.perf_counter() < deadline:
                 prompt = prompts[issued % len(prompts)]
                 issued += 1
-                sample = await _one(client, model, prompt, max_tokens, stream)
+                sample = await _one(client, model, prompt, max_tokens, stream, extra_body or {})
                 samples.append(sample)
                 if on_done is not None:
                     on_done(sample)

@@ -119,6 +119,9 @@ def bench(
         Path | None, typer.Option(help="Prompts: JSONL with a 'prompt' field, or one per line.")
     ] = None,
     stream: Annotated[bool, typer.Option(help="Stream, to measure TTFT and ITL.")] = False,
+    extra_body: Annotated[
+        str | None, typer.Option(help="JSON fields added to every request, e.g. '{\"top_k\": 1}'.")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="MEDSERVE_BENCH_API_KEY")] = None,
     timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 300.0,
     time_limit: Annotated[float, typer.Option(help="Stop issuing after this, seconds.")] = 1800.0,
@@ -136,6 +139,12 @@ def bench(
         prompts = load.load_prompts(prompt_file)
     except (OSError, ValueError, KeyError) as exc:
         raise _fail(f"cannot read prompts: {exc}") from None
+    try:
+        extra = json.loads(extra_body) if extra_body else {}
+    except json.JSONDecodeError:
+        raise _fail("--extra-body is not valid JSON") from None
+    if not isinstance(extra, dict):
+        raise _fail("--extra-body must be a JSON object")
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -155,6 +164,7 @@ def bench(
                 max_tokens=max_tokens,
                 prompts=prompts,
                 stream=stream,
+                extra_body=extra,
                 api_key=api_key,
                 request_timeout_s=timeout,
                 time_limit_s=time_limit,

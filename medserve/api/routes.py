@@ -63,7 +63,13 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     for served in models:
         h = await served.engine.health()
         report.append(
-            {"id": served.spec.id, "ready": h.ready, "running": h.running, "waiting": h.waiting}
+            {
+                "id": served.spec.id,
+                "ready": h.ready,
+                "running": h.running,
+                "waiting": h.waiting,
+                "rejected": h.rejected,
+            }
         )
     draining = bool(request.app.state.draining)
     ok = bool(report) and all(m["ready"] for m in report) and not draining

@@ -88,6 +88,7 @@ class Health:
     ready: bool
     running: int = 0
     waiting: int = 0
+    rejected: int = 0  # requests refused since start because every slot and the queue were full
     detail: str = ""
 
 

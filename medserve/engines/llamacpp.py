@@ -54,6 +54,7 @@ class LlamaCppEngine:
         self._jobs: dict[str, Job] = {}
         self._admitted = 0
         self._running = 0
+        self._rejected = 0
         self._closed = False
         cores = os.cpu_count() or 1
         self.parallel = spec.parallel or max(4, 2 * cores if cores > 2 else 4)
@@ -160,7 +161,8 @@ class LlamaCppEngine:
         self._llama = self._scheduler = self._thread = None
 
     def _require(self) -> Llama:
-        if self._llama is None or self._closed:
+        alive = self._thread is not None and self._thread.is_alive()
+        if self._llama is None or self._closed or not alive:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
         return self._llama
 
@@ -195,6 +197,7 @@ class LlamaCppEngine:
         scheduler = self._scheduler
         assert scheduler is not None
         if self._admitted >= self.parallel + self._spec.max_queue:
+            self._rejected += 1
             raise OverloadedError(
                 "Every slot of this model is busy and its queue is full; retry shortly.",
                 retry_after=_retry_after(self._spec.max_queue, self.parallel),
@@ -253,9 +256,10 @@ class LlamaCppEngine:
 
     async def health(self) -> Health:
         return Health(
-            ready=self._scheduler is not None and not self._closed,
+            ready=self._thread is not None and self._thread.is_alive() and not self._closed,
             running=self._running,
             waiting=self._admitted - self._running,
+            rejected=self._rejected,
         )
 
     async def occupied_sequences(self) -> list[int]:

@@ -143,6 +143,7 @@ async def test_queue_full_is_overloaded_and_the_queue_still_drains() -> None:
         with pytest.raises(OverloadedError) as info:
             await anext(e.generate(request(endless, "reject", max_tokens=5)))
         assert info.value.status == 503 and info.value.retry_after
+        assert (await e.health()).rejected == 1
         rest = [c async for c in running]
         assert rest[-1].finish_reason == "length"
         _, last = await waiting
