@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from medserve.config import ModelSpec
-from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Prompt, Sampling
+from medserve.engines.base import Message
 from medserve.engines.llamacpp import LlamaCppEngine
 from medserve.errors import OverloadedError, RequestTimeoutError
 from tests.conftest import smollm2_path
+from tests.integration.common import collect, request
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -40,31 +41,6 @@ def engine(**overrides: object) -> LlamaCppEngine:
     return LlamaCppEngine(ModelSpec.model_validate(spec))
 
 
-def request(prompt: Prompt, rid: str, **sampling: object) -> GenerationRequest:
-    base: dict[str, object] = {
-        "max_tokens": 40,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 40,
-        "min_p": 0.0,
-        "repeat_penalty": 1.3,
-        "frequency_penalty": 0.0,
-        "presence_penalty": 0.0,
-        "seed": 7,
-    }
-    base.update(sampling)
-    return GenerationRequest(rid, "m", prompt, Sampling(**base))  # type: ignore[arg-type]
-
-
-async def collect(e: LlamaCppEngine, req: GenerationRequest) -> tuple[str, GenerationChunk]:
-    parts, last = [], None
-    async for chunk in e.generate(req):
-        parts.append(chunk.text)
-        last = chunk
-    assert last is not None and last.finish_reason is not None
-    return "".join(parts), last
-
-
 @pytest.fixture
 async def four() -> AsyncIterator[LlamaCppEngine]:
     e = engine()
@@ -75,9 +51,11 @@ async def four() -> AsyncIterator[LlamaCppEngine]:
 
 async def test_concurrent_greedy_equals_sequential(four: LlamaCppEngine) -> None:
     prompts = [await four.render_chat((Message("user", q),)) for q in QUESTIONS]
-    alone = [(await collect(four, request(p, f"s{i}")))[0] for i, p in enumerate(prompts)]
+    alone = [
+        (await collect(four, request(p, f"s{i}", max_tokens=40)))[0] for i, p in enumerate(prompts)
+    ]
     together = await asyncio.gather(
-        *(collect(four, request(p, f"c{i}")) for i, p in enumerate(prompts))
+        *(collect(four, request(p, f"c{i}", max_tokens=40)) for i, p in enumerate(prompts))
     )
     assert [text for text, _ in together] == alone
     assert all(text.strip() for text in alone)

@@ -15,9 +15,10 @@ import pytest
 from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_is_eog
 
 from medserve.config import ModelSpec, SamplingDefaults
-from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Prompt, Sampling
+from medserve.engines.base import Message
 from medserve.engines.llamacpp import LlamaCppEngine
 from tests.conftest import smollm2_path
+from tests.integration.common import collect, request
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -54,32 +55,6 @@ def vocab() -> Llama:
     return Llama(model_path=str(smollm2_path()), vocab_only=True, verbose=False)
 
 
-def request(prompt: Prompt, rid: str = "r", **sampling: object) -> GenerationRequest:
-    base: dict[str, object] = {
-        "max_tokens": 24,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 40,
-        "min_p": 0.0,
-        "repeat_penalty": 1.3,
-        "frequency_penalty": 0.0,
-        "presence_penalty": 0.0,
-        "seed": 7,
-    }
-    base.update(sampling)
-    return GenerationRequest(rid, "smollm2", prompt, Sampling(**base))  # type: ignore[arg-type]
-
-
-async def run(engine: LlamaCppEngine, req: GenerationRequest) -> tuple[str, GenerationChunk]:
-    parts = []
-    last = None
-    async for chunk in engine.generate(req):
-        parts.append(chunk.text)
-        last = chunk
-    assert last is not None and last.finish_reason is not None
-    return "".join(parts), last
-
-
 async def test_chat_prompt_matches_independent_rendering(
     engine: LlamaCppEngine, vocab: Llama
 ) -> None:
@@ -99,7 +74,7 @@ async def test_chat_prompt_matches_independent_rendering(
 
 async def test_usage_counts_and_length_finish(engine: LlamaCppEngine) -> None:
     prompt = await engine.render_chat(QUESTION)
-    text, last = await run(engine, request(prompt, max_tokens=12))
+    text, last = await collect(engine, request(prompt, max_tokens=12))
     assert text.strip()
     assert last.finish_reason == "length"
     assert last.completion_tokens == 12
@@ -108,21 +83,21 @@ async def test_usage_counts_and_length_finish(engine: LlamaCppEngine) -> None:
 
 async def test_greedy_is_deterministic_and_stop_cuts_exactly(engine: LlamaCppEngine) -> None:
     prompt = await engine.render_chat(QUESTION)
-    first, _ = await run(engine, request(prompt, max_tokens=40))
-    second, _ = await run(engine, request(prompt, max_tokens=40))
+    first, _ = await collect(engine, request(prompt, max_tokens=40))
+    second, _ = await collect(engine, request(prompt, max_tokens=40))
     assert first == second
     assert len(first) > 20
     stop = first[len(first) // 2 : len(first) // 2 + 4]
     assert stop.strip(), "pick a visible stop string"
-    stopped, last = await run(engine, request(prompt, max_tokens=40, stop=(stop,)))
+    stopped, last = await collect(engine, request(prompt, max_tokens=40, stop=(stop,)))
     assert stopped == first[: first.index(stop)]
     assert last.finish_reason == "stop"
 
 
 async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
     prompt = await engine.render_chat(QUESTION)
-    a, _ = await run(engine, request(prompt, temperature=0.9, seed=1234))
-    b, _ = await run(engine, request(prompt, temperature=0.9, seed=1234))
+    a, _ = await collect(engine, request(prompt, temperature=0.9, seed=1234))
+    b, _ = await collect(engine, request(prompt, temperature=0.9, seed=1234))
     assert a == b
 
 
@@ -145,7 +120,7 @@ async def test_closing_the_stream_stops_generation(engine: LlamaCppEngine) -> No
     health = await engine.health()
     assert (health.ready, health.running, health.waiting) == (True, 0, 0)
     # The model is free again: the next request runs to completion.
-    _, last = await run(engine, request(prompt, max_tokens=4))
+    _, last = await collect(engine, request(prompt, max_tokens=4))
     assert last.completion_tokens == 4
 
 
@@ -170,7 +145,7 @@ async def test_sampler_chain_agrees_with_llama_cpp_pythons_own_loop(
     cut-offs) shows in the first tokens.
     """
     prompt = await engine.render_chat(QUESTION)
-    text, _ = await run(engine, request(prompt, max_tokens=12))
+    text, _ = await collect(engine, request(prompt, max_tokens=12))
     oracle = Llama(
         model_path=str(smollm2_path()), n_ctx=2048, n_threads=engine_threads(), verbose=False
     )

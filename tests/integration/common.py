@@ -1,0 +1,33 @@
+"""Helpers shared by the real-engine suites: requests in engine terms, draining a stream."""
+
+from __future__ import annotations
+
+from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Prompt, Sampling
+
+
+def request(prompt: Prompt, rid: str = "r", **sampling: object) -> GenerationRequest:
+    """A greedy request (repeat penalty 1.3, 24 tokens) unless ``sampling`` says otherwise."""
+    base: dict[str, object] = {
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 40,
+        "min_p": 0.0,
+        "repeat_penalty": 1.3,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "seed": 7,
+    }
+    base.update(sampling)
+    return GenerationRequest(rid, "m", prompt, Sampling(**base))  # type: ignore[arg-type]
+
+
+async def collect(engine: Engine, req: GenerationRequest) -> tuple[str, GenerationChunk]:
+    """The whole text and the final chunk; fails if the stream ended without one."""
+    parts = []
+    last = None
+    async for chunk in engine.generate(req):
+        parts.append(chunk.text)
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return "".join(parts), last
