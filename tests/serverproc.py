@@ -32,8 +32,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(log: Path, *args: str) -> Iterator[Server]:
-    """`medserve serve` with ``args``, ready to answer; terminated on exit."""
+def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`medserve serve` with ``args`` (and extra ``env``), ready to answer; stopped on exit."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -49,7 +49,7 @@ def running_server(log: Path, *args: str) -> Iterator[Server]:
                 *args,
             ],
             cwd=ROOT,
-            env=dict(os.environ),
+            env={**os.environ, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
