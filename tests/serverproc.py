@@ -32,31 +32,35 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`medserve serve` with ``args`` (and extra ``env``), ready to answer; stopped on exit."""
-    port = free_port()
+def running_process(
+    cmd: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` (output to ``log``) until ``ready_url`` answers 200; stop it on exit.
+
+    The wait is bounded in time and fails fast, with the log, if the process dies.
+    """
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medserve",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *args,
-            ],
+            cmd,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, log)
-        yield Server(url, process, log)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{cmd[:3]} exited {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[:3]} not ready in time:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield process
     finally:
         process.terminate()
         try:
@@ -66,16 +70,11 @@ def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> 
             process.wait()
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll /ready until it answers 200: bounded in time, fails fast if the server died."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"medserve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"medserve not ready after {STARTUP_TIMEOUT_S}s:\n{log.read_text()}")
+@contextmanager
+def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "medserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with running_process([*cmd, *args], log, f"{url}/ready", env) as process:
+        yield Server(url, process, log)

@@ -78,7 +78,6 @@ class EngineInfo:
     model: str
     context_length: int
     owned_by: str = "medserve"
-    has_chat_template: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +88,6 @@ class Health:
     running: int = 0
     waiting: int = 0
     rejected: int = 0  # requests refused since start because every slot and the queue were full
-    detail: str = ""
 
 
 @runtime_checkable

@@ -127,7 +127,6 @@ class LlamaCppEngine:
             model=self._spec.id,
             context_length=context,
             owned_by=self._spec.owned_by,
-            has_chat_template=template is not None,
         )
         log.info(
             "model loaded",

@@ -18,55 +18,21 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medserve import bench
 from tests.conftest import smollm2_path
-from tests.serverproc import free_port
+from tests.serverproc import free_port, running_process
 
 HERE = Path(__file__).resolve().parent
 # cache_prompt=false: llama.cpp's server would otherwise reuse the KV of a repeated prompt,
 # which medserve deliberately does not do (see the llamacpp engine); the others ignore it.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
 EXTRA = {"repeat_penalty": 1.1, "top_k": 40, "top_p": 1.0, "cache_prompt": False}
-
-
-@contextmanager
-def process(cmd: list[str], log: Path, url: str, probe: str) -> Iterator[None]:
-    """Start ``cmd``, wait (bounded) until ``url + probe`` answers 200, stop it on exit."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:3]} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + probe, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[:3]} not ready:\n{log.read_text()[-2000:]}")
-            time.sleep(0.25)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def servers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], str, str]]:
@@ -156,7 +122,8 @@ def main() -> None:
                 if "xllamacpp" not in name:
                     full += ["--host", "127.0.0.1", "--port", str(port)]
                 url = f"http://127.0.0.1:{port}"
-                with process(full, tmp / f"{name.split()[0]}.log", url, probe):
+                log = tmp / f"{name.split()[0]}.log"
+                with running_process(full, log, url + probe, OFFLINE):
                     warm = bench.run(
                         url,
                         model,
