@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medserve import __version__
+from medserve.audit.cli import app as audit_app
 from medserve.config import ConfigError, load_settings, served_models
 from medserve.privacy import apply_offline_env
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -56,7 +58,7 @@ def serve(
     """Serve the models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
-    from medserve import logs
+    from medserve import audit, logs
     from medserve.api.app import begin_drain, create_app
     from medserve.router import Router
 
@@ -69,7 +71,17 @@ def serve(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     logs.configure(settings.log_level)
-    application = create_app(settings, router)
+    store = None
+    if settings.audit.enabled:
+        # Opened here, not in the app's start-up, so a problem with the log or its keys
+        # is reported plainly before anything else starts.
+        try:
+            store = audit.open_store(settings.audit)
+        except (audit.AuditError, audit.AuditKeyError) as exc:
+            raise _fail(f"audit log: {exc}") from None
+    else:
+        err.print("[bold yellow]warning:[/] the audit log is off (audit.enabled = false)")
+    application = create_app(settings, router, store)
     server_config = uvicorn.Config(
         application,
         host=settings.host,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +139,72 @@ class ModelSpec(BaseModel):
         return path.resolve()
 
 
+class AuditSettings(BaseModel):
+    """The audit log: where it lives, its keys, checkpoints, and what a write failure does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True,
+        description="Record every request. Turning this off is for benchmarks and tests; "
+        "a server holding patient data keeps it on.",
+    )
+    path: Path = Field(
+        Path("var/audit.db"),
+        description="SQLite audit log (production: /var/lib/medserve/audit.db).",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="Audit secret (hex); default audit.key beside the log; created if absent. "
+        "Production: another volume and owner, with a copy in escrow.",
+    )
+    signing_key_file: Path | None = Field(
+        None,
+        description="Ed25519 checkpoint key (PEM), default audit-signing.key beside the log; "
+        "created if absent, with its public half (.pub).",
+    )
+    checkpoint_file: Path | None = Field(
+        None,
+        description="Also append every signed checkpoint to this file (JSON lines), kept on "
+        "other storage than the log.",
+    )
+    checkpoint_every: int = Field(1000, ge=1, description="Records between checkpoints.")
+    checkpoint_interval_s: float = Field(
+        300.0, gt=0, description="Longest time between checkpoints while records arrive."
+    )
+    on_failure: Literal["closed", "open"] = Field(
+        "closed",
+        description="When a record cannot be written: 'closed' answers 503, 'open' serves "
+        "anyway and counts and logs every lost record.",
+    )
+    capture: bool = Field(
+        False,
+        description="Also keep prompts and completions, encrypted (AES-256-GCM). Off: the "
+        "log holds keyed hashes only.",
+    )
+    capture_key_file: Path | None = Field(
+        None, description="Content key (hex) for capture; required when capture is on."
+    )
+    busy_timeout_ms: int = Field(
+        5000, ge=0, description="How long a write waits for a lock before it counts as failed."
+    )
+    retry_after_s: int = Field(
+        2, ge=1, description="Retry-After of the 503 answered while the log cannot be written."
+    )
+
+    @model_validator(mode="after")
+    def _check_capture(self) -> AuditSettings:
+        if self.capture and self.capture_key_file is None:
+            raise ValueError("audit capture needs `capture_key_file`")
+        return self
+
+    def key_path(self) -> Path:
+        return self.key_file or self.path.with_name("audit.key")
+
+    def signing_key_path(self) -> Path:
+        return self.signing_key_file or self.path.with_name("audit-signing.key")
+
+
 class Settings(BaseSettings):
     """Server settings. Environment variables use the ``MEDSERVE_`` prefix."""
 
@@ -166,6 +233,13 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of medserve's own loggers."
+    )
+    replica: str = Field(
+        default_factory=socket.gethostname,
+        description="This server's name in audit records and metrics; default: the host name.",
+    )
+    audit: AuditSettings = Field(
+        default_factory=AuditSettings, description="The tamper-evident audit log."
     )
 
     @classmethod
@@ -196,7 +270,15 @@ class _ConfigFile(TomlConfigSettingsSource):
         for model in data.get("models") or []:
             if isinstance(model, dict) and isinstance(model.get("path"), str):
                 model["path"] = base / model["path"]
+        audit = data.get("audit")
+        if isinstance(audit, dict):
+            for name in AUDIT_PATHS:
+                if isinstance(audit.get(name), str):
+                    audit[name] = base / audit[name]
         return data
+
+
+AUDIT_PATHS = ("path", "key_file", "signing_key_file", "checkpoint_file", "capture_key_file")
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

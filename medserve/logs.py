@@ -22,7 +22,11 @@ FIELDS = (
     "model",
     "prompt_tokens",
     "completion_tokens",
-    "stream_error",
+    "finish_reason",
+    "error",
+    "event",
+    "count",
+    "path",
     "n_ctx",
     "threads",
     "host",
@@ -60,6 +64,8 @@ def configure(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("medserve").setLevel(level.upper())
+    # sse-starlette logs every chunk it sends (completion text) at DEBUG: never below WARNING.
+    logging.getLogger("sse_starlette").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

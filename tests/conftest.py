@@ -37,6 +37,14 @@ def fake_spec(**overrides: object) -> ModelSpec:
     return ModelSpec.model_validate(base)
 
 
+@pytest.fixture(autouse=True)
+def audit_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's audit log (and its keys) in its own temporary directory."""
+    path = tmp_path / "audit" / "audit.db"
+    monkeypatch.setenv("MEDSERVE_AUDIT__PATH", str(path))
+    return path
+
+
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine(fake_spec())

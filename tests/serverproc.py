@@ -72,7 +72,11 @@ def running_process(
 
 @contextmanager
 def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port."""
+    """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port.
+
+    Its audit log goes beside ``log`` unless ``env`` says otherwise.
+    """
+    env = {"MEDSERVE_AUDIT__PATH": str(log.parent / "audit" / "audit.db"), **(env or {})}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "medserve", "serve", "--host", "127.0.0.1", "--port", str(port)]

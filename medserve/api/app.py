@@ -1,8 +1,9 @@
-"""The application factory: settings and router in, a FastAPI app out.
+"""The application factory: settings, router and audit store in, a FastAPI app out.
 
-Everything the app uses lives on ``app.state`` (settings, router); nothing is global, so
-tests build as many apps as they like. The lifespan sets the offline environment, loads
-every model before the first request is accepted, and unloads them on shutdown.
+Everything the app uses lives on ``app.state`` (settings, router, auditor); nothing is
+global, so tests build as many apps as they like. The lifespan sets the offline
+environment, opens the audit log, loads every model before the first request is accepted,
+records the start, and on shutdown records the stop, unloads the models and closes the log.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from medserve import __version__
+from medserve import __version__, audit
+from medserve.api.audit import Auditor
+from medserve.api.exchange import exchange
 from medserve.api.middleware import RequestContext
 from medserve.api.routes import router as routes
 from medserve.config import Settings, served_models
@@ -36,18 +39,33 @@ from medserve.router import Router
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
-    """Build the app. ``router`` defaults to the models the settings name."""
+def create_app(
+    settings: Settings, router: Router | None = None, store: audit.AuditStore | None = None
+) -> FastAPI:
+    """Build the app. ``router`` defaults to the models the settings name; ``store`` to
+    the configured audit log, opened at start-up (the CLI opens it first, to report a
+    problem with the log or its keys before anything else starts)."""
     router = router or Router.from_specs(served_models(settings))
+    conf = settings.audit
+    auditor = Auditor(conf, settings.replica)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_offline_env(os.environ)
-        await router.start()
+        if conf.enabled:
+            auditor.attach(store or audit.open_store(conf), audit.content_cipher(conf))
         try:
-            yield
+            await auditor.event("config.loaded", **_posture(settings, router))
+            await router.start()
+            try:
+                await auditor.event("server.start", version=__version__)
+                yield
+            finally:
+                await auditor.event("server.stop")
+                await router.close()
         finally:
-            await router.close()
+            if auditor.store is not None:
+                auditor.store.close()
 
     app = FastAPI(
         title="medserve",
@@ -61,11 +79,25 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.router = router
+    app.state.auditor = auditor
     app.state.draining = False
     app.include_router(routes)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, auditor=auditor)
     _add_error_handlers(app)
     return app
+
+
+def _posture(settings: Settings, router: Router) -> dict[str, Any]:
+    """What the audit log records about the configuration: no secrets, no key material."""
+    conf = settings.audit
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "models": [{"id": s.spec.id, "engine": s.spec.engine} for s in router],
+        "audit_on_failure": conf.on_failure,
+        "audit_capture": conf.capture,
+        "max_body_bytes": settings.max_body_bytes,
+    }
 
 
 def begin_drain(app: FastAPI) -> None:
@@ -81,29 +113,33 @@ def error_response(exc: MedserveError) -> JSONResponse:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, exc: MedserveError) -> JSONResponse:
+        exchange(request).failed(exc)
+        return error_response(exc)
+
     async def on_medserve(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, MedserveError)
-        return error_response(exc)
+        return respond(request, exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(exc))
+        return respond(request, validation_error(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            return error_response(NotFoundError("No such route."))
+            return respond(request, NotFoundError("No such route."))
         if exc.status_code == 405:
-            return error_response(MethodNotAllowedError("Method not allowed for this route."))
+            return respond(request, MethodNotAllowedError("Method not allowed for this route."))
         if exc.status_code < 500:
-            return error_response(InvalidRequestError("The request could not be processed."))
-        return error_response(MedserveError("Internal server error."))
+            return respond(request, InvalidRequestError("The request could not be processed."))
+        return respond(request, MedserveError("Internal server error."))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception(
-            "unhandled error", extra={"request_id": request.state.request_id}, exc_info=exc
-        )
-        return error_response(MedserveError("Internal server error."))
+        ex = exchange(request)
+        log.exception("unhandled error", extra={"request_id": ex.request_id}, exc_info=exc)
+        ex.status = 500
+        return respond(request, MedserveError("Internal server error."))
 
     app.add_exception_handler(MedserveError, on_medserve)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -1,9 +1,12 @@
-"""Per-request plumbing as one pure ASGI middleware: id, body limit, headers, access log.
+"""Per-request plumbing as one pure ASGI middleware: id, body limit, headers, audit, log.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so streaming responses and disconnect
 messages pass through untouched. The body of a POST is read here, up to the configured
 limit, before the application sees it: a request over the limit gets 413 whether or not it
 declared its length, and the application still reads it as usual.
+
+Every request gets an :class:`Exchange`; the audit record is committed before the last
+byte of the response goes out (see :mod:`medserve.api.audit`).
 
 The access log names the route template (``/v1/models/{model_id}``), not the raw path, and
 never the query string or body: both are client-controlled and may carry patient data.
@@ -12,14 +15,21 @@ never the query string or body: both are client-controlled and may carry patient
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from medserve.errors import InvalidRequestError, MedserveError, RequestTooLargeError, envelope
+from medserve.api.audit import Auditor
+from medserve.api.exchange import Exchange
+from medserve.errors import (
+    InvalidRequestError,
+    MedserveError,
+    RequestTooLargeError,
+    envelope,
+    headers,
+)
 
 log = logging.getLogger("medserve.access")
 
@@ -33,45 +43,61 @@ SECURITY_HEADERS = [
 
 
 class RequestContext:
-    """Assigns the request id, enforces the body limit, adds headers, logs one line."""
+    """Assigns the request id, enforces the body limit, adds headers, audits, logs one line."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, auditor: Auditor) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.auditor = auditor
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        started = time.perf_counter()
-        status = 0
-        id_header = (b"x-request-id", request_id.encode())
+        client = scope.get("client")
+        ex = Exchange(uuid.uuid4().hex, scope["method"], client=client[0] if client else None)
+        scope.setdefault("state", {})["exchange"] = ex
+        audited = self.auditor.audits(scope["path"])
+        id_header = (b"x-request-id", ex.request_id.encode())
+        completed = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal completed
             if message["type"] == "http.response.start":
-                status = message["status"]
+                ex.status = message["status"]
                 message["headers"] = [*message.get("headers", []), id_header, *SECURITY_HEADERS]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                if audited:
+                    ex.endpoint = _endpoint(scope)
+                    await self.auditor.request(ex)
+                completed = True
             await send(message)
 
         try:
+            refusal = self.auditor.refusal() if audited else None
+            if refusal is not None:
+                await _error(refusal, ex)(scope, receive, send_with_headers)
+                return
             if scope["method"] in BODY_METHODS:
                 try:
                     body = await self._read_body(scope, receive)
                 except MedserveError as exc:
-                    response = JSONResponse(envelope(exc), status_code=exc.status)
-                    await response(scope, receive, send_with_headers)
+                    await _error(exc, ex)(scope, receive, send_with_headers)
                     return
                 if body is None:  # the client left before sending its body
-                    status = 499
+                    ex.status = 499
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            ex.status, ex.error = 500, MedserveError.type
+            raise
         finally:
-            _log(scope, state, status or 500, started)
+            if audited and not completed:
+                ex.endpoint = _endpoint(scope)
+                ex.status = 499 if ex.status < 500 else ex.status
+                self.auditor.request_later(ex)
+            _log(scope, ex)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self.max_body_bytes
@@ -112,21 +138,28 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _log(scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+def _error(exc: MedserveError, ex: Exchange) -> JSONResponse:
+    ex.failed(exc)
+    return JSONResponse(envelope(exc), status_code=exc.status, headers=headers(exc))
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route template (``/v1/models/{model_id:path}``), never the raw path."""
     route = scope.get("route")
-    usage = state.get("usage")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _log(scope: Scope, ex: Exchange) -> None:
     extra: dict[str, Any] = {
-        "request_id": state.get("request_id"),
-        "method": scope["method"],
-        "route": getattr(route, "path", None) or "unmatched",
-        "status": status,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        "request_id": ex.request_id,
+        "method": ex.method,
+        "route": _endpoint(scope),
+        "status": ex.status or 500,
+        "duration_ms": ex.latency_ms(),
+        "model": ex.model,
+        "prompt_tokens": ex.prompt_tokens,
+        "completion_tokens": ex.completion_tokens,
+        "finish_reason": ex.finish_reason,
+        "error": ex.error,
     }
-    if "model" in state:
-        extra["model"] = state["model"]
-    if usage is not None:
-        extra["prompt_tokens"] = usage.prompt_tokens
-        extra["completion_tokens"] = usage.completion_tokens
-    if "stream_error" in state:
-        extra["stream_error"] = state["stream_error"]
     log.info("request", extra=extra)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from medserve.api import serving
+from medserve.api.exchange import exchange
 from medserve.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -111,9 +112,8 @@ async def get_model(model_id: str, models: RouterDep) -> ModelCard:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, models: RouterDep
 ) -> Response:
-    served = models.get(body.model)
-    request.state.model = served.spec.id
-    job = await serving.chat_job(body, served, request.state.request_id)
+    served = _resolve(request, models, body)
+    job = await serving.chat_job(body, served, exchange(request).request_id)
     return await _respond(job, served, request)
 
 
@@ -121,13 +121,25 @@ async def chat_completions(
     "/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Accepting]
 )
 async def completions(body: CompletionRequest, request: Request, models: RouterDep) -> Response:
-    served = models.get(body.model)
-    request.state.model = served.spec.id
-    job = await serving.completion_job(body, served, request.state.request_id)
+    served = _resolve(request, models, body)
+    job = await serving.completion_job(body, served, exchange(request).request_id)
     return await _respond(job, served, request)
 
 
+def _resolve(
+    request: Request, models: Router, body: ChatCompletionRequest | CompletionRequest
+) -> Served:
+    """The served model, with what the audit record and the access log need to know."""
+    ex = exchange(request)
+    ex.endpoint = request.scope["route"].path
+    ex.user, ex.stream = body.user, bool(body.stream)
+    served = models.get(body.model)
+    ex.model, ex.engine = served.spec.id, served.engine.info.kind
+    return served
+
+
 async def _respond(job: serving.Job, served: Served, request: Request) -> Response:
+    exchange(request).prompt_hmac = request.app.state.auditor.hash_text(job.audit_input)
     if job.stream:
         # On shutdown, an open stream gets the drain period to finish before it is cut.
         grace = request.app.state.settings.drain_timeout_s

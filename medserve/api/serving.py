@@ -21,6 +21,7 @@ from typing import Any, Literal
 import anyio
 from starlette.requests import Request
 
+from medserve.api.exchange import exchange
 from medserve.api.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -65,6 +66,9 @@ class Job:
     stream: bool
     include_usage: bool
     created: int
+    # The client's input in one canonical form, for the audit log's keyed hash (and its
+    # encrypted capture, when on): chat messages as JSON, or the completion prompt.
+    audit_input: bytes
 
 
 def _refuse(param: str, what: str) -> UnsupportedParameterError:
@@ -155,7 +159,8 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
         )
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only plain text output is implemented")
-    prompt = await served.engine.render_chat(_messages(body.messages))
+    messages = _messages(body.messages)
+    prompt = await served.engine.render_chat(messages)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _budget(
         requested,
@@ -164,7 +169,9 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
         served.engine.info.context_length,
         "messages",
     )
-    return _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}")
+    given = [{"role": m.role, "content": m.content} for m in messages]
+    audit_input = json.dumps(given, ensure_ascii=False, separators=(",", ":")).encode()
+    return _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}", audit_input)
 
 
 async def completion_job(body: CompletionRequest, served: Served, request_id: str) -> Job:
@@ -186,7 +193,8 @@ async def completion_job(body: CompletionRequest, served: Served, request_id: st
         raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
     prompt = await served.engine.render_text(text)
     max_tokens = _budget(body.max_tokens, 16, prompt, served.engine.info.context_length, "prompt")
-    return _job("completion", body, served, prompt, max_tokens, f"cmpl-{request_id}")
+    request_key = f"cmpl-{request_id}"
+    return _job("completion", body, served, prompt, max_tokens, request_key, text.encode())
 
 
 def _job(
@@ -196,6 +204,7 @@ def _job(
     prompt: Prompt,
     max_tokens: int,
     request_id: str,
+    audit_input: bytes,
 ) -> Job:
     request = GenerationRequest(
         request_id=request_id,
@@ -210,6 +219,7 @@ def _job(
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         created=int(time.time()),
+        audit_input=audit_input,
     )
 
 
@@ -232,9 +242,11 @@ async def complete(job: Job, served: Served, http: Request) -> ChatCompletion | 
             watcher.cancel()
     if last is None or last.finish_reason is None:
         return None
-    usage = _usage(last)
-    http.state.usage = usage
+    usage = _finished(http, last)
     text = "".join(parts)
+    # The record is durable before the response exists; in fail-closed mode a failed
+    # write raises the 503 that replaces it.
+    await http.app.state.auditor.generation(exchange(http), job.audit_input, text)
     r = job.request
     if job.kind == "chat":
         return ChatCompletion(
@@ -262,8 +274,11 @@ async def _cancel_on_disconnect(http: Request, scope: anyio.CancelScope) -> None
     scope.cancel()
 
 
-def _usage(chunk: GenerationChunk) -> Usage:
+def _finished(http: Request, chunk: GenerationChunk) -> Usage:
+    """Note the last chunk's counts on the exchange; the usage block for the response."""
+    ex = exchange(http)
     p, c = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
+    ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = p, c, chunk.finish_reason
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
@@ -291,6 +306,7 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
             return {"delta": delta, "logprobs": None, "finish_reason": finish}
         return {"text": text, "logprobs": None, "finish_reason": finish}
 
+    parts: list[str] = []
     try:
         if job.kind == "chat":
             yield event(
@@ -302,6 +318,7 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
             )
         async with aclosing(served.engine.generate(r)) as chunks:
             async for chunk in chunks:
+                parts.append(chunk.text)
                 if chunk.finish_reason is None:
                     if chunk.text:
                         yield event(piece(chunk.text))
@@ -309,16 +326,17 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
                 if chunk.text:
                     yield event(piece(chunk.text))
                 yield event(piece("", chunk.finish_reason))
-                usage = _usage(chunk)
-                http.state.usage = usage
+                usage = _finished(http, chunk)
                 if job.include_usage:
                     yield event(None, usage=usage.model_dump())
+        # Recorded before [DONE]: a client that saw the end of the stream has its record.
+        await http.app.state.auditor.generation(exchange(http), job.audit_input, "".join(parts))
     except MedserveError as exc:
-        http.state.stream_error = exc.type
+        exchange(http).failed(exc)
         yield json.dumps(envelope(exc))
     except Exception:
         # Headers are out, so no handler can turn this into a 500: say it in the stream.
         log.exception("stream failed", extra={"request_id": r.request_id})
-        http.state.stream_error = MedserveError.type
+        exchange(http).error = MedserveError.type
         yield json.dumps(envelope(MedserveError("Internal server error.")))
     yield "[DONE]"

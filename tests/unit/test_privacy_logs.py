@@ -45,3 +45,19 @@ def test_exceptions_are_logged_without_their_message() -> None:
     assert line["exc_type"] == "builtins.RuntimeError"
     assert "test_exceptions_are_logged_without_their_message" in line["traceback"]
     assert SECRET not in json.dumps(line)
+
+
+def test_configure_keeps_sse_chunks_out_of_debug_logs() -> None:
+    from medserve import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("debug")
+        # sse-starlette logs each chunk it sends (completion text) at DEBUG.
+        assert not logging.getLogger("sse_starlette.sse").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("medserve.api").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger("medserve").setLevel(logging.NOTSET)

@@ -1,0 +1,52 @@
+"""The facts of one HTTP exchange, filled in as the request moves through the server.
+
+The middleware creates an :class:`Exchange` per request and keeps it on the request's
+state; routes and serving add what they learn (model, tokens, finish reason, keyed hashes);
+the access log and the audit log read it at the end. Identifiers and counts only: there
+is deliberately no field that could hold a prompt or a completion.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from medserve.errors import MedserveError
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    client: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    endpoint: str = "unmatched"
+    status: int = 0
+    model: str | None = None
+    engine: str | None = None
+    user: str | None = None
+    key_id: str | None = None
+    stream: bool | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_hmac: str | None = None
+    completion_hmac: str | None = None
+    content_sha256: str | None = None
+    audited: bool = False
+
+    def failed(self, exc: MedserveError) -> None:
+        """Note the error's code (or type): bounded values, never its message."""
+        self.error = exc.code or exc.type
+
+    def latency_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 1)
+
+
+def exchange(request: Request) -> Exchange:
+    """The exchange of ``request`` (set by :class:`medserve.api.middleware.RequestContext`)."""
+    ex: Exchange = request.state.exchange
+    return ex

@@ -1,0 +1,63 @@
+"""The tamper-evident audit log: records, the SQLite store, verification and export.
+
+Nothing here imports the web layer; the server's side of auditing (turning an HTTP
+exchange into a record) is :mod:`medserve.api.audit`.
+"""
+
+from __future__ import annotations
+
+from medserve.audit.keys import (
+    AuditKeyError,
+    ChainKeys,
+    ContentCipher,
+    load_or_create_secret,
+    load_or_create_signing_key,
+)
+from medserve.audit.record import EventFacts, RequestFacts
+from medserve.audit.store import AuditError, AuditStore, AuditWriteError, SQLiteStore
+from medserve.config import AuditSettings
+
+__all__ = [
+    "AuditError",
+    "AuditKeyError",
+    "AuditStore",
+    "AuditWriteError",
+    "ChainKeys",
+    "ContentCipher",
+    "EventFacts",
+    "RequestFacts",
+    "SQLiteStore",
+    "chain_keys",
+    "content_cipher",
+    "open_store",
+]
+
+
+def chain_keys(settings: AuditSettings) -> ChainKeys:
+    """The chain and text keys from the audit secret (created on first use)."""
+    return ChainKeys.from_secret(load_or_create_secret(settings.key_path()))
+
+
+def content_cipher(settings: AuditSettings) -> ContentCipher | None:
+    """The content-capture cipher, or None when capture is off."""
+    if not settings.capture or settings.capture_key_file is None:
+        return None
+    return ContentCipher(load_or_create_secret(settings.capture_key_file, "audit content key"))
+
+
+def open_store(settings: AuditSettings) -> SQLiteStore:
+    """The configured store, opened: keys loaded (or created), head checked, writer running.
+
+    Raises :class:`AuditError` or :class:`AuditKeyError` with a message that says what to fix.
+    """
+    store = SQLiteStore(
+        settings.path,
+        chain_keys(settings),
+        load_or_create_signing_key(settings.signing_key_path()),
+        checkpoint_every=settings.checkpoint_every,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+        checkpoint_file=settings.checkpoint_file,
+        busy_timeout_ms=settings.busy_timeout_ms,
+    )
+    store.open()
+    return store

@@ -1,0 +1,191 @@
+"""``medserve audit``: verify, export, tail and checkpoints, reading the log file directly.
+
+Reading audit data is a privilege of its own (an auditor role arrives with API keys); these
+commands need file access to the log, which the server's operators grant deliberately.
+Exit codes: 0 intact / done, 1 damage found, 2 unusable arguments or files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medserve.audit import export as exporting
+from medserve.audit.keys import (
+    AuditKeyError,
+    ChainKeys,
+    ContentCipher,
+    load_or_create_secret,
+    load_public_key,
+    signing_key_paths,
+)
+from medserve.audit.record import parse_time
+from medserve.audit.store import read_checkpoints
+from medserve.audit.verify import load_checkpoint_file, verify
+from medserve.config import AuditSettings, ConfigError, load_settings
+
+app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
+err = Console(stderr=True)
+
+DbOpt = Annotated[Path | None, typer.Option("--db", help="Audit log [default: from settings].")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _settings(config: Path | None, db: Path | None) -> AuditSettings:
+    try:
+        conf = load_settings(config).audit
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if db is not None:
+        conf = conf.model_copy(update={"path": db})
+    if not conf.path.is_file():
+        raise _fail(f"no audit log at {conf.path}")
+    return conf
+
+
+def _secret(path: Path, what: str) -> bytes:
+    """A key that must already exist: reading the log never creates keys."""
+    if not path.is_file():
+        raise _fail(f"the {what} {path} does not exist")
+    try:
+        return load_or_create_secret(path, what)
+    except AuditKeyError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("verify")
+def verify_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    key: Annotated[Path | None, typer.Option(help="Audit secret [default: from settings].")] = None,
+    checkpoints: Annotated[
+        Path | None, typer.Option(help="Checkpoints kept elsewhere (JSON lines) to check too.")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="Checkpoint public key [default: beside the signing key].")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check every record, the chain and the signed checkpoints. Exit 1 on damage."""
+    conf = _settings(config, db)
+    keys = ChainKeys.from_secret(_secret(key or conf.key_path(), "audit secret"))
+    pub_path = public_key or signing_key_paths(conf.signing_key_path())[1]
+    try:
+        pub = load_public_key(pub_path) if pub_path.is_file() or public_key else None
+        external = load_checkpoint_file(checkpoints) if checkpoints else []
+    except AuditKeyError as exc:
+        raise _fail(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read checkpoints {checkpoints}: {type(exc).__name__}") from None
+    result = verify(conf.path, keys, pub, external)
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
+    elif result.problem is None:
+        Console().print(
+            f"[green]intact[/]: {result.records} records (last seq {result.last_seq}), "
+            f"{result.checkpoints} signed checkpoints verified",
+            highlight=False,
+        )
+    else:
+        p = result.problem
+        Console().print(
+            f"[bold red]damaged[/]: first bad seq {p.seq}: {p.kind} ({p.detail}); "
+            f"{result.records} records verified before it",
+            highlight=False,
+        )
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command("export")
+def export_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (ISO 8601).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    content_key: Annotated[
+        Path | None, typer.Option(help="Decrypt captured content with this key.")
+    ] = None,
+) -> None:
+    """Write the records of a time range as JSON lines or CSV."""
+    if fmt not in ("jsonl", "csv"):
+        raise _fail("--format must be jsonl or csv")
+    conf = _settings(config, db)
+    try:
+        start = parse_time(since) if since else None
+        end = parse_time(until) if until else None
+    except ValueError:
+        raise _fail("--since/--until must be ISO 8601 times, e.g. 2026-11-25T08:00") from None
+    cipher = ContentCipher(_secret(content_key, "content key")) if content_key else None
+    conn = exporting.open_readonly(conf.path)
+    try:
+        items = exporting.records(conn, since=start, until=end, cipher=cipher)
+        if out is None:
+            n = exporting.write(items, sys.stdout, fmt)
+        else:
+            with out.open("w", encoding="utf-8", newline="") as f:
+                n = exporting.write(items, f, fmt)
+    finally:
+        conn.close()
+    err.print(f"{n} records", highlight=False)
+
+
+@app.command("tail")
+def tail_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="Show the last N.")] = 10,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new ones.")] = False,
+) -> None:
+    """Print the last records as JSON lines (and, with --follow, new ones as they come)."""
+    conf = _settings(config, db)
+    conn = exporting.open_readonly(conf.path)
+    try:
+        after = max(0, exporting.last_seq(conn) - lines)
+        while True:
+            for item in exporting.records(conn, after_seq=after):
+                sys.stdout.write(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n")
+                after = item["seq"]
+            sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return
+    finally:
+        conn.close()
+
+
+@app.command("checkpoints")
+def checkpoints_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Export the signed checkpoints (JSON lines) to keep them away from the log."""
+    conf = _settings(config, db)
+    conn = exporting.open_readonly(conf.path)
+    try:
+        text = "".join(json.dumps(c, sort_keys=True) + "\n" for c in read_checkpoints(conn))
+    finally:
+        conn.close()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")

@@ -1,0 +1,92 @@
+"""What one audit record holds, and its canonical bytes.
+
+A record is a flat JSON object serialised one way only (sorted keys, no spaces, UTF-8).
+Those exact bytes are what the chain hash covers and what the store keeps; verification
+never re-serialises, so no JSON library's float or escape formatting can break a chain.
+
+There is no field for text: prompts and completions appear only as keyed hashes
+(``prompt_hmac``, ``completion_hmac``) and, when content capture is on, as the SHA-256 of
+their encrypted form (``content_sha256``), which lives in a separate, purgeable table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+VERSION = 1
+GENESIS = bytes(32)  # the "previous hash" of record 1
+
+Kind = Literal["request", "event"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """One HTTP request as the auditor saw it. Identifiers and counts only, never text."""
+
+    request_id: str
+    method: str
+    endpoint: str
+    status: int
+    client: str | None = None
+    key_id: str | None = None
+    user: str | None = None
+    model: str | None = None
+    engine: str | None = None
+    replica: str | None = None
+    error: str | None = None
+    stream: bool | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = None
+    prompt_hmac: str | None = None
+    completion_hmac: str | None = None
+    content_sha256: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"kind": "request", **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class EventFacts:
+    """An administrative or security event: server start/stop, config loaded, key changes."""
+
+    event: str
+    replica: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "kind": "event",
+            "event": self.event,
+            "replica": self.replica,
+            "details": self.details,
+        }
+
+
+Facts = RequestFacts | EventFacts
+
+
+def now() -> str:
+    """UTC time as ``2026-11-25T03:31:34.123456Z``: fixed width, so text order is time order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(data: dict[str, Any]) -> bytes:
+    """The one serialisation of a record or checkpoint."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def body(facts: Facts, seq: int, ts: str) -> bytes:
+    return canonical({"v": VERSION, "seq": seq, "ts": ts, **facts.fields()})
+
+
+def parse_time(value: str) -> str:
+    """A user-given ISO 8601 time (date alone, or with a zone) in the record ``ts`` format."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,431 @@
+"""The append-only audit store: SQLite in WAL mode, one writer thread, group commit.
+
+Requests hand their facts to :meth:`SQLiteStore.append` and wait until the record is
+durable (``synchronous=FULL``: the WAL is fsynced before the commit returns). One writer
+thread takes whatever has queued up meanwhile and commits it in one transaction, so 64
+concurrent requests cost one fsync, not 64. The writer alone assigns sequence numbers and
+chain hashes, so the chain order is the commit order, and a crash loses at most
+transactions that never committed: SQLite's atomic commit means a half record cannot
+exist, and verification never sees one.
+
+Checkpoints: every ``checkpoint_every`` records (or ``checkpoint_interval_s``, and on
+close) the writer signs ``(seq, hash)`` with the Ed25519 key, stores it, and appends it to
+an optional file meant to live elsewhere (another volume, a WORM share).
+
+The database refuses UPDATE and DELETE of records by trigger. That stops accidents, not
+an attacker with write access, who can drop the trigger: the keyed chain and the exported
+checkpoints are what catch them. A second process opening the same file for writing is
+refused (a lock file), because two writers would fork the chain.
+
+The :class:`AuditStore` protocol is what the server needs; a PostgreSQL store for several
+replicas implements the same methods (one chain per replica, or a sequence held by the
+database with the hash computed inside the inserting transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from medserve.audit import record
+from medserve.audit.keys import ChainKeys, key_fingerprint
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    ts TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body BLOB NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
+CREATE TABLE IF NOT EXISTS content (seq INTEGER PRIMARY KEY, sealed BLOB NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    signature BLOB NOT NULL
+) STRICT;
+CREATE TRIGGER IF NOT EXISTS records_append_only_u BEFORE UPDATE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS records_append_only_d BEFORE DELETE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_append_only_u BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_append_only_d BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS content_no_update BEFORE UPDATE ON content
+    BEGIN SELECT RAISE(ABORT, 'captured content cannot be changed, only purged'); END;
+"""
+
+
+class AuditError(Exception):
+    """The audit store cannot be opened or used; the message says what to fix."""
+
+
+class AuditWriteError(AuditError):
+    """A record could not be made durable. Carries the failure's type, never data."""
+
+
+@dataclass
+class StoreStats:
+    """Counters for metrics and /ready; written by the writer thread only."""
+
+    written: int = 0
+    failed: int = 0
+    batches: int = 0
+    checkpoints: int = 0
+    last_seq: int = 0
+    write_seconds: float = 0.0
+
+
+class AuditStore(Protocol):
+    """What the server needs from an audit store."""
+
+    stats: StoreStats
+    keys: ChainKeys
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def submit(self, facts: record.Facts, sealed: bytes | None = None) -> Pending: ...
+    async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int: ...
+    def available(self) -> bool: ...
+
+
+Pending = concurrent.futures.Future[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    facts: record.Facts
+    sealed: bytes | None
+    done: Pending
+
+
+_STOP = object()
+
+
+def connect(
+    path: Path, *, readonly: bool = False, busy_timeout_ms: int = 5000
+) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, full fsync."""
+    if readonly:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    return conn
+
+
+def checkpoint_message(seq: int, hash_hex: str, ts: str, key_id: str) -> bytes:
+    """The bytes a checkpoint signature covers."""
+    return record.canonical(
+        {"v": record.VERSION, "seq": seq, "hash": hash_hex, "ts": ts, "key_id": key_id}
+    )
+
+
+class SQLiteStore:
+    """One SQLite file, one writer thread. See the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        keys: ChainKeys,
+        signer: Ed25519PrivateKey,
+        *,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 300.0,
+        checkpoint_file: Path | None = None,
+        busy_timeout_ms: int = 5000,
+        batch_max: int = 1024,
+    ) -> None:
+        self.path = path
+        self.keys = keys
+        self.signer = signer
+        self.signer_id = key_fingerprint(signer.public_key())
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.checkpoint_file = checkpoint_file
+        self.busy_timeout_ms = busy_timeout_ms
+        self.batch_max = batch_max
+        self.stats = StoreStats()
+        self._queue: queue.SimpleQueue[_Entry | object] = queue.SimpleQueue()
+        self._conn: sqlite3.Connection | None = None
+        self._lock: IO[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        self._head = (0, record.GENESIS)
+        self._checkpointed = (0, time.monotonic())
+        self._failed_at: float | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or reopen the log, check it continues with this key, start the writer."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Owner-only from the first byte: SQLite gives its -wal and -shm files the
+            # same mode. The log holds no text, but it does hold who asked what, when.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._lock = _lock_file(self.path.with_name(self.path.name + ".lock"))
+        try:
+            self._conn = connect(self.path, busy_timeout_ms=self.busy_timeout_ms)
+            self._conn.executescript(SCHEMA)
+            self._check_meta(self._conn)
+            self._head = self._check_head(self._conn)
+            last_cp = self._conn.execute("SELECT max(seq) FROM checkpoints").fetchone()[0] or 0
+        except sqlite3.Error as exc:
+            self._release()
+            raise AuditError(f"cannot open the audit log {self.path}: {exc}") from None
+        except AuditError:
+            self._release()
+            raise
+        self.stats.last_seq = self._head[0]
+        self._checkpointed = (last_cp, time.monotonic())
+        self._thread = threading.Thread(target=self._run, name="medserve-audit", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write everything queued, sign a final checkpoint, stop the writer."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _check_meta(self, conn: sqlite3.Connection) -> None:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("schema", SCHEMA_VERSION),
+                    ("key_id", self.keys.key_id),
+                    ("created", record.now()),
+                ],
+            )
+            return
+        if meta.get("schema") != SCHEMA_VERSION:
+            raise AuditError(
+                f"{self.path} has audit schema {meta.get('schema')}, not {SCHEMA_VERSION}"
+            )
+        if meta.get("key_id") != self.keys.key_id:
+            raise AuditError(
+                f"the audit secret does not match {self.path} (log key id {meta.get('key_id')}, "
+                f"this secret {self.keys.key_id}): restore the secret the log was written with"
+            )
+
+    def _check_head(self, conn: sqlite3.Connection) -> tuple[int, bytes]:
+        row = conn.execute(
+            "SELECT seq, body, prev_hash, hash FROM records ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return 0, record.GENESIS
+        seq, body, prev_hash, stored = row
+        if self.keys.record_hash(prev_hash, body) != stored:
+            raise AuditError(
+                f"the last audit record (seq {seq}) does not verify; run `medserve audit verify` "
+                "and preserve the file before anything else"
+            )
+        return int(seq), bytes(stored)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def submit(self, facts: record.Facts, sealed: bytes | None = None) -> Pending:
+        """Queue a record; the future resolves to its seq once durable."""
+        done: Pending = concurrent.futures.Future()
+        if self._thread is None:
+            done.set_exception(AuditWriteError("the audit store is closed"))
+            return done
+        self._queue.put(_Entry(facts, sealed, done))
+        return done
+
+    async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int:
+        """Write a record and wait until it is durable; raises :class:`AuditWriteError`.
+
+        Shielded: a caller that is cancelled (client gone) still gets its record written.
+        """
+        return await asyncio.shield(asyncio.wrap_future(self.submit(facts, sealed)))
+
+    def available(self) -> bool:
+        """False from a failed commit until the next successful one, and once closed."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._failed_at is None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._until_checkpoint())
+            except queue.Empty:
+                self._maybe_checkpoint(force=False)
+                continue
+            batch: list[_Entry] = []
+            stop = item is _STOP
+            if isinstance(item, _Entry):
+                batch.append(item)
+            while not stop and len(batch) < self.batch_max:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, _Entry):
+                    batch.append(more)
+                else:
+                    stop = True
+            if stop:  # drain what is left before stopping
+                while True:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, _Entry):
+                        batch.append(more)
+            if batch:
+                self._write(batch)
+            self._maybe_checkpoint(force=stop)
+            if stop:
+                return
+
+    def _write(self, batch: list[_Entry]) -> None:
+        assert self._conn is not None
+        started = time.perf_counter()
+        seq, prev = self._head
+        rows: list[tuple[int, str, str, bytes, bytes, bytes]] = []
+        content: list[tuple[int, bytes]] = []
+        for entry in batch:
+            seq += 1
+            ts = record.now()
+            body = record.body(entry.facts, seq, ts)
+            digest = self.keys.record_hash(prev, body)
+            kind = "request" if isinstance(entry.facts, record.RequestFacts) else "event"
+            rows.append((seq, ts, kind, body, prev, digest))
+            if entry.sealed is not None:
+                content.append((seq, entry.sealed))
+            prev = digest
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if content:
+                self._conn.executemany("INSERT INTO content VALUES (?, ?)", content)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(self._conn)
+            self._failed_at = time.monotonic()
+            self.stats.failed += len(batch)
+            log.error(
+                "audit write failed", extra={"error": type(exc).__name__, "count": len(batch)}
+            )
+            for entry in batch:
+                _resolve(entry.done, error=AuditWriteError(type(exc).__name__))
+            return
+        self._head = (seq, prev)
+        self._failed_at = None
+        self.stats.written += len(batch)
+        self.stats.batches += 1
+        self.stats.last_seq = seq
+        self.stats.write_seconds += time.perf_counter() - started
+        for entry, row in zip(batch, rows, strict=True):
+            _resolve(entry.done, seq=row[0])
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _until_checkpoint(self) -> float:
+        return max(0.05, self._checkpointed[1] + self.checkpoint_interval_s - time.monotonic())
+
+    def _maybe_checkpoint(self, *, force: bool) -> None:
+        seq, digest = self._head
+        last, at = self._checkpointed
+        if seq <= last:
+            return
+        due = seq - last >= self.checkpoint_every
+        if not (force or due or time.monotonic() - at >= self.checkpoint_interval_s):
+            return
+        assert self._conn is not None
+        ts = record.now()
+        message = checkpoint_message(seq, digest.hex(), ts, self.signer_id)
+        signature = self.signer.sign(message)
+        try:
+            self._conn.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?)", (seq, message, signature)
+            )
+        except sqlite3.Error as exc:
+            log.error("audit checkpoint failed", extra={"error": type(exc).__name__})
+            return
+        self._checkpointed = (seq, time.monotonic())
+        self.stats.checkpoints += 1
+        if self.checkpoint_file is not None:
+            line = {**json.loads(message), "signature": signature.hex()}
+            try:
+                with self.checkpoint_file.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(line, sort_keys=True) + "\n")
+            except OSError as exc:
+                log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # No transaction may be open (BEGIN itself failed): nothing to undo then.
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _resolve(done: Pending, *, seq: int = 0, error: Exception | None = None) -> None:
+    try:
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(seq)
+    except concurrent.futures.InvalidStateError:
+        pass  # the waiter gave up; the record is written all the same
+
+
+def _lock_file(path: Path) -> IO[bytes]:
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise AuditError(
+            f"another process is writing the audit log ({path} is locked): one server per "
+            "audit file, or the chain would fork"
+        ) from None
+    return handle
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoints(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The database's own checkpoints in the exported line format."""
+    out = []
+    for message, signature in conn.execute("SELECT body, signature FROM checkpoints ORDER BY seq"):
+        out.append({**json.loads(message), "signature": bytes(signature).hex()})
+    return out
