@@ -138,8 +138,7 @@ class Auditor:
         if self.store is None or ex.audited:
             return
         ex.audited = True
-        pending = self.store.submit(self.facts(ex))
-        pending.add_done_callback(lambda f: f.exception() is not None and self._lost(ex))
+        self.store.submit(self.facts(ex), on_lost=lambda: self._lost(ex))
 
     async def event(self, name: str, **details: Any) -> None:
         """Record an administrative or security event (start, stop, config, keys)."""

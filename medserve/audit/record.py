@@ -12,7 +12,7 @@ their encrypted form (``content_sha256``), which lives in a separate, purgeable 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -47,7 +47,11 @@ class RequestFacts:
     content_sha256: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"kind": "request", **asdict(self)}
+        # Not dataclasses.asdict: it deep-copies, and this runs once per request.
+        return {"kind": "request", **{name: getattr(self, name) for name in REQUEST_FIELDS}}
+
+
+REQUEST_FIELDS = tuple(f.name for f in fields(RequestFacts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ database with the hash computed inside the inserting transaction).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -36,6 +35,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -106,19 +106,24 @@ class AuditStore(Protocol):
 
     def open(self) -> None: ...
     def close(self) -> None: ...
-    def submit(self, facts: record.Facts, sealed: bytes | None = None) -> Pending: ...
+    def submit(
+        self, facts: record.Facts, sealed: bytes | None = None, on_lost: Lost | None = None
+    ) -> None: ...
     async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int: ...
     def available(self) -> bool: ...
 
 
-Pending = concurrent.futures.Future[int]
+Lost = Callable[[], object]
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     facts: record.Facts
     sealed: bytes | None
-    done: Pending
+    # An awaiting caller's future and its loop, or a callback for a lost record.
+    waiter: asyncio.Future[int] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    on_lost: Lost | None = None
 
 
 _STOP = object()
@@ -259,21 +264,29 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def submit(self, facts: record.Facts, sealed: bytes | None = None) -> Pending:
-        """Queue a record; the future resolves to its seq once durable."""
-        done: Pending = concurrent.futures.Future()
+    def submit(
+        self, facts: record.Facts, sealed: bytes | None = None, on_lost: Lost | None = None
+    ) -> None:
+        """Queue a record without waiting; ``on_lost`` runs (on the writer thread) if it
+        cannot be written."""
         if self._thread is None:
-            done.set_exception(AuditWriteError("the audit store is closed"))
-            return done
-        self._queue.put(_Entry(facts, sealed, done))
-        return done
+            if on_lost is not None:
+                on_lost()
+            return
+        self._queue.put(_Entry(facts, sealed, on_lost=on_lost))
 
     async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int:
-        """Write a record and wait until it is durable; raises :class:`AuditWriteError`.
+        """Write a record and wait until it is durable; returns its sequence number.
 
-        Shielded: a caller that is cancelled (client gone) still gets its record written.
+        Raises :class:`AuditWriteError`. Shielded: a caller that is cancelled (client
+        gone) still gets its record written.
         """
-        return await asyncio.shield(asyncio.wrap_future(self.submit(facts, sealed)))
+        if self._thread is None:
+            raise AuditWriteError("the audit store is closed")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[int] = loop.create_future()
+        self._queue.put(_Entry(facts, sealed, waiter, loop))
+        return await asyncio.shield(waiter)
 
     def available(self) -> bool:
         """False from a failed commit until the next successful one, and once closed."""
@@ -309,7 +322,13 @@ class SQLiteStore:
                     if isinstance(more, _Entry):
                         batch.append(more)
             if batch:
-                self._write(batch)
+                try:
+                    self._write(batch)
+                except Exception as exc:  # a bug must not leave callers waiting forever
+                    log.exception("audit writer failed")
+                    self._failed_at = time.monotonic()
+                    self.stats.failed += len(batch)
+                    self._lose(batch, AuditWriteError(type(exc).__name__))
             self._maybe_checkpoint(force=stop)
             if stop:
                 return
@@ -331,11 +350,17 @@ class SQLiteStore:
                 content.append((seq, entry.sealed))
             prev = digest
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
-            if content:
-                self._conn.executemany("INSERT INTO content VALUES (?, ?)", content)
-            self._conn.execute("COMMIT")
+            # Few statements per batch, each inserting many rows: the sqlite3 module drops
+            # the GIL around every statement, and under load each hand-back waits for the
+            # event loop's thread. executemany would pay that once per row.
+            if content or len(rows) > INSERT_ROWS:
+                self._conn.execute("BEGIN IMMEDIATE")
+                _insert(self._conn, "records", rows)
+                if content:
+                    _insert(self._conn, "content", content)
+                self._conn.execute("COMMIT")
+            else:  # one statement is its own atomic transaction
+                _insert(self._conn, "records", rows)
         except sqlite3.Error as exc:
             _rollback(self._conn)
             self._failed_at = time.monotonic()
@@ -343,8 +368,7 @@ class SQLiteStore:
             log.error(
                 "audit write failed", extra={"error": type(exc).__name__, "count": len(batch)}
             )
-            for entry in batch:
-                _resolve(entry.done, error=AuditWriteError(type(exc).__name__))
+            self._lose(batch, AuditWriteError(type(exc).__name__))
             return
         self._head = (seq, prev)
         self._failed_at = None
@@ -352,8 +376,13 @@ class SQLiteStore:
         self.stats.batches += 1
         self.stats.last_seq = seq
         self.stats.write_seconds += time.perf_counter() - started
-        for entry, row in zip(batch, rows, strict=True):
-            _resolve(entry.done, seq=row[0])
+        _settle(batch, [row[0] for row in rows])
+
+    def _lose(self, batch: list[_Entry], error: AuditWriteError) -> None:
+        for entry in batch:
+            if entry.on_lost is not None:
+                entry.on_lost()
+        _settle(batch, [error] * len(batch))
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -390,20 +419,47 @@ class SQLiteStore:
                 log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
 
 
+INSERT_ROWS = 1000  # rows per INSERT: 6 columns x 1000 stays below SQLite's 32766 variables
+
+
+def _insert(conn: sqlite3.Connection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` with one multi-row statement per INSERT_ROWS rows."""
+    width = len(rows[0])
+    one = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[start : start + INSERT_ROWS]
+        values = ", ".join([one] * len(chunk))
+        conn.execute(f"INSERT INTO {table} VALUES {values}", [v for row in chunk for v in row])
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     # No transaction may be open (BEGIN itself failed): nothing to undo then.
     with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
 
 
-def _resolve(done: Pending, *, seq: int = 0, error: Exception | None = None) -> None:
-    try:
-        if error is not None:
-            done.set_exception(error)
+def _settle(batch: list[_Entry], outcomes: Sequence[int | Exception]) -> None:
+    """Hand each waiting caller its outcome: one wake-up per event loop per batch, not one
+    per record (each cross-thread wake-up costs a syscall and a GIL hand-over)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | Exception]]]
+    by_loop = {}
+    for entry, outcome in zip(batch, outcomes, strict=True):
+        if entry.waiter is not None and entry.loop is not None:
+            by_loop.setdefault(entry.loop, []).append((entry.waiter, outcome))
+    for loop, pairs in by_loop.items():
+        # The loop is gone when the server stopped; its callers are gone with it.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_wake, pairs)
+
+
+def _wake(pairs: list[tuple[asyncio.Future[int], int | Exception]]) -> None:
+    for waiter, outcome in pairs:
+        if waiter.done():
+            continue
+        if isinstance(outcome, Exception):
+            waiter.set_exception(outcome)
         else:
-            done.set_result(seq)
-    except concurrent.futures.InvalidStateError:
-        pass  # the waiter gave up; the record is written all the same
+            waiter.set_result(outcome)
 
 
 def _lock_file(path: Path) -> IO[bytes]:

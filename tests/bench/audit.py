@@ -1,0 +1,164 @@
+"""What the audit log costs: durable records/s of the store, and request latency with/without.
+
+1. Store alone: ``--records`` records appended by ``--concurrency`` coroutines (group
+   commit) and, for contrast, by one at a time (one fsync per record); durable records/s,
+   median of ``--rounds`` runs.
+2. Server: two `medserve serve` processes on the fake engine, one with the audit log and
+   one without, loaded in alternating rounds at 64 concurrent requests; p50 and p90
+   end-to-end latency, medians over rounds, and the ratio audit/no-audit.
+
+Targets (issue 4): >= 2,000 durable records/s; <= 5% p50 cost.
+
+    .venv/bin/python tests/bench/audit.py [--rounds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from medserve import bench
+from medserve.audit import RequestFacts, open_store
+from medserve.config import AuditSettings
+from tests.serverproc import running_server
+
+FAKE = """
+[[models]]
+id = "fake-echo"
+engine = "fake"
+context_length = 512
+max_queue = 256
+"""
+
+
+def facts(i: int) -> RequestFacts:
+    return RequestFacts(
+        request_id=f"{i:032x}",
+        method="POST",
+        endpoint="/v1/chat/completions",
+        status=200,
+        client="127.0.0.1",
+        model="fake-echo",
+        engine="fake",
+        replica="bench",
+        stream=False,
+        prompt_tokens=120,
+        completion_tokens=64,
+        latency_ms=812.4,
+        finish_reason="stop",
+        prompt_hmac="ab" * 32,
+        completion_hmac="cd" * 32,
+    )
+
+
+def store_rate(directory: Path, records: int, concurrency: int) -> float:
+    """Durable records/s with ``concurrency`` writers waiting on their own record."""
+    store = open_store(AuditSettings(path=directory / "audit.db"))
+
+    async def writer(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            await store.append(facts(i))
+
+    async def run() -> float:
+        per = records // concurrency
+        begin = time.perf_counter()
+        await asyncio.gather(*(writer(k * per, per) for k in range(concurrency)))
+        return per * concurrency / (time.perf_counter() - begin)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        store.close()
+
+
+def server_latency(url: str, requests: int) -> dict[str, float]:
+    report = asyncio.run(
+        bench.run(
+            url,
+            "fake-echo",
+            concurrency=64,
+            requests=requests,
+            max_tokens=16,
+            prompts=bench.load_prompts(None),
+            request_timeout_s=120,
+        )
+    )
+    assert report.completed == requests, report.errors
+    l = report.latency_s
+    return {"p50": l["p50"], "p90": l["p90"], "rps": report.requests_per_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    rates: dict[str, list[float]] = {"concurrent_64": [], "one_at_a_time": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp, "fake.toml")
+        config.write_text(FAKE)
+        lat: dict[str, list[dict[str, float]]] = {"audit": [], "no_audit": []}
+        on = {"MEDSERVE_AUDIT__PATH": str(Path(tmp, "server", "audit.db"))}
+        off = {"MEDSERVE_AUDIT__ENABLED": "false"}
+        with (
+            running_server(Path(tmp, "on.log"), "-c", str(config), env=on) as with_audit,
+            running_server(Path(tmp, "off.log"), "-c", str(config), env=off) as without,
+        ):
+            server_latency(with_audit.url, 200)  # warm both up
+            server_latency(without.url, 200)
+            for _ in range(args.rounds):
+                lat["audit"].append(server_latency(with_audit.url, args.requests))
+                lat["no_audit"].append(server_latency(without.url, args.requests))
+        # After the servers: the store runs leave the disk busy writing back for a while,
+        # which would slow the audited server's fsyncs and not the other's.
+        for r in range(args.rounds):
+            rates["concurrent_64"].append(store_rate(Path(tmp, f"c{r}"), args.records, 64))
+            rates["one_at_a_time"].append(store_rate(Path(tmp, f"s{r}"), args.records // 10, 1))
+
+    result: dict[str, object] = {
+        "store_records_per_s": {k: statistics.median(v) for k, v in rates.items()},
+        "store_runs": rates,
+        "latency_runs": lat,
+    }
+    for q in ("p50", "p90"):
+        a = statistics.median(x[q] for x in lat["audit"])
+        b = statistics.median(x[q] for x in lat["no_audit"])
+        result[f"latency_{q}_ms"] = {"audit": a * 1000, "no_audit": b * 1000, "ratio": a / b}
+    a = statistics.median(x["rps"] for x in lat["audit"])
+    b = statistics.median(x["rps"] for x in lat["no_audit"])
+    result["requests_per_s"] = {"audit": a, "no_audit": b, "ratio": a / b}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    store = result["store_records_per_s"]
+    assert isinstance(store, dict)
+    print(f"store, 64 concurrent writers: {store['concurrent_64']:.0f} durable records/s")
+    print(f"store, one writer:            {store['one_at_a_time']:.0f} durable records/s")
+    for q in ("p50", "p90"):
+        x = result[f"latency_{q}_ms"]
+        assert isinstance(x, dict)
+        print(
+            f"latency {q} at 64 concurrent: audit {x['audit']:.1f} ms, "
+            f"no audit {x['no_audit']:.1f} ms, ratio {x['ratio']:.3f}"
+        )
+    x = result["requests_per_s"]
+    assert isinstance(x, dict)
+    print(
+        f"requests/s at 64 concurrent: audit {x['audit']:.0f}, no audit {x['no_audit']:.0f}, "
+        f"ratio {x['ratio']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
