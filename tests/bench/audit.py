@@ -92,8 +92,8 @@ def server_latency(url: str, requests: int) -> dict[str, float]:
         )
     )
     assert report.completed == requests, report.errors
-    l = report.latency_s
-    return {"p50": l["p50"], "p90": l["p90"], "rps": report.requests_per_s}
+    lat = report.latency_s
+    return {"p50": lat["p50"], "p90": lat["p90"], "rps": report.requests_per_s}
 
 
 def main() -> None:
