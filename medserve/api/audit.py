@@ -76,6 +76,19 @@ class Auditor:
             retry_after=self.settings.retry_after_s,
         )
 
+    def health(self) -> dict[str, Any]:
+        """For /ready: whether requests can be recorded, and counts (no data)."""
+        if self.store is None:
+            return {"ok": True, "enabled": False}
+        writable = self.store.available()
+        return {
+            "ok": writable or self.settings.on_failure == "open",
+            "enabled": True,
+            "writable": writable,
+            "last_seq": self.store.stats.last_seq,
+            "lost": self.lost,
+        }
+
     def facts(self, ex: Exchange) -> RequestFacts:
         return RequestFacts(
             request_id=ex.request_id,

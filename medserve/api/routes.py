@@ -59,7 +59,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", include_in_schema=False)
 async def ready(models: RouterDep, request: Request) -> JSONResponse:
-    """Readiness: every model is loaded and accepting requests."""
+    """Readiness: every model is loaded and accepting requests, and the audit log is
+    writable (or the server is configured to fail open)."""
     report = []
     for served in models:
         h = await served.engine.health()
@@ -73,10 +74,11 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
             }
         )
     draining = bool(request.app.state.draining)
-    ok = bool(report) and all(m["ready"] for m in report) and not draining
+    audit = request.app.state.auditor.health()
+    ok = bool(report) and all(m["ready"] for m in report) and not draining and audit["ok"]
     status = "draining" if draining else "ready" if ok else "not_ready"
     return JSONResponse(
-        {"status": status, "models": report},
+        {"status": status, "models": report, "audit": audit},
         status_code=200 if ok else 503,
         headers=None if ok else {"Retry-After": "5"},
     )

@@ -33,6 +33,7 @@ from medserve.api.protocol import (
     CompletionRequest,
     Usage,
 )
+from medserve.audit.record import chat_input
 from medserve.config import ModelSpec
 from medserve.engines.base import (
     GenerationChunk,
@@ -169,8 +170,7 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
         served.engine.info.context_length,
         "messages",
     )
-    given = [{"role": m.role, "content": m.content} for m in messages]
-    audit_input = json.dumps(given, ensure_ascii=False, separators=(",", ":")).encode()
+    audit_input = chat_input([(m.role, m.content) for m in messages])
     return _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}", audit_input)
 
 

@@ -25,7 +25,7 @@ from medserve.audit.keys import (
     load_public_key,
     signing_key_paths,
 )
-from medserve.audit.record import parse_time
+from medserve.audit.record import chat_input, parse_time
 from medserve.audit.store import read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, ConfigError, load_settings
@@ -170,6 +170,36 @@ def tail_command(
         return
     finally:
         conn.close()
+
+
+@app.command("hash")
+def hash_command(
+    file: Annotated[Path, typer.Argument(help="The text, or with --chat a JSON messages list.")],
+    chat: Annotated[
+        bool, typer.Option(help='FILE holds chat messages: [{"role": ..., "content": ...}].')
+    ] = False,
+    config: ConfigOpt = None,
+    key: Annotated[Path | None, typer.Option(help="Audit secret [default: from settings].")] = None,
+) -> None:
+    """Print the keyed hash the log would hold for a prompt or completion.
+
+    Look for it in the prompt_hmac / completion_hmac of an export to find who sent a text.
+    """
+    try:
+        conf = load_settings(config).audit
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    keys = ChainKeys.from_secret(_secret(key or conf.key_path(), "audit secret"))
+    try:
+        data = file.read_bytes()
+        if chat:
+            messages = json.loads(data)
+            data = chat_input([(str(m["role"]), str(m["content"])) for m in messages])
+    except OSError as exc:
+        raise _fail(f"cannot read {file}: {exc.strerror}") from None
+    except (ValueError, TypeError, KeyError):
+        raise _fail(f'{file} is not a JSON list of {{"role", "content"}} messages') from None
+    sys.stdout.write(keys.text_hmac(data) + "\n")
 
 
 @app.command("checkpoints")

@@ -88,6 +88,16 @@ def body(facts: Facts, seq: int, ts: str) -> bytes:
     return canonical({"v": VERSION, "seq": seq, "ts": ts, **facts.fields()})
 
 
+def chat_input(messages: list[tuple[str, str]]) -> bytes:
+    """The form of a chat request's messages that ``prompt_hmac`` covers.
+
+    Completion prompts are hashed as their UTF-8 text. An auditor holding a suspect text
+    computes the same hash with ``medserve audit hash`` and looks for it in an export.
+    """
+    given = [{"role": role, "content": content} for role, content in messages]
+    return json.dumps(given, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def parse_time(value: str) -> str:
     """A user-given ISO 8601 time (date alone, or with a zone) in the record ``ts`` format."""
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from medserve.api.app import create_app
 from medserve.audit.keys import ChainKeys, ContentCipher, load_or_create_secret
 from medserve.audit.verify import verify
+from medserve.cli import app
 from medserve.config import AuditSettings, Settings
 from medserve.router import Router
 from tests.conftest import SECRET, fake_spec
@@ -168,6 +170,8 @@ def test_fail_closed_withholds_the_answer_and_refuses_until_the_log_recovers(
         assert r.headers["retry-after"] == "7"
         assert SECRET not in r.text
         generated = len(engine.requests)
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["audit"]["writable"] is False
         # While the log is failing: refused up front, nothing generated.
         r = client.post(CHAT, json=chat("x"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
@@ -179,6 +183,7 @@ def test_fail_closed_withholds_the_answer_and_refuses_until_the_log_recovers(
         assert client.get("/v1/models").status_code == 503
         assert client.post(CHAT, json=chat("y")).status_code == 200
         assert client.app.state.auditor.lost == 2  # type: ignore[attr-defined]
+        assert client.get("/ready").status_code == 200
     assert verify(audit_path, keys(audit_path), None).ok
     assert [r["status"] for r in requests(audit_path)] == [503, 200]
 
@@ -213,3 +218,24 @@ def test_content_capture_is_encrypted_and_decrypts_with_its_key(
     content = json.loads(cipher.open(sealed, body["request_id"]))
     assert SECRET in content["prompt"] and SECRET in content["completion"]
     assert body["content_sha256"] is not None
+    # The auditor's export decrypts it only with the key.
+    plain = CliRunner().invoke(app, ["audit", "export", "--db", str(audit_path)]).stdout
+    assert SECRET not in plain
+    args = ["audit", "export", "--db", str(audit_path), "--content-key", str(key_file)]
+    lines = CliRunner().invoke(app, args).stdout.splitlines()
+    (exported,) = [json.loads(x) for x in lines if '"content"' in x]
+    assert SECRET in exported["content"]["prompt"]
+
+
+def test_an_auditor_can_find_a_text_by_its_keyed_hash(audit_path: Path, tmp_path: Path) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": SECRET}]
+    with serving(audit_path) as client:
+        assert client.post(CHAT, json={"model": MODEL, "messages": messages}).status_code == 200
+        client.post("/v1/completions", json={"model": MODEL, "prompt": SECRET})
+    (file := tmp_path / "suspect.json").write_text(json.dumps(messages))
+    (text := tmp_path / "suspect.txt").write_text(SECRET)
+    key = ["--key", str(audit_path.with_name("audit.key"))]
+    chat_hash = CliRunner().invoke(app, ["audit", "hash", "--chat", str(file), *key]).stdout
+    text_hash = CliRunner().invoke(app, ["audit", "hash", str(text), *key]).stdout
+    recorded = [r["prompt_hmac"] for r in requests(audit_path)]
+    assert recorded == [chat_hash.strip(), text_hash.strip()]
