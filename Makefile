@@ -40,11 +40,12 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 ## Benchmarks: single-stream HTTP vs in-process, then medserve vs llama-cpp-python's
-## server vs llama.cpp's server at 1, 4 and 8 concurrent users (a few minutes; run it on
-## an otherwise idle machine)
+## server vs llama.cpp's server at 1, 4 and 8 concurrent users, then the audit log's
+## cost (a few minutes; run it on an otherwise idle machine)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/single_stream.py
 	$(BIN)/python tests/bench/compare.py
+	$(BIN)/python tests/bench/audit.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

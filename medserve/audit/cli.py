@@ -21,7 +21,9 @@ from medserve.audit.keys import (
     AuditKeyError,
     ChainKeys,
     ContentCipher,
+    key_fingerprint,
     load_or_create_secret,
+    load_or_create_signing_key,
     load_public_key,
     signing_key_paths,
 )
@@ -170,6 +172,43 @@ def tail_command(
         return
     finally:
         conn.close()
+
+
+@app.command("keygen")
+def keygen_command(
+    config: ConfigOpt = None,
+    key: Annotated[Path | None, typer.Option(help="Audit secret [default: from settings].")] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="Checkpoint signing key [default: from settings].")
+    ] = None,
+    content_key: Annotated[
+        Path | None, typer.Option(help="Also a content-capture key, here.")
+    ] = None,
+) -> None:
+    """Create the audit keys that do not exist yet (mode 0600); never overwrites one."""
+    try:
+        conf = load_settings(config).audit
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    out = Console()
+    wanted: list[tuple[Path, str]] = [
+        (key or conf.key_path(), "audit secret"),
+        (signing_key or conf.signing_key_path(), "signing key"),
+    ]
+    content = content_key or (conf.capture_key_file if conf.capture else None)
+    if content is not None:
+        wanted.append((content, "content key"))
+    for path, what in wanted:
+        existed = path.exists()
+        try:
+            if what == "signing key":
+                pub = key_fingerprint(load_or_create_signing_key(path).public_key())
+                what = f"signing key (public key {path.with_suffix('.pub')}, id {pub})"
+            else:
+                load_or_create_secret(path, what)
+        except AuditKeyError as exc:
+            raise _fail(str(exc)) from None
+        out.print(f"{'kept' if existed else 'created'} {what}: {path}", highlight=False)
 
 
 @app.command("hash")

@@ -41,10 +41,13 @@ class AuditKeyError(Exception):
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 (never widening an existing file's mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise AuditKeyError(f"cannot create the key file {path}: {exc.strerror}") from None
 
 
 def _read_hex_key(path: Path, what: str) -> bytes:
@@ -110,7 +113,10 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
             serialization.NoEncryption(),
         )
         _write_private(private_path, pem)
-        public_path.write_bytes(public_pem(key.public_key()))
+        try:
+            public_path.write_bytes(public_pem(key.public_key()))
+        except OSError as exc:
+            raise AuditKeyError(f"cannot write {public_path}: {exc.strerror}") from None
         log.warning("created a new checkpoint signing key", extra={"path": str(private_path)})
     try:
         loaded = serialization.load_pem_private_key(private_path.read_bytes(), password=None)

@@ -108,3 +108,15 @@ def test_tail_prints_the_last_records(db: Path) -> None:
     code, out, _ = cli("tail", "--db", str(db), "-n", "3")
     assert code == 0
     assert [json.loads(line)["seq"] for line in out.splitlines()] == [10, 11, 12]
+
+
+def test_keygen_creates_private_keys_once(tmp_path: Path) -> None:
+    key, signing = tmp_path / "k" / "audit.key", tmp_path / "k" / "signing.key"
+    args = ("keygen", "--key", str(key), "--signing-key", str(signing))
+    code, out, _ = cli(*args)
+    assert code == 0 and out.count("created") == 2
+    assert key.stat().st_mode & 0o777 == 0o600 and signing.stat().st_mode & 0o777 == 0o600
+    assert signing.with_suffix(".pub").is_file()
+    before = key.read_bytes()
+    code, out, _ = cli(*args)
+    assert code == 0 and out.count("kept") == 2 and key.read_bytes() == before
