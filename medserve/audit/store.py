@@ -392,10 +392,12 @@ class SQLiteStore:
     def _maybe_checkpoint(self, *, force: bool) -> None:
         seq, digest = self._head
         last, at = self._checkpointed
+        elapsed = time.monotonic() - at >= self.checkpoint_interval_s
         if seq <= last:
+            if elapsed:  # nothing new to sign: restart the clock rather than poll
+                self._checkpointed = (last, time.monotonic())
             return
-        due = seq - last >= self.checkpoint_every
-        if not (force or due or time.monotonic() - at >= self.checkpoint_interval_s):
+        if not (force or elapsed or seq - last >= self.checkpoint_every):
             return
         assert self._conn is not None
         ts = record.now()
