@@ -48,6 +48,7 @@ from medserve.audit.keys import ChainKeys, key_fingerprint
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
+WAL_MERGE_S = 1.0  # how often the WAL is copied into the database
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS records (
@@ -179,6 +180,8 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
         self._thread: threading.Thread | None = None
+        self._merger: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._head = (0, record.GENESIS)
         self._checkpointed = (0, time.monotonic())
         self._failed_at: float | None = None
@@ -207,8 +210,15 @@ class SQLiteStore:
             raise
         self.stats.last_seq = self._head[0]
         self._checkpointed = (last_cp, time.monotonic())
+        # WAL pages are copied into the database by a thread of its own (a checkpoint
+        # fsyncs the database; done on the commit path it would stall every waiting
+        # request), so the writer's connection never checkpoints by itself.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="medserve-audit", daemon=True)
         self._thread.start()
+        self._merger = threading.Thread(target=self._merge, name="medserve-audit-wal", daemon=True)
+        self._merger.start()
 
     def close(self) -> None:
         """Write everything queued, sign a final checkpoint, stop the writer."""
@@ -216,7 +226,25 @@ class SQLiteStore:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
+        if self._merger is not None:
+            self._stopping.set()
+            self._merger.join()
+            self._merger = None
         self._release()
+
+    def _merge(self) -> None:
+        """Copy the WAL into the database every WAL_MERGE_S seconds, off the commit path."""
+        conn = connect(self.path, busy_timeout_ms=0)
+        try:
+            while not self._stopping.wait(WAL_MERGE_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("audit WAL merge failed", extra={"error": type(exc).__name__})
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
     def _release(self) -> None:
         if self._conn is not None:

@@ -3,13 +3,15 @@
 1. Store alone: ``--records`` records appended by ``--concurrency`` coroutines (group
    commit) and, for contrast, by one at a time (one fsync per record); durable records/s,
    median of ``--rounds`` runs.
-2. Server: two `medserve serve` processes on the fake engine, one with the audit log and
-   one without, loaded in alternating rounds at 64 concurrent requests; p50 and p90
-   end-to-end latency, medians over rounds, and the ratio audit/no-audit.
+2. Server: two `medserve serve` processes, one with the audit log and one without, loaded
+   in alternating rounds (fake engine: 64 concurrent requests; ``--engine llamacpp``: the
+   packaged SmolLM2, 8 concurrent); p50 and p90 end-to-end latency and requests/s,
+   medians over rounds, ratios audit/no-audit, and the server's CPU time per request
+   (user + system, from /proc), which a load generator sharing the CPU cannot blur.
 
 Targets (issue 4): >= 2,000 durable records/s; <= 5% p50 cost.
 
-    .venv/bin/python tests/bench/audit.py [--rounds 5] [--json]
+    .venv/bin/python tests/bench/audit.py [--rounds 5] [--engine fake|llamacpp] [--json]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from medserve import bench
 from medserve.audit import RequestFacts, open_store
 from medserve.config import AuditSettings
-from tests.serverproc import running_server
+from tests.serverproc import Server, running_server
 
 FAKE = """
 [[models]]
@@ -37,6 +40,10 @@ engine = "fake"
 context_length = 512
 max_queue = 256
 """
+
+
+# engine -> (model, concurrency, max_tokens)
+LOADS = {"fake": ("fake-echo", 64, 16), "llamacpp": ("smollm2-135m-instruct", 8, 64)}
 
 
 def facts(i: int) -> RequestFacts:
@@ -79,21 +86,35 @@ def store_rate(directory: Path, records: int, concurrency: int) -> float:
         store.close()
 
 
-def server_latency(url: str, requests: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_latency(server: Server, requests: int, engine: str) -> dict[str, float]:
+    model, concurrency, max_tokens = LOADS[engine]
+    before = cpu_seconds(server.process.pid)
     report = asyncio.run(
         bench.run(
-            url,
-            "fake-echo",
-            concurrency=64,
+            server.url,
+            model,
+            concurrency=concurrency,
             requests=requests,
-            max_tokens=16,
+            max_tokens=max_tokens,
             prompts=bench.load_prompts(None),
-            request_timeout_s=120,
+            request_timeout_s=300,
         )
     )
+    cpu = cpu_seconds(server.process.pid) - before
     assert report.completed == requests, report.errors
     lat = report.latency_s
-    return {"p50": lat["p50"], "p90": lat["p90"], "rps": report.requests_per_s}
+    return {
+        "p50": lat["p50"],
+        "p90": lat["p90"],
+        "rps": report.requests_per_s,
+        "cpu_ms_per_request": cpu * 1000 / requests,
+    }
 
 
 def main() -> None:
@@ -101,8 +122,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--engine", choices=sorted(LOADS), default="fake")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    requests = args.requests if args.engine == "fake" else 32
 
     rates: dict[str, list[float]] = {"concurrent_64": [], "one_at_a_time": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,15 +134,16 @@ def main() -> None:
         lat: dict[str, list[dict[str, float]]] = {"audit": [], "no_audit": []}
         on = {"MEDSERVE_AUDIT__PATH": str(Path(tmp, "server", "audit.db"))}
         off = {"MEDSERVE_AUDIT__ENABLED": "false"}
+        flags = ["-c", str(config)] if args.engine == "fake" else []
         with (
-            running_server(Path(tmp, "on.log"), "-c", str(config), env=on) as with_audit,
-            running_server(Path(tmp, "off.log"), "-c", str(config), env=off) as without,
+            running_server(Path(tmp, "on.log"), *flags, env=on) as with_audit,
+            running_server(Path(tmp, "off.log"), *flags, env=off) as without,
         ):
-            server_latency(with_audit.url, 200)  # warm both up
-            server_latency(without.url, 200)
+            server_latency(with_audit, 16, args.engine)  # warm both up
+            server_latency(without, 16, args.engine)
             for _ in range(args.rounds):
-                lat["audit"].append(server_latency(with_audit.url, args.requests))
-                lat["no_audit"].append(server_latency(without.url, args.requests))
+                lat["audit"].append(server_latency(with_audit, requests, args.engine))
+                lat["no_audit"].append(server_latency(without, requests, args.engine))
         # After the servers: the store runs leave the disk busy writing back for a while,
         # which would slow the audited server's fsyncs and not the other's.
         for r in range(args.rounds):
@@ -135,9 +159,10 @@ def main() -> None:
         a = statistics.median(x[q] for x in lat["audit"])
         b = statistics.median(x[q] for x in lat["no_audit"])
         result[f"latency_{q}_ms"] = {"audit": a * 1000, "no_audit": b * 1000, "ratio": a / b}
-    a = statistics.median(x["rps"] for x in lat["audit"])
-    b = statistics.median(x["rps"] for x in lat["no_audit"])
-    result["requests_per_s"] = {"audit": a, "no_audit": b, "ratio": a / b}
+    for key in ("rps", "cpu_ms_per_request"):
+        a = statistics.median(x[key] for x in lat["audit"])
+        b = statistics.median(x[key] for x in lat["no_audit"])
+        result[key] = {"audit": a, "no_audit": b, "ratio": a / b}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -149,15 +174,15 @@ def main() -> None:
         x = result[f"latency_{q}_ms"]
         assert isinstance(x, dict)
         print(
-            f"latency {q} at 64 concurrent: audit {x['audit']:.1f} ms, "
+            f"latency {q}: audit {x['audit']:.1f} ms, "
             f"no audit {x['no_audit']:.1f} ms, ratio {x['ratio']:.3f}"
         )
-    x = result["requests_per_s"]
-    assert isinstance(x, dict)
-    print(
-        f"requests/s at 64 concurrent: audit {x['audit']:.0f}, no audit {x['no_audit']:.0f}, "
-        f"ratio {x['ratio']:.3f}"
-    )
+    for key in ("rps", "cpu_ms_per_request"):
+        x = result[key]
+        assert isinstance(x, dict)
+        print(
+            f"{key}: audit {x['audit']:.3f}, no audit {x['no_audit']:.3f}, ratio {x['ratio']:.3f}"
+        )
 
 
 if __name__ == "__main__":
