@@ -31,6 +31,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	scripts/ensure-prometheus.sh
 	$(BIN)/python scripts/run_tests.py
 
 lint: $(VENV)/.installed-dev

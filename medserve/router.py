@@ -8,6 +8,7 @@ health-based fallback arrive with the vLLM engine; today each model has one engi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ class Router:
     def __init__(self, served: list[Served]) -> None:
         self._served = {s.spec.id: s for s in served}
         self._started: list[Engine] = []
+        self.load_seconds: dict[str, float] = {}
 
     @classmethod
     def from_specs(cls, specs: list[ModelSpec]) -> Router:
@@ -53,12 +55,14 @@ class Router:
     async def start(self) -> None:
         """Load every model; on a failure, unload what was loaded and re-raise."""
         for served in self._served.values():
+            began = time.perf_counter()
             try:
                 await served.engine.start()
             except BaseException:
                 await self.close()
                 raise
             self._started.append(served.engine)
+            self.load_seconds[served.spec.id] = time.perf_counter() - began
             log.info("engine started", extra={"model": served.spec.id})
 
     async def close(self) -> None:

@@ -33,6 +33,7 @@ from medserve.errors import (
     envelope,
     headers,
 )
+from medserve.metrics import Metrics
 from medserve.privacy import apply_offline_env
 from medserve.router import Router
 
@@ -48,12 +49,17 @@ def create_app(
     router = router or Router.from_specs(served_models(settings))
     conf = settings.audit
     auditor = Auditor(conf, settings.replica)
+    metrics = Metrics(settings.replica)
+    metrics.declare(s.spec.id for s in router)
+    metrics.watch_audit(lambda: auditor.store.stats if auditor.store is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_offline_env(os.environ)
         if conf.enabled:
             auditor.attach(store or audit.open_store(conf), audit.content_cipher(conf))
+            assert auditor.store is not None
+            auditor.store.on_commit = metrics.audit_write.observe
         try:
             await auditor.event("config.loaded", **_posture(settings, router))
             await router.start()
@@ -80,9 +86,15 @@ def create_app(
     app.state.settings = settings
     app.state.router = router
     app.state.auditor = auditor
+    app.state.metrics = metrics
     app.state.draining = False
     app.include_router(routes)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, auditor=auditor)
+    app.add_middleware(
+        RequestContext,
+        max_body_bytes=settings.max_body_bytes,
+        auditor=auditor,
+        metrics=metrics,
+    )
     _add_error_handlers(app)
     return app
 

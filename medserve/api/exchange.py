@@ -37,10 +37,24 @@ class Exchange:
     completion_hmac: str | None = None
     content_sha256: str | None = None
     audited: bool = False
+    # Generation timing, for the metrics (seconds).
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    token_gaps_s: list[float] = field(default_factory=list)
+    last_token_at: float | None = None
 
     def failed(self, exc: MedserveError) -> None:
         """Note the error's code (or type): bounded values, never its message."""
         self.error = exc.code or exc.type
+
+    def token(self) -> None:
+        """Note that a piece of generated text is going out now."""
+        now = time.perf_counter()
+        if self.last_token_at is None:
+            self.ttft_s = now - self.started
+        else:
+            self.token_gaps_s.append(now - self.last_token_at)
+        self.last_token_at = now
 
     def latency_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)

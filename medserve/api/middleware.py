@@ -30,6 +30,7 @@ from medserve.errors import (
     envelope,
     headers,
 )
+from medserve.metrics import Metrics, RequestObservation
 
 log = logging.getLogger("medserve.access")
 
@@ -45,10 +46,13 @@ SECURITY_HEADERS = [
 class RequestContext:
     """Assigns the request id, enforces the body limit, adds headers, audits, logs one line."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, auditor: Auditor) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, auditor: Auditor, metrics: Metrics
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.auditor = auditor
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,6 +101,7 @@ class RequestContext:
                 ex.endpoint = _endpoint(scope)
                 ex.status = 499 if ex.status < 500 else ex.status
                 self.auditor.request_later(ex)
+            self.metrics.observe(_observation(scope, ex))
             _log(scope, ex)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
@@ -141,6 +146,21 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def _error(exc: MedserveError, ex: Exchange) -> JSONResponse:
     ex.failed(exc)
     return JSONResponse(envelope(exc), status_code=exc.status, headers=headers(exc))
+
+
+def _observation(scope: Scope, ex: Exchange) -> RequestObservation:
+    return RequestObservation(
+        model=ex.model or "",  # set only once the model was found among the served ones
+        endpoint=_endpoint(scope),
+        status=ex.status or 500,
+        duration_s=ex.latency_ms() / 1000,
+        generation=ex.prompt_tokens is not None,
+        prompt_tokens=ex.prompt_tokens or 0,
+        completion_tokens=ex.completion_tokens or 0,
+        queue_s=ex.queue_s,
+        ttft_s=ex.ttft_s,
+        token_gaps_s=ex.token_gaps_s,
+    )
 
 
 def _endpoint(scope: Scope) -> str:

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from medserve.api import serving
@@ -20,6 +21,7 @@ from medserve.api.protocol import (
     ModelList,
 )
 from medserve.errors import UnavailableError
+from medserve.metrics import EngineState, Metrics
 from medserve.router import Router, Served
 
 router = APIRouter()
@@ -55,6 +57,24 @@ Accepting = Depends(accepting)
 async def health() -> dict[str, str]:
     """Liveness: the process answers. Says nothing about the models."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(models: RouterDep, request: Request) -> Response:
+    """Prometheus exposition: medserve's own registry, engine state read now."""
+    registry: Metrics = request.app.state.metrics
+    states = []
+    for served in models:
+        states.append(
+            EngineState(
+                model=served.spec.id,
+                engine=served.spec.engine,
+                health=await served.engine.health(),
+                load_seconds=models.load_seconds.get(served.spec.id),
+            )
+        )
+    registry.set_engines(states)
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ready", include_in_schema=False)

@@ -234,8 +234,11 @@ async def complete(job: Job, served: Served, http: Request) -> ChatCompletion | 
     with anyio.CancelScope() as scope:
         watcher = asyncio.create_task(_cancel_on_disconnect(http, scope))
         try:
+            ex = exchange(http)
             async with aclosing(served.engine.generate(job.request)) as chunks:
                 async for chunk in chunks:
+                    if chunk.text:
+                        ex.token()
                     parts.append(chunk.text)
                     last = chunk
         finally:
@@ -279,6 +282,7 @@ def _finished(http: Request, chunk: GenerationChunk) -> Usage:
     ex = exchange(http)
     p, c = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
     ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = p, c, chunk.finish_reason
+    ex.queue_s = chunk.queue_s
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
@@ -319,6 +323,8 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
         async with aclosing(served.engine.generate(r)) as chunks:
             async for chunk in chunks:
                 parts.append(chunk.text)
+                if chunk.text:
+                    exchange(http).token()
                 if chunk.finish_reason is None:
                     if chunk.text:
                         yield event(piece(chunk.text))

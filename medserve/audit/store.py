@@ -104,6 +104,7 @@ class AuditStore(Protocol):
 
     stats: StoreStats
     keys: ChainKeys
+    on_commit: Callable[[float], object] | None
 
     def open(self) -> None: ...
     def close(self) -> None: ...
@@ -176,6 +177,8 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self.batch_max = batch_max
         self.stats = StoreStats()
+        # Called on the writer thread with the seconds each successful commit took.
+        self.on_commit: Callable[[float], object] | None = None
         self._queue: queue.SimpleQueue[_Entry | object] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
@@ -403,7 +406,10 @@ class SQLiteStore:
         self.stats.written += len(batch)
         self.stats.batches += 1
         self.stats.last_seq = seq
-        self.stats.write_seconds += time.perf_counter() - started
+        took = time.perf_counter() - started
+        self.stats.write_seconds += took
+        if self.on_commit is not None:
+            self.on_commit(took)
         _settle(batch, [row[0] for row in rows])
 
     def _lose(self, batch: list[_Entry], error: AuditWriteError) -> None:

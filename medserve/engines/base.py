@@ -67,6 +67,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    queue_s: float | None = None  # last chunk: time the request waited for a slot
 
 
 @dataclass(frozen=True, slots=True)

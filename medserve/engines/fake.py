@@ -8,6 +8,7 @@ word is one "token"; generation ends with ``stop`` once the whole prompt has bee
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import AsyncGenerator
 
@@ -21,13 +22,14 @@ from medserve.engines.base import (
     Prompt,
 )
 from medserve.engines.stops import StopMatcher
-from medserve.errors import EngineError
+from medserve.errors import EngineError, OverloadedError
 
 DEFAULT_CONTEXT = 2048
 
 
 class FakeEngine:
-    """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens."""
+    """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens;
+    ``parallel`` and ``max_queue`` in its spec bound it like the real engine."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
@@ -44,6 +46,11 @@ class FakeEngine:
         self.generated_tokens = 0
         self.fail_after: int | None = None
         self.requests: list[GenerationRequest] = []
+        # With `parallel` set, like the real engine: that many run, `max_queue` wait, more
+        # are refused (503).
+        self._slots = asyncio.Semaphore(spec.parallel or 1_000_000)
+        self._admitted = 0
+        self.rejected = 0
 
     @property
     def info(self) -> EngineInfo:
@@ -67,6 +74,22 @@ class FakeEngine:
         return Prompt(text, tuple(zlib.crc32(w.encode()) % 50_000 for w in text.split()))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        spec = self._spec
+        if spec.parallel is not None and self._admitted >= spec.parallel + spec.max_queue:
+            self.rejected += 1
+            raise OverloadedError("Every slot of this model is busy and its queue is full.")
+        self._admitted += 1
+        arrived = time.monotonic()
+        try:
+            async with self._slots:
+                async for chunk in self._echo(request, time.monotonic() - arrived):
+                    yield chunk
+        finally:
+            self._admitted -= 1
+
+    async def _echo(
+        self, request: GenerationRequest, queue_s: float
+    ) -> AsyncGenerator[GenerationChunk, None]:
         self.requests.append(request)
         words = request.prompt.text.split()
         matcher = StopMatcher(request.sampling.stop)
@@ -96,6 +119,7 @@ class FakeEngine:
                 finish_reason="length" if finish == "length" else "stop",
                 prompt_tokens=len(request.prompt.token_ids),
                 completion_tokens=count,
+                queue_s=queue_s,
             )
         finally:
             self._active.discard(request.request_id)
@@ -106,4 +130,10 @@ class FakeEngine:
             self._aborted.add(request_id)
 
     async def health(self) -> Health:
-        return Health(ready=self._started, running=len(self._active))
+        running = len(self._active)
+        return Health(
+            ready=self._started,
+            running=running,
+            waiting=self._admitted - running,
+            rejected=self.rejected,
+        )

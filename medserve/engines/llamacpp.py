@@ -14,6 +14,7 @@ gets 503 ``overloaded`` with ``Retry-After`` at once rather than an unbounded wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -207,7 +208,11 @@ class LlamaCppEngine:
         def emit(item: Item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        submitted = time.monotonic()
+        waited: list[float] = []
+
         def on_start() -> None:
+            waited.append(time.monotonic() - submitted)
             loop.call_soon_threadsafe(self._started)
 
         released = asyncio.Event()
@@ -229,6 +234,8 @@ class LlamaCppEngine:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason is not None and waited:
+                    item = dataclasses.replace(item, queue_s=waited[0])
                 yield item
         finally:
             # Finished, failed or abandoned: the scheduler frees the slot before its next

@@ -1,0 +1,242 @@
+"""Prometheus metrics: medserve's own registry, ``medserve_`` names, base units, bounded labels.
+
+Labels only ever take values from sets the operator controls: ``model`` is a served model
+id (or "" when the request named none that exists, however long and random the name it
+sent), ``endpoint`` a route template or "unmatched", ``status`` one of the HTTP statuses
+medserve itself answers, ``engine``/``replica`` from the configuration. Never a prompt, a
+user, a key or a raw path.
+
+Request metrics are observed once per request from its :class:`Exchange`; engine load,
+readiness and audit counters are read at scrape time from the objects that own them, so
+there is one source of truth and nothing to keep in sync. vLLM's own ``vllm:`` metrics are
+scraped from vLLM directly, under their own names (see deploy/prometheus).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from medserve import __version__
+from medserve.audit.store import StoreStats
+from medserve.engines.base import Health
+
+# Seconds. Wide enough for a 135M model on two CPU cores and an 8B model on an H100.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+AUDIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@dataclass
+class RequestObservation:
+    """What one finished request contributes; built from the request's Exchange."""
+
+    model: str
+    endpoint: str
+    status: int
+    duration_s: float
+    generation: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    token_gaps_s: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """An engine as seen at scrape time."""
+
+    model: str
+    engine: str
+    health: Health
+    load_seconds: float | None
+
+
+class Metrics:
+    """The registry and every metric medserve exports."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "medserve_requests",
+            "HTTP requests answered, by model, route template and status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "medserve_request_duration_seconds",
+            "Time from request received to response complete, every route.",
+            ["endpoint"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "medserve_e2e_request_latency_seconds",
+            "Generation requests: received to last token, including queueing.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "medserve_request_queue_seconds",
+            "Generation requests: time waiting for a decoding slot.",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "medserve_time_to_first_token_seconds",
+            "Generation requests: received to first generated text.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "medserve_inter_token_latency_seconds",
+            "Time between successive pieces of generated text of one request.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "medserve_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "medserve_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.disconnects = Counter(
+            "medserve_client_disconnects",
+            "Requests whose client left before the response completed.",
+            ["model"],
+            registry=r,
+        )
+        self.egress_refusals = Counter(
+            "medserve_egress_refusals",
+            "Outbound connections refused by the egress guard (any is an incident).",
+            registry=r,
+        )
+        self.audit_write = Histogram(
+            "medserve_audit_write_seconds",
+            "Time to make one batch of audit records durable (group commit).",
+            buckets=AUDIT_BUCKETS,
+            registry=r,
+        )
+        info = Gauge(
+            "medserve_build_info",
+            "Always 1; labels say which medserve and Python run here.",
+            ["version", "python", "replica"],
+            registry=r,
+        )
+        info.labels(__version__, platform.python_version(), replica).set(1)
+        self._engines: list[EngineState] = []
+        self._audit: Callable[[], StoreStats | None] = lambda: None
+        r.register(_Snapshot(self))
+
+    def declare(self, models: Iterable[str]) -> None:
+        """Create each served model's series at zero, so rates and alerts have a start."""
+        for model in models:
+            for family in (self.prompt_tokens, self.generation_tokens, self.disconnects):
+                family.labels(model)
+            for histogram in (self.e2e, self.queue, self.ttft, self.itl):
+                histogram.labels(model)
+
+    def observe(self, o: RequestObservation) -> None:
+        self.requests.labels(o.model, o.endpoint, str(o.status)).inc()
+        self.request_duration.labels(o.endpoint).observe(o.duration_s)
+        if o.status == 499:
+            self.disconnects.labels(o.model).inc()
+        if not o.generation:
+            return
+        self.prompt_tokens.labels(o.model).inc(o.prompt_tokens)
+        self.generation_tokens.labels(o.model).inc(o.completion_tokens)
+        if o.status == 200:
+            self.e2e.labels(o.model).observe(o.duration_s)
+        if o.queue_s is not None:
+            self.queue.labels(o.model).observe(o.queue_s)
+        if o.ttft_s is not None:
+            self.ttft.labels(o.model).observe(o.ttft_s)
+        itl = self.itl.labels(o.model)
+        for gap in o.token_gaps_s:
+            itl.observe(gap)
+
+    def set_engines(self, states: Iterable[EngineState]) -> None:
+        """Engine health as of this scrape (called by the /metrics route)."""
+        self._engines = list(states)
+
+    def watch_audit(self, read: Callable[[], StoreStats | None]) -> None:
+        """Where the audit counters come from: the store's stats, or None when audit is off."""
+        self._audit = read
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Snapshot(Collector):
+    """Gauges and counters owned by engines and the audit store, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        m = self.metrics
+        labels = ["model", "engine", "replica"]
+        up = GaugeMetricFamily("medserve_engine_up", "1 if the engine is loaded.", labels=labels)
+        ready = GaugeMetricFamily(
+            "medserve_engine_ready", "1 if the engine accepts requests.", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "medserve_requests_running", "Requests decoding now.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "medserve_requests_waiting", "Requests waiting for a slot.", labels=["model"]
+        )
+        rejected = CounterMetricFamily(
+            "medserve_queue_rejections",
+            "Requests refused (503) because every slot and the queue were full.",
+            labels=["model"],
+        )
+        load = GaugeMetricFamily(
+            "medserve_model_load_seconds", "Time the model took to load.", labels=["model"]
+        )
+        for e in m._engines:
+            key = [e.model, e.engine, m.replica]
+            up.add_metric(key, 1.0)
+            ready.add_metric(key, 1.0 if e.health.ready else 0.0)
+            running.add_metric([e.model], e.health.running)
+            waiting.add_metric([e.model], e.health.waiting)
+            rejected.add_metric([e.model], e.health.rejected)
+            if e.load_seconds is not None:
+                load.add_metric([e.model], e.load_seconds)
+        yield from (up, ready, running, waiting, rejected, load)
+        audit = m._audit()
+        enabled = GaugeMetricFamily("medserve_audit_enabled", "1 if requests are audited.")
+        enabled.add_metric([], 0.0 if audit is None else 1.0)
+        yield enabled
+        if audit is None:
+            return
+        stats = audit
+        written = CounterMetricFamily("medserve_audit_records", "Audit records made durable.")
+        written.add_metric([], stats.written)
+        failures = CounterMetricFamily(
+            "medserve_audit_failures",
+            "Audit records that could not be written (fail-closed: refused; fail-open: lost).",
+        )
+        failures.add_metric([], stats.failed)
+        last = GaugeMetricFamily("medserve_audit_last_seq", "Sequence number of the last record.")
+        last.add_metric([], stats.last_seq)
+        checkpoints = CounterMetricFamily(
+            "medserve_audit_checkpoints", "Signed audit checkpoints written."
+        )
+        checkpoints.add_metric([], stats.checkpoints)
+        yield from (written, failures, last, checkpoints)
