@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from medserve.api.app import create_app
 from medserve.config import Settings
+from medserve.logs import JsonFormatter
 from medserve.router import Router
 from tests.conftest import fake_spec
 
@@ -167,3 +171,21 @@ def test_the_scrape_is_neither_audited_nor_in_the_api_schema() -> None:
         assert "/metrics" not in client.get("/openapi.json").json()["paths"]
     # config.loaded and server.start only: the scrapes left no records.
     assert value(samples, "medserve_audit_records_total") == 2
+
+
+def test_each_request_logs_one_json_line_with_its_facts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="medserve.access")
+    with serving() as client:
+        r = client.post(CHAT, json=chat("seven eight nine"))
+    lines = [rec for rec in caplog.records if rec.name == "medserve.access"]
+    assert len(lines) == 1
+    line = json.loads(JsonFormatter().format(lines[0]))
+    assert line["request_id"] == r.headers["x-request-id"]
+    assert (line["route"], line["status"], line["model"]) == (CHAT, 200, MODEL)
+    usage = r.json()["usage"]
+    assert line["prompt_tokens"] == usage["prompt_tokens"]
+    assert line["completion_tokens"] == usage["completion_tokens"]
+    assert line["finish_reason"] == "stop" and line["duration_ms"] >= 0
+    assert "seven" not in json.dumps(line)
