@@ -44,11 +44,16 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _settings(config: Path | None, db: Path | None) -> AuditSettings:
+def _conf(config: Path | None) -> AuditSettings:
     try:
-        conf = load_settings(config).audit
+        return load_settings(config).audit
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+
+
+def _settings(config: Path | None, db: Path | None) -> AuditSettings:
+    """The audit settings, pointed at ``db`` if given; the log must exist."""
+    conf = _conf(config)
     if db is not None:
         conf = conf.model_copy(update={"path": db})
     if not conf.path.is_file():
@@ -186,10 +191,7 @@ def keygen_command(
     ] = None,
 ) -> None:
     """Create the audit keys that do not exist yet (mode 0600); never overwrites one."""
-    try:
-        conf = load_settings(config).audit
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    conf = _conf(config)
     out = Console()
     wanted: list[tuple[Path, str]] = [
         (key or conf.key_path(), "audit secret"),
@@ -224,10 +226,7 @@ def hash_command(
 
     Look for it in the prompt_hmac / completion_hmac of an export to find who sent a text.
     """
-    try:
-        conf = load_settings(config).audit
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    conf = _conf(config)
     keys = ChainKeys.from_secret(_secret(key or conf.key_path(), "audit secret"))
     try:
         data = file.read_bytes()

@@ -331,27 +331,10 @@ class SQLiteStore:
             except queue.Empty:
                 self._maybe_checkpoint(force=False)
                 continue
-            batch: list[_Entry] = []
-            stop = item is _STOP
-            if isinstance(item, _Entry):
-                batch.append(item)
-            while not stop and len(batch) < self.batch_max:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(more, _Entry):
-                    batch.append(more)
-                else:
-                    stop = True
-            if stop:  # drain what is left before stopping
-                while True:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(more, _Entry):
-                        batch.append(more)
+            batch = [item] if isinstance(item, _Entry) else []
+            stop = item is _STOP or self._take(batch, self.batch_max)
+            if stop:
+                self._take(batch, None)  # whatever is left, before stopping
             if batch:
                 try:
                     self._write(batch)
@@ -363,6 +346,20 @@ class SQLiteStore:
             self._maybe_checkpoint(force=stop)
             if stop:
                 return
+
+    def _take(self, batch: list[_Entry], limit: int | None) -> bool:
+        """Move queued entries into ``batch`` (up to ``limit``); True if stop was queued."""
+        stop = False
+        while limit is None or len(batch) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Entry):
+                batch.append(item)
+            else:
+                stop = True
+        return stop
 
     def _write(self, batch: list[_Entry]) -> None:
         assert self._conn is not None
