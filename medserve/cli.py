@@ -13,7 +13,7 @@ from rich.table import Table
 from medserve import __version__
 from medserve.audit.cli import app as audit_app
 from medserve.config import ConfigError, load_settings, served_models
-from medserve.privacy import apply_offline_env
+from medserve.privacy import EgressGuard, apply_offline_env
 
 app = typer.Typer(
     name="medserve",
@@ -81,7 +81,10 @@ def serve(
             raise _fail(f"audit log: {exc}") from None
     else:
         err.print("[bold yellow]warning:[/] the audit log is off (audit.enabled = false)")
-    application = create_app(settings, router, store)
+    # From here on, nothing in this process may reach a non-local address.
+    guard = EgressGuard(settings.egress_allow)
+    guard.install()
+    application = create_app(settings, router, store, guard)
     server_config = uvicorn.Config(
         application,
         host=settings.host,

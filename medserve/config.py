@@ -234,6 +234,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of medserve's own loggers."
     )
+    egress_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts (names or IPs) besides loopback that medserve may connect to: "
+        "upstream engine servers. Everything else is refused by the egress guard.",
+    )
     replica: str = Field(
         default_factory=socket.gethostname,
         description="This server's name in audit records and metrics; default: the host name.",

@@ -34,23 +34,35 @@ from medserve.errors import (
     headers,
 )
 from medserve.metrics import Metrics
-from medserve.privacy import apply_offline_env
+from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.router import Router
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, router: Router | None = None, store: audit.AuditStore | None = None
+    settings: Settings,
+    router: Router | None = None,
+    store: audit.AuditStore | None = None,
+    guard: EgressGuard | None = None,
 ) -> FastAPI:
     """Build the app. ``router`` defaults to the models the settings name; ``store`` to
     the configured audit log, opened at start-up (the CLI opens it first, to report a
-    problem with the log or its keys before anything else starts)."""
+    problem with the log or its keys before anything else starts). ``guard``, the
+    process's egress guard (installed by the CLI), reports refusals to the metrics and
+    the audit log."""
     router = router or Router.from_specs(served_models(settings))
     conf = settings.audit
     auditor = Auditor(conf, settings.replica)
     metrics = Metrics(settings.replica)
     metrics.declare(s.spec.id for s in router)
+    if guard is not None:
+
+        def refused(host: str) -> None:
+            metrics.egress_refusals.inc()
+            auditor.event_later("egress.refused", host=host)
+
+        guard.on_refusal = refused
     metrics.watch_audit(lambda: auditor.store.stats if auditor.store is not None else None)
 
     @asynccontextmanager

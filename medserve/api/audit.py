@@ -163,6 +163,11 @@ class Auditor:
             self.lost += 1
             log.error("audit record lost", extra={"event": name})
 
+    def event_later(self, name: str, **details: Any) -> None:
+        """Queue an event record without waiting (from sync code, any thread)."""
+        if self.store is not None:
+            self.store.submit(EventFacts(name, self.replica, details))
+
     def _lost(self, ex: Exchange) -> bool:
         self.lost += 1
         log.error("audit record lost", extra={"request_id": ex.request_id})

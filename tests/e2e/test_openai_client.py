@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -219,3 +221,15 @@ def test_bench_cli_against_the_server(server: Server) -> None:
     assert (report["completed"], report["errors"]) == (8, {})
     assert 0 < report["output_tokens"] <= 64
     assert report["ttft_s"]["p50"] > 0
+
+
+def test_the_whole_session_made_no_outbound_attempt(server: Server) -> None:
+    """Last in this module: after every test above used the server, its egress guard
+    (which refuses and counts any non-loopback connect or lookup) has refused nothing,
+    and its audit log verifies."""
+    page = httpx.get(f"{server.url}/metrics").text
+    assert "medserve_egress_refusals_total 0.0" in page
+    assert "egress refused" not in server.log.read_text()
+    db = server.log.parent / "audit" / "audit.db"
+    cmd = [sys.executable, "-m", "medserve", "audit", "verify", "--db", str(db)]
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
