@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
 from medserve import __version__
 from medserve.audit.cli import app as audit_app
+from medserve.auth.cli import app as keys_app
 from medserve.config import ConfigError, load_settings, served_models
 from medserve.privacy import EgressGuard, apply_offline_env
 
@@ -24,6 +27,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -54,19 +58,38 @@ def serve(
         Path | None, typer.Option(help="Model registry directory [default: models].")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    dev_key: Annotated[
+        bool,
+        typer.Option(help="Accept a random admin key for this run only, printed at start."),
+    ] = False,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS: certificate chain (PEM).")
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS: private key (PEM).")
+    ] = None,
 ) -> None:
     """Serve the models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     from medserve import audit, logs
-    from medserve.api.app import begin_drain, create_app
+    from medserve.api.app import create_app
+    from medserve.api.routes import begin_drain
     from medserve.router import Router
 
     apply_offline_env(os.environ)
     try:
         settings = load_settings(
-            config, host=host, port=port, models_dir=models_dir, log_level=log_level
+            config,
+            host=host,
+            port=port,
+            models_dir=models_dir,
+            log_level=log_level,
+            tls_certfile=ssl_certfile,
+            tls_keyfile=ssl_keyfile,
         )
+        if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+            raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
         router = Router.from_specs(served_models(settings, model))
     except ConfigError as exc:
         raise _fail(str(exc)) from None
@@ -84,6 +107,13 @@ def serve(
     # From here on, nothing in this process may reach a non-local address.
     guard = EgressGuard(settings.egress_allow)
     guard.install()
+    if dev_key:
+        token = "ms-dev_" + secrets.token_urlsafe(32)
+        auth = settings.auth.model_copy(update={"dev_key": SecretStr(token)})
+        settings = settings.model_copy(update={"auth": auth})
+        err.print(f"dev key for this run (role admin, every model): [bold]{token}[/]")
+    elif settings.auth.enabled and settings.auth.dev_key is None:
+        err.print("auth is on: requests need a key from `medserve keys create`")
     application = create_app(settings, router, store, guard)
     server_config = uvicorn.Config(
         application,
@@ -92,6 +122,8 @@ def serve(
         log_config=None,
         access_log=False,  # medserve logs its own access line, without paths' values
         server_header=False,
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         # In-flight requests get the drain period, plus a little for the streams' own.
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )

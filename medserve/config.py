@@ -17,7 +17,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -205,6 +213,29 @@ class AuditSettings(BaseModel):
         return self.signing_key_file or self.path.with_name("audit-signing.key")
 
 
+class AuthSettings(BaseModel):
+    """API keys: on by default. Keys live in their own SQLite file (`medserve keys`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True, description="Require an API key on every endpoint but /health (and /metrics)."
+    )
+    keys_path: Path = Field(
+        Path("var/keys.db"), description="Keys database (production: /var/lib/medserve)."
+    )
+    dev_key: SecretStr | None = Field(
+        None,
+        description="One more accepted key (role admin, every model) for demos and tests; "
+        "`medserve serve --dev-key` makes a random one for the run and prints it.",
+    )
+    metrics: Literal["open", "key"] = Field(
+        "open",
+        description="/metrics: 'open' to anyone who can reach the port (keep it on "
+        "loopback or a scrape network), or 'key': an admin or auditor key.",
+    )
+
+
 class Settings(BaseSettings):
     """Server settings. Environment variables use the ``MEDSERVE_`` prefix."""
 
@@ -234,6 +265,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of medserve's own loggers."
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys.")
+    tls_certfile: Path | None = Field(
+        None, description="Serve HTTPS with this certificate chain (PEM), with tls_keyfile."
+    )
+    tls_keyfile: Path | None = Field(None, description="Private key (PEM) for tls_certfile.")
     egress_allow: list[str] = Field(
         default_factory=list,
         description="Hosts (names or IPs) besides loopback that medserve may connect to: "
@@ -280,6 +316,12 @@ class _ConfigFile(TomlConfigSettingsSource):
             for name in AUDIT_PATHS:
                 if isinstance(audit.get(name), str):
                     audit[name] = base / audit[name]
+        auth = data.get("auth")
+        if isinstance(auth, dict) and isinstance(auth.get("keys_path"), str):
+            auth["keys_path"] = base / auth["keys_path"]
+        for name in ("tls_certfile", "tls_keyfile"):
+            if isinstance(data.get(name), str):
+                data[name] = base / data[name]
         return data
 
 

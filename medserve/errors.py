@@ -11,10 +11,13 @@ patient text, and error bodies end up in client logs.
     ├── InvalidRequestError            400 invalid_request_error   (param=...)
     │   ├── ContextLengthError         400                         code=context_length_exceeded
     │   └── UnsupportedParameterError  400                         code=unsupported_parameter
+    ├── AuthenticationError            401 invalid_request_error   code=invalid_api_key (...)
+    ├── PermissionDeniedError          403 invalid_request_error   code=model_not_permitted (...)
     ├── NotFoundError                  404 invalid_request_error   code=not_found
     │   └── ModelNotFoundError         404                         code=model_not_found
     ├── MethodNotAllowedError          405 invalid_request_error
     ├── RequestTooLargeError           413 invalid_request_error   code=request_too_large
+    ├── RateLimitError                 429 requests                code=rate_limit_exceeded
     ├── UnavailableError               503 server_error            (Retry-After)
     │   └── OverloadedError            503                         code=overloaded
     ├── EngineError                    500 server_error            code=engine_error
@@ -65,6 +68,30 @@ class UnsupportedParameterError(InvalidRequestError):
     """An OpenAI parameter medserve understands but does not implement (tools, logprobs, n>1)."""
 
     default_code = "unsupported_parameter"
+
+
+class AuthenticationError(MedserveError):
+    """No usable API key: missing, malformed, unknown, revoked or expired (``code`` says)."""
+
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(MedserveError):
+    """The key is valid but may not do this: another model, or an operation of its role."""
+
+    status = 403
+    type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class RateLimitError(MedserveError):
+    """The key's requests or tokens per minute are spent; ``retry_after`` says when to retry."""
+
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
 
 
 class NotFoundError(MedserveError):
@@ -153,5 +180,9 @@ def envelope(error: MedserveError) -> dict[str, Any]:
 
 
 def headers(error: MedserveError) -> dict[str, str]:
-    """Extra response headers for ``error`` (``Retry-After`` on 503)."""
-    return {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    """Extra response headers for ``error``: ``Retry-After`` (429, 503), and the
+    ``WWW-Authenticate`` challenge that RFC 9110 requires with a 401."""
+    out = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    if error.status == 401:
+        out["WWW-Authenticate"] = 'Bearer realm="medserve"'
+    return out

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from medserve import __version__
 from medserve.audit.store import StoreStats
+from medserve.auth import AUTH_REASONS
 from medserve.engines.base import Health
 
 # Seconds. Wide enough for a 135M model on two CPU cores and an 8B model on an H100.
@@ -47,6 +48,7 @@ class RequestObservation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float | None = None
+    error: str | None = None
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)
 
@@ -121,6 +123,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "medserve_auth_failures",
+            "Requests refused by authentication (401) or authorization (403), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_REASONS.values():
+            self.auth_failures.labels(reason)
         self.egress_refusals = Counter(
             "medserve_egress_refusals",
             "Outbound connections refused by the egress guard (any is an incident).",
@@ -156,6 +166,9 @@ class Metrics:
         self.request_duration.labels(o.endpoint).observe(o.duration_s)
         if o.status == 499:
             self.disconnects.labels(o.model).inc()
+        reason = AUTH_REASONS.get(o.error or "")
+        if reason is not None:
+            self.auth_failures.labels(reason).inc()
         if not o.generation:
             return
         self.prompt_tokens.labels(o.model).inc(o.prompt_tokens)

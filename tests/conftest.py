@@ -17,6 +17,9 @@ from medserve.router import Router, Served
 ROOT = Path(__file__).resolve().parents[1]
 # Marker put into prompts by tests that check patient text never leaks anywhere.
 SECRET = "PATIENT-7f3a-Jane-Doe-MRN-0042"
+# The key every test server accepts (auth.dev_key: role admin, every model).
+DEV_KEY = "ms-dev_tests-only-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
 
 
 def smollm2_path() -> Path:
@@ -42,6 +45,8 @@ def audit_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test's audit log (and its keys) in its own temporary directory."""
     path = tmp_path / "audit" / "audit.db"
     monkeypatch.setenv("MEDSERVE_AUDIT__PATH", str(path))
+    monkeypatch.setenv("MEDSERVE_AUTH__KEYS_PATH", str(tmp_path / "keys.db"))
+    monkeypatch.setenv("MEDSERVE_AUTH__DEV_KEY", DEV_KEY)
     return path
 
 
@@ -54,5 +59,5 @@ def fake_engine() -> FakeEngine:
 def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
     settings = Settings(max_body_bytes=4096)
     app = create_app(settings, Router([Served(fake_spec(), fake_engine)]))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c

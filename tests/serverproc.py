@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import AUTH, DEV_KEY
+
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
 
@@ -33,7 +35,11 @@ def free_port() -> int:
 
 @contextmanager
 def running_process(
-    cmd: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
+    cmd: list[str],
+    log: Path,
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` (output to ``log``) until ``ready_url`` answers 200; stop it on exit.
 
@@ -53,7 +59,7 @@ def running_process(
             if process.poll() is not None:
                 raise RuntimeError(f"{cmd[:3]} exited {process.returncode}:\n{log.read_text()}")
             try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -74,11 +80,17 @@ def running_process(
 def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port.
 
-    Its audit log goes beside ``log`` unless ``env`` says otherwise.
+    Its audit log and keys go beside ``log``, and it accepts DEV_KEY, unless ``env`` says
+    otherwise.
     """
-    env = {"MEDSERVE_AUDIT__PATH": str(log.parent / "audit" / "audit.db"), **(env or {})}
+    env = {
+        "MEDSERVE_AUDIT__PATH": str(log.parent / "audit" / "audit.db"),
+        "MEDSERVE_AUTH__KEYS_PATH": str(log.parent / "keys.db"),
+        "MEDSERVE_AUTH__DEV_KEY": DEV_KEY,
+        **(env or {}),
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "medserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with running_process([*cmd, *args], log, f"{url}/ready", env) as process:
+    with running_process([*cmd, *args], log, f"{url}/ready", env, AUTH) as process:
         yield Server(url, process, log)

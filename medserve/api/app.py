@@ -8,6 +8,7 @@ records the start, and on shutdown records the stop, unloads the models and clos
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from medserve.api.audit import Auditor
 from medserve.api.exchange import exchange
 from medserve.api.middleware import RequestContext
 from medserve.api.routes import router as routes
+from medserve.api.security import Security
 from medserve.config import Settings, served_models
 from medserve.errors import (
     InvalidRequestError,
@@ -55,6 +57,7 @@ def create_app(
     conf = settings.audit
     auditor = Auditor(conf, settings.replica)
     metrics = Metrics(settings.replica)
+    security = Security(settings.auth)
     metrics.declare(s.spec.id for s in router)
     if guard is not None:
 
@@ -75,13 +78,16 @@ def create_app(
         try:
             await auditor.event("config.loaded", **_posture(settings, router))
             await router.start()
+            journal = asyncio.create_task(security.audit_key_changes(auditor, settings.replica))
             try:
                 await auditor.event("server.start", version=__version__)
                 yield
             finally:
+                journal.cancel()
                 await auditor.event("server.stop")
                 await router.close()
         finally:
+            security.close()
             if auditor.store is not None:
                 auditor.store.close()
 
@@ -99,6 +105,7 @@ def create_app(
     app.state.router = router
     app.state.auditor = auditor
     app.state.metrics = metrics
+    app.state.security = security
     app.state.draining = False
     app.include_router(routes)
     app.add_middleware(
@@ -106,6 +113,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         auditor=auditor,
         metrics=metrics,
+        security=security,
     )
     _add_error_handlers(app)
     return app
@@ -120,15 +128,12 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
         "models": [{"id": s.spec.id, "engine": s.spec.engine} for s in router],
         "audit_on_failure": conf.on_failure,
         "audit_capture": conf.capture,
+        "auth": settings.auth.enabled,
+        "metrics_access": settings.auth.metrics,
+        "tls": settings.tls_certfile is not None,
+        "egress_allow": settings.egress_allow,
         "max_body_bytes": settings.max_body_bytes,
     }
-
-
-def begin_drain(app: FastAPI) -> None:
-    """Shutdown has begun: refuse new generation (503), let in-flight requests finish."""
-    if not app.state.draining:
-        app.state.draining = True
-        log.info("draining", extra={"duration_ms": app.state.settings.drain_timeout_s * 1000})
 
 
 def error_response(exc: MedserveError) -> JSONResponse:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medserve.api.audit import Auditor
 from medserve.api.exchange import Exchange
+from medserve.api.security import Security
 from medserve.errors import (
     InvalidRequestError,
     MedserveError,
@@ -47,12 +48,18 @@ class RequestContext:
     """Assigns the request id, enforces the body limit, adds headers, audits, logs one line."""
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, auditor: Auditor, metrics: Metrics
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        auditor: Auditor,
+        metrics: Metrics,
+        security: Security,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.auditor = auditor
         self.metrics = metrics
+        self.security = security
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,7 +67,9 @@ class RequestContext:
             return
         client = scope.get("client")
         ex = Exchange(uuid.uuid4().hex, scope["method"], client=client[0] if client else None)
-        scope.setdefault("state", {})["exchange"] = ex
+        state = scope.setdefault("state", {})
+        state["exchange"] = ex
+        state["key"] = None
         audited = self.auditor.audits(scope["path"])
         id_header = (b"x-request-id", ex.request_id.encode())
         completed = False
@@ -78,6 +87,12 @@ class RequestContext:
             await send(message)
 
         try:
+            try:
+                state["key"] = key = self.security.authenticate(scope)
+            except MedserveError as exc:  # 401: no key, or not a usable one
+                await _error(exc, ex)(scope, receive, send_with_headers)
+                return
+            ex.key_id = key.id if key is not None else None
             refusal = self.auditor.refusal() if audited else None
             if refusal is not None:
                 await _error(refusal, ex)(scope, receive, send_with_headers)
@@ -101,6 +116,9 @@ class RequestContext:
                 ex.endpoint = _endpoint(scope)
                 ex.status = 499 if ex.status < 500 else ex.status
                 self.auditor.request_later(ex)
+            self.security.charge(
+                state["key"], (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
+            )
             self.metrics.observe(_observation(scope, ex))
             _log(scope, ex)
 
@@ -158,6 +176,7 @@ def _observation(scope: Scope, ex: Exchange) -> RequestObservation:
         prompt_tokens=ex.prompt_tokens or 0,
         completion_tokens=ex.completion_tokens or 0,
         queue_s=ex.queue_s,
+        error=ex.error,
         ttft_s=ex.ttft_s,
         token_gaps_s=ex.token_gaps_s,
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
@@ -20,14 +21,17 @@ from medserve.api.protocol import (
     ModelCard,
     ModelList,
 )
+from medserve.api.security import principal, role
+from medserve.auth import require_model
 from medserve.errors import UnavailableError
 from medserve.metrics import EngineState, Metrics
 from medserve.router import Router, Served
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 503)
 }
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
@@ -62,6 +66,8 @@ async def health() -> dict[str, str]:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(models: RouterDep, request: Request) -> Response:
     """Prometheus exposition: medserve's own registry, engine state read now."""
+    if not request.app.state.security.public("/metrics"):
+        role(request, ("admin", "auditor"))
     registry: Metrics = request.app.state.metrics
     states = []
     for served in models:
@@ -116,13 +122,31 @@ def _card(served: Served) -> ModelCard:
 
 
 @router.get("/v1/models", responses=ERRORS)
-async def list_models(models: RouterDep) -> ModelList:
-    return ModelList(data=[_card(models.get(s.spec.id)) for s in models])
+async def list_models(models: RouterDep, request: Request) -> ModelList:
+    """The models this key may use."""
+    key = principal(request)
+    return ModelList(data=[_card(models.get(s.spec.id)) for s in models if key.may_use(s.spec.id)])
 
 
 @router.get("/v1/models/{model_id:path}", responses=ERRORS)
-async def get_model(model_id: str, models: RouterDep) -> ModelCard:
+async def get_model(model_id: str, models: RouterDep, request: Request) -> ModelCard:
+    require_model(principal(request), model_id)
     return _card(models.get(model_id))
+
+
+@router.post("/admin/drain", status_code=202, include_in_schema=False)
+async def drain(request: Request) -> dict[str, str]:
+    """Stop taking generation requests (503) so the process can be stopped or updated."""
+    role(request, ("admin",))
+    begin_drain(request.app)
+    return {"status": "draining"}
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Shutdown has begun: refuse new generation (503), let in-flight requests finish."""
+    if not app.state.draining:
+        app.state.draining = True
+        log.info("draining", extra={"duration_ms": app.state.settings.drain_timeout_s * 1000})
 
 
 @router.post(
@@ -155,6 +179,9 @@ def _resolve(
     ex = exchange(request)
     ex.endpoint = request.scope["route"].path
     ex.user, ex.stream = body.user, bool(body.stream)
+    key = role(request, ("user", "admin"))
+    require_model(key, body.model)  # before the lookup: no probing for model names
+    request.app.state.security.limiter.admit(key)
     served = models.get(body.model)
     ex.model, ex.engine = served.spec.id, served.engine.info.kind
     return served

@@ -23,7 +23,7 @@ from medserve.audit.verify import verify
 from medserve.cli import app
 from medserve.config import AuditSettings, Settings
 from medserve.router import Router
-from tests.conftest import SECRET, fake_spec
+from tests.conftest import AUTH, SECRET, fake_spec
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
@@ -34,7 +34,7 @@ def serving(audit_path: Path, **audit: Any) -> Iterator[TestClient]:
     conf = AuditSettings(path=audit_path, **audit)
     router = Router.from_specs([fake_spec()])
     app = create_app(Settings(max_body_bytes=4096, audit=conf), router)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, headers=AUTH) as client:
         yield client
 
 

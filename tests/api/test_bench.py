@@ -12,7 +12,7 @@ from medserve.api.app import create_app
 from medserve.config import Settings
 from medserve.engines.fake import FakeEngine
 from medserve.router import Router, Served
-from tests.conftest import fake_spec
+from tests.conftest import DEV_KEY, fake_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +40,7 @@ async def test_counts_requests_tokens_and_errors(stream: bool) -> None:
             stream=stream,
             on_done=seen.append,
             transport=httpx.ASGITransport(app=app),
+            api_key=DEV_KEY,
         )
         assert (report.requests, report.completed, report.errors) == (7, 7, {})
         assert len(seen) == 7
@@ -56,6 +57,7 @@ async def test_counts_requests_tokens_and_errors(stream: bool) -> None:
             prompts=["x"],
             stream=stream,
             transport=httpx.ASGITransport(app=app),
+            api_key=DEV_KEY,
         )
         assert (missing.completed, missing.errors) == (0, {"http_404": 3})
     finally:

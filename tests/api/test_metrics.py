@@ -18,7 +18,7 @@ from medserve.api.app import create_app
 from medserve.config import Settings
 from medserve.logs import JsonFormatter
 from medserve.router import Router
-from tests.conftest import fake_spec
+from tests.conftest import AUTH, fake_spec
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
@@ -47,7 +47,7 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 @contextmanager
 def serving(**spec: Any) -> Iterator[TestClient]:
     app = create_app(Settings(replica="r1"), Router.from_specs([fake_spec(**spec)]))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, headers=AUTH) as client:
         yield client
 
 

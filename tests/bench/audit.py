@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from medserve import bench
 from medserve.audit import RequestFacts, open_store
 from medserve.config import AuditSettings
+from tests.conftest import DEV_KEY
 from tests.serverproc import Server, running_server
 
 FAKE = """
@@ -104,6 +105,7 @@ def server_latency(server: Server, requests: int, engine: str) -> dict[str, floa
             max_tokens=max_tokens,
             prompts=bench.load_prompts(None),
             request_timeout_s=300,
+            api_key=DEV_KEY,
         )
     )
     cpu = cpu_seconds(server.process.pid) - before

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medserve import bench
-from tests.conftest import smollm2_path
+from tests.conftest import AUTH, DEV_KEY, smollm2_path
 from tests.serverproc import free_port, running_process
 
 HERE = Path(__file__).resolve().parent
@@ -123,7 +123,9 @@ def main() -> None:
                     full += ["--host", "127.0.0.1", "--port", str(port)]
                 url = f"http://127.0.0.1:{port}"
                 log = tmp / f"{name.split()[0]}.log"
-                with running_process(full, log, url + probe, OFFLINE):
+                env = {**OFFLINE, "MEDSERVE_AUDIT__PATH": str(tmp / "audit" / "audit.db")}
+                env["MEDSERVE_AUTH__DEV_KEY"] = DEV_KEY  # the other servers ignore the key
+                with running_process(full, log, url + probe, env, AUTH):
                     warm = bench.run(
                         url,
                         model,
@@ -133,6 +135,7 @@ def main() -> None:
                         prompts=prompts,
                         stream=True,
                         extra_body=EXTRA,
+                        api_key=DEV_KEY,
                     )
                     asyncio.run(warm)
                     for c in levels:
@@ -147,6 +150,7 @@ def main() -> None:
                                 stream=True,
                                 extra_body=EXTRA,
                                 time_limit_s=600,
+                                api_key=DEV_KEY,
                             )
                         )
                         runs.setdefault(name, {}).setdefault(c, []).append(report)

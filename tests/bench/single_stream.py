@@ -24,7 +24,7 @@ from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_is_eog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import smollm2_path
+from tests.conftest import AUTH, smollm2_path
 from tests.serverproc import running_server
 
 MODEL = "smollm2-135m-instruct"
@@ -74,7 +74,8 @@ def over_http(url: str, max_tokens: int) -> tuple[float, int]:
     }
     stamps: list[float] = []
     tokens = 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+    url = f"{url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=120, headers=AUTH) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue

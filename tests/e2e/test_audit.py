@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from medserve import bench
-from tests.conftest import ROOT, SECRET
+from tests.conftest import AUTH, DEV_KEY, ROOT, SECRET
 from tests.serverproc import running_server
 
 pytestmark = pytest.mark.e2e
@@ -65,6 +65,7 @@ def test_2000_requests_at_64_concurrency_leave_2000_records(tmp_path: Path) -> N
                 prompts=[f"{SECRET} asks about dosing number {i}" for i in range(50)],
                 request_timeout_s=120,
                 time_limit_s=600,
+                api_key=DEV_KEY,
             )
         )
     assert report.completed == 2000, report.errors
@@ -89,7 +90,7 @@ def test_kill_9_mid_load_loses_no_completed_record(tmp_path: Path) -> None:
     }
 
     def client(url: str) -> None:
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=30, headers=AUTH) as http:
             for _ in range(500):  # bounded; the kill ends it much sooner
                 try:
                     r = http.post(f"{url}/v1/chat/completions", json=body)
@@ -114,7 +115,7 @@ def test_kill_9_mid_load_loses_no_completed_record(tmp_path: Path) -> None:
     seen = set(completed)
 
     with running_server(tmp_path / "second.log", *args, env=env) as server:
-        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30, headers=AUTH)
         assert r.status_code == 200
     done = audit_cli("verify", "--db", str(db))
     assert done.returncode == 0, done.stdout + done.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import AUTH
 from tests.serverproc import running_server
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +33,8 @@ def test_sigterm_lets_the_open_stream_finish(tmp_path: Path) -> None:
         events: list[str] = []
 
         def read() -> None:
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            url = f"{server.url}/v1/completions"
+            with httpx.stream("POST", url, json=body, timeout=60, headers=AUTH) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import SECRET
+from tests.conftest import AUTH, DEV_KEY, SECRET
 from tests.serverproc import Server
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,7 @@ SECRET_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content":
 @pytest.fixture
 def client(server: Server) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(
-        base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60
+        base_url=f"{server.url}/v1", api_key=DEV_KEY, max_retries=0, timeout=60
     ) as c:
         yield c
 
@@ -61,7 +61,7 @@ def test_completion_length(client: openai.OpenAI) -> None:
 @pytest.mark.anyio
 async def test_async_stream_equals_non_stream(server: Server) -> None:
     async with openai.AsyncOpenAI(
-        base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60
+        base_url=f"{server.url}/v1", api_key=DEV_KEY, max_retries=0, timeout=60
     ) as aclient:
         await _stream_equals_non_stream(aclient)
 
@@ -148,7 +148,7 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
         "stream": True,
     }
     with (
-        httpx.Client(timeout=60) as http,
+        httpx.Client(timeout=60, headers=AUTH) as http,
         http.stream("POST", f"{server.url}/v1/completions", json=body) as r,
     ):
         assert r.status_code == 200
@@ -157,14 +157,16 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
         assert len(data) >= 3
         # Generation runs off the event loop: liveness answers while this stream is open.
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
-        ready = httpx.get(f"{server.url}/ready", timeout=5).json()["models"][0]
+        ready = httpx.get(f"{server.url}/ready", timeout=5, headers=AUTH).json()["models"][0]
         assert ready["running"] == 1
     # The connection is closed. The model must go idle long before 4000 tokens are done:
     # poll readiness (bounded) until nothing is running.
     deadline = time.monotonic() + 20
     running = None
     while time.monotonic() < deadline:
-        running = httpx.get(f"{server.url}/ready", timeout=5).json()["models"][0]["running"]
+        running = httpx.get(f"{server.url}/ready", timeout=5, headers=AUTH).json()["models"][0][
+            "running"
+        ]
         if running == 0:
             break
         time.sleep(0.1)
@@ -190,9 +192,6 @@ def test_server_log_holds_no_patient_text(server: Server, client: openai.OpenAI)
 
 
 def test_bench_cli_against_the_server(server: Server) -> None:
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [
             sys.executable,
@@ -211,6 +210,8 @@ def test_bench_cli_against_the_server(server: Server) -> None:
             "--json",
             "--time-limit",
             "120",
+            "--api-key",
+            DEV_KEY,
         ],
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import AUTH, ROOT
 from tests.serverproc import Server, free_port, running_process, running_server
 
 pytestmark = [
@@ -43,8 +43,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (config := tmp / "fake.toml").write_text(FAKE)
     with running_server(tmp / "serve.log", "-c", str(config)) as s:
         for _ in range(3):
-            assert httpx.post(f"{s.url}/v1/chat/completions", json=CHAT).status_code == 200
-        httpx.post(f"{s.url}/v1/chat/completions", json={**CHAT, "model": "nope"})
+            assert (
+                httpx.post(f"{s.url}/v1/chat/completions", json=CHAT, headers=AUTH).status_code
+                == 200
+            )
+        httpx.post(f"{s.url}/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=AUTH)
         yield s
 
 
@@ -99,7 +102,8 @@ def test_client_disconnect_is_counted(server: Server) -> None:
 
     before = disconnects()
     body = {"model": "fake-echo", "prompt": "w " * 200, "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+    url = f"{server.url}/v1/completions"
+    with httpx.stream("POST", url, json=body, timeout=30, headers=AUTH) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first event

@@ -1,0 +1,106 @@
+"""``medserve keys``: create, list and revoke API keys in the keys database.
+
+The secret is printed once, at creation, and never stored. A running server sees a new or
+revoked key on its next request, and copies the change into its audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medserve.auth.keys import ROLES, KeyStore, KeyStoreError, Role, parse_expiry
+from medserve.config import ConfigError, load_settings
+
+app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
+err = Console(stderr=True)
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _store(config: Path | None) -> KeyStore:
+    try:
+        return KeyStore(load_settings(config).auth.keys_path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("create")
+def create(
+    name: Annotated[str, typer.Option(help="Who or what uses the key, e.g. discharge-app.")],
+    models: Annotated[str, typer.Option(help="Comma-separated model ids, or * for all.")] = "*",
+    role: Annotated[str, typer.Option(help="user, admin or auditor.")] = "user",
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    expires: Annotated[str | None, typer.Option(help="Expiry date (ISO 8601, UTC).")] = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Create a key and print its secret, once."""
+    if role not in ROLES:
+        raise _fail(f"--role must be one of {', '.join(ROLES)}")
+    scope = [m.strip() for m in models.split(",") if m.strip()] or ["*"]
+    try:
+        until = parse_expiry(expires) if expires else None
+    except ValueError:
+        raise _fail("--expires must be an ISO 8601 date, e.g. 2027-06-30") from None
+    chosen: Role = next(r for r in ROLES if r == role)
+    try:
+        key, token = _store(config).create(name, chosen, scope, rpm, tpm, until)
+    except KeyStoreError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        sys.stdout.write(json.dumps({**key.as_dict(), "key": token}) + "\n")
+        return
+    out = Console()
+    out.print(f"created key [bold]{key.id}[/] ({key.name}, role {key.role})", highlight=False)
+    out.print("secret, shown once — store it in the application's secret store:")
+    out.print(token, highlight=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_keys(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List keys (never their secrets)."""
+    keys = _store(config).all()
+    if as_json:
+        sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
+        return
+    table = Table("id", "name", "role", "models", "rpm", "tpm", "expires", "state")
+    for k in keys:
+        state = "revoked" if k.revoked else "expired" if k.expired() else "active"
+        table.add_row(
+            k.id,
+            k.name,
+            k.role,
+            ",".join(k.models),
+            str(k.rpm or "-"),
+            str(k.tpm or "-"),
+            k.expires or "-",
+            state,
+        )
+    Console().print(table)
+
+
+@app.command("revoke")
+def revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id.")], config: ConfigOpt = None
+) -> None:
+    """Revoke a key: refused from the next request on."""
+    try:
+        key = _store(config).revoke(key_id)
+    except KeyStoreError as exc:
+        raise _fail(str(exc)) from None
+    Console().print(f"revoked key {key.id} ({key.name})", highlight=False)

@@ -1,0 +1,276 @@
+"""API keys: created once, shown once, stored only as a hash.
+
+A key reads ``ms-<id>_<secret>``: the id (12 hex digits) finds the row, the secret (32
+random bytes, base64url) is checked against its SHA-256 with a constant-time comparison.
+A 256-bit random secret needs no slow hash: there is nothing to brute-force. The database
+(SQLite, WAL, beside the audit log but not part of its chain) holds ids, names, roles,
+model scopes, limits, expiry and revocation, plus a journal of changes that each server
+copies into its audit log as events.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from medserve.audit.record import now
+
+Role = Literal["user", "admin", "auditor"]
+ROLES: tuple[Role, ...] = ("user", "admin", "auditor")
+PREFIX = "ms-"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    models TEXT NOT NULL,
+    rpm INTEGER,
+    tpm INTEGER,
+    expires TEXT,
+    created TEXT NOT NULL,
+    revoked TEXT,
+    secret_sha256 BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS journal (
+    n INTEGER PRIMARY KEY,
+    ts TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    details TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS audited (replica TEXT PRIMARY KEY, last INTEGER NOT NULL) STRICT;
+"""
+
+
+class KeyStoreError(Exception):
+    """A key operation cannot be done; the message says why (never a secret)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """What the server knows about a key: never its secret."""
+
+    id: str
+    name: str
+    role: Role
+    models: tuple[str, ...]  # ("*",) for every model
+    rpm: int | None = None
+    tpm: int | None = None
+    expires: str | None = None
+    created: str = ""
+    revoked: str | None = None
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+    def expired(self, at: str | None = None) -> bool:
+        return self.expires is not None and (at or now()) >= self.expires
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": self.role,
+            "models": list(self.models),
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "expires": self.expires,
+            "created": self.created,
+            "revoked": self.revoked,
+        }
+
+
+def split(token: str) -> tuple[str, str] | None:
+    """``ms-<id>_<secret>`` -> (id, secret), or None when it is not shaped like a key."""
+    if not token.startswith(PREFIX) or "_" not in token:
+        return None
+    key_id, _, secret = token[len(PREFIX) :].partition("_")
+    if not key_id or not secret or len(token) > 200:
+        return None
+    return key_id, secret
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def matches(secret: str, stored: bytes) -> bool:
+    return hmac.compare_digest(digest(secret), stored)
+
+
+def new_secret() -> tuple[str, str]:
+    """A fresh (id, secret)."""
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    return secrets.token_hex(6), secret
+
+
+def parse_expiry(value: str) -> str:
+    """A date or time (ISO 8601; UTC if no zone) in the stored form."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KeyStore:
+    """The keys database. Writes open their own short transaction; lookups share one
+    read connection (a server checks a key on every request, and sees a revocation on
+    the next one)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: sqlite3.Connection | None = None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.touch(mode=0o600)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def create(
+        self,
+        name: str,
+        role: Role = "user",
+        models: Sequence[str] = ("*",),
+        rpm: int | None = None,
+        tpm: int | None = None,
+        expires: str | None = None,
+    ) -> tuple[Key, str]:
+        """A new key and its full token, which is shown once and never stored."""
+        if role not in ROLES:
+            raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
+        if not name.strip() or len(name) > 100:
+            raise KeyStoreError("a key needs a name of 1-100 characters")
+        key_id, secret = new_secret()
+        key = Key(key_id, name, role, tuple(models) or ("*",), rpm, tpm, expires, now())
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    key.id,
+                    key.name,
+                    key.role,
+                    json.dumps(list(key.models)),
+                    rpm,
+                    tpm,
+                    expires,
+                    key.created,
+                    digest(secret),
+                ),
+            )
+            self._journal(conn, "key.created", key)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return key, f"{PREFIX}{key_id}_{secret}"
+
+    def revoke(self, key_id: str) -> Key:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            found = self._get(conn, key_id)
+            if found is None:
+                raise KeyStoreError(f"no key with id {key_id}")
+            key = found[0]
+            if key.revoked is None:
+                conn.execute("UPDATE keys SET revoked = ? WHERE id = ?", (now(), key_id))
+                self._journal(conn, "key.revoked", key)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return key
+
+    def all(self) -> list[Key]:
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT * FROM keys ORDER BY created").fetchall()
+        finally:
+            conn.close()
+        return [_key(row) for row in rows]
+
+    def lookup(self, key_id: str) -> tuple[Key, bytes] | None:
+        """The key and its secret's hash, or None."""
+        if self._reader is None:
+            self._reader = self._connect()
+        return self._get(self._reader, key_id)
+
+    def changes(self, replica: str) -> list[dict[str, object]]:
+        """Journal entries this replica has not yet copied into its audit log."""
+        conn = self._connect()
+        try:
+            last = conn.execute("SELECT last FROM audited WHERE replica = ?", (replica,))
+            row = last.fetchone()
+            rows = conn.execute(
+                "SELECT n, ts, action, key_id, details FROM journal WHERE n > ? ORDER BY n",
+                (row[0] if row else 0,),
+            ).fetchall()
+        finally:
+            conn.close()
+        return [
+            {"n": n, "ts": ts, "action": a, "key_id": k, **json.loads(d)} for n, ts, a, k, d in rows
+        ]
+
+    def mark_audited(self, replica: str, last: int) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(
+                "INSERT INTO audited VALUES (?, ?) ON CONFLICT(replica) DO UPDATE SET last = ?",
+                (replica, last, last),
+            )
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, key_id: str) -> tuple[Key, bytes] | None:
+        row = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else (_key(row), bytes(row[9]))
+
+    @staticmethod
+    def _journal(conn: sqlite3.Connection, action: str, key: Key) -> None:
+        details = {"name": key.name, "role": key.role, "models": list(key.models)}
+        conn.execute(
+            "INSERT INTO journal (ts, action, key_id, details) VALUES (?, ?, ?, ?)",
+            (now(), action, key.id, json.dumps(details)),
+        )
+
+
+def _key(row: tuple[object, ...]) -> Key:
+    key_id, name, role, models, rpm, tpm, expires, created, revoked, _ = row
+    return Key(
+        id=str(key_id),
+        name=str(name),
+        role=_role(role),
+        models=tuple(json.loads(str(models))),
+        rpm=rpm if isinstance(rpm, int) else None,
+        tpm=tpm if isinstance(tpm, int) else None,
+        expires=str(expires) if expires else None,
+        created=str(created),
+        revoked=str(revoked) if revoked else None,
+    )
+
+
+def _role(value: object) -> Role:
+    for role in ROLES:
+        if value == role:
+            return role
+    return "user"
