@@ -153,7 +153,7 @@ class Auditor:
         ex.audited = True
         self.store.submit(self.facts(ex), on_lost=lambda: self._lost(ex))
 
-    async def event(self, name: str, **details: Any) -> None:
+    async def event(self, name: str, /, **details: Any) -> None:
         """Record an administrative or security event (start, stop, config, keys)."""
         if self.store is None:
             return
@@ -163,7 +163,7 @@ class Auditor:
             self.lost += 1
             log.error("audit record lost", extra={"event": name})
 
-    def event_later(self, name: str, **details: Any) -> None:
+    def event_later(self, name: str, /, **details: Any) -> None:
         """Queue an event record without waiting (from sync code, any thread)."""
         if self.store is not None:
             self.store.submit(EventFacts(name, self.replica, details))

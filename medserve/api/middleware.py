@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medserve.api.audit import Auditor
@@ -183,9 +185,25 @@ def _observation(scope: Scope, ex: Exchange) -> RequestObservation:
 
 
 def _endpoint(scope: Scope) -> str:
-    """The route template (``/v1/models/{model_id:path}``), never the raw path."""
-    route = scope.get("route")
+    """The route template (``/v1/models/{model_id:path}``), never the raw path.
+
+    For a request answered before routing (401, 413), the template it would have matched.
+    """
+    route = scope.get("route") or _match(getattr(scope.get("app"), "routes", ()), scope)
     return getattr(route, "path", None) or "unmatched"
+
+
+def _match(routes: Iterable[Any], scope: Scope) -> Any:
+    for route in routes:
+        if getattr(route, "path", None) is None:  # an included router: look inside
+            # (FastAPI wraps included routers; their routes sit on `original_router`.)
+            router = getattr(route, "original_router", route)
+            inner = _match(getattr(router, "routes", ()), scope)
+            if inner is not None:
+                return inner
+        elif route.matches(scope)[0] != Match.NONE:
+            return route
+    return None
 
 
 def _log(scope: Scope, ex: Exchange) -> None:

@@ -74,6 +74,8 @@ class Security:
             except (KeyStoreError, OSError, ValueError, sqlite3.Error) as exc:
                 # Retried on the next round; the journal keeps every entry until copied.
                 log.warning("key journal not read", extra={"error": type(exc).__name__})
+            except Exception:
+                log.exception("key journal copy failed")  # a bug: say so, keep trying
             await asyncio.sleep(JOURNAL_POLL_S)
 
     def close(self) -> None:

@@ -97,7 +97,7 @@ def test_a_stream_is_recorded_before_done(audit_path: Path) -> None:
         ("POST", CHAT, chat("x", n=2), 400, "unsupported_parameter", CHAT),
         ("GET", "/v1/secret-admin", None, 404, "not_found", "unmatched"),
         ("DELETE", "/v1/models", None, 405, "method_not_allowed", "/v1/models"),
-        ("POST", CHAT, chat("x" * 5000), 413, "request_too_large", "unmatched"),
+        ("POST", CHAT, chat("x" * 5000), 413, "request_too_large", CHAT),
         ("GET", "/v1/models", None, 200, None, "/v1/models"),
     ],
 )

@@ -1,0 +1,258 @@
+"""Who may ask what: a probe table of bypass attempts, scopes, roles, rate limits, key life."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from medserve.api.app import create_app
+from medserve.auth import RateLimiter
+from medserve.auth.keys import Key, KeyStore
+from medserve.config import Settings
+from medserve.errors import RateLimitError
+from medserve.router import Router
+from tests.conftest import DEV_KEY, fake_spec
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "fake-echo", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@dataclass
+class Keys:
+    user: str  # fake-echo only
+    admin: str
+    auditor: str
+    revoked: str
+    expired: str
+    limited: str  # 1 request per minute
+    user_id: str
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    store = KeyStore(tmp_path / "keys.db")  # the path the autouse fixture configured
+    user_key, user = store.create("triage-app", "user", ["fake-echo"])
+    _, admin = store.create("ops", "admin")
+    _, auditor = store.create("compliance", "auditor")
+    gone, revoked = store.create("old-app", "user")
+    store.revoke(gone.id)
+    _, expired = store.create("pilot", "user", expires="2020-01-01T00:00:00.000000Z")
+    _, limited = store.create("notebook", "user", rpm=1)
+    return Keys(user, admin, auditor, revoked, expired, limited, user_key.id)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    specs = [fake_spec(), fake_spec(id="fake-other")]
+    app = create_app(Settings(), Router.from_specs(specs))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def error(r: Any) -> tuple[int, str | None]:
+    return r.status_code, r.json()["error"]["code"]
+
+
+PROBES: list[tuple[str, str, str, Any, str | None, int, str]] = [
+    # name, method, path, headers (str: a Keys attribute, dict: literal), body, status, code
+    ("no header", "POST", CHAT, {}, "chat", 401, "missing_api_key"),
+    (
+        "basic scheme",
+        "POST",
+        CHAT,
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        "chat",
+        401,
+        "invalid_authorization",
+    ),
+    (
+        "bearer without key",
+        "POST",
+        CHAT,
+        {"Authorization": "Bearer"},
+        "chat",
+        401,
+        "invalid_authorization",
+    ),
+    (
+        "two tokens",
+        "POST",
+        CHAT,
+        {"Authorization": "Bearer a b"},
+        "chat",
+        401,
+        "invalid_authorization",
+    ),
+    ("unknown key", "POST", CHAT, bearer("ms-000000000000_nope"), "chat", 401, "invalid_api_key"),
+    ("not a key", "POST", CHAT, bearer("sk-openai-style"), "chat", 401, "invalid_api_key"),
+    ("wrong secret", "POST", CHAT, "user:wrong", "chat", 401, "invalid_api_key"),
+    ("revoked key", "POST", CHAT, "revoked", "chat", 401, "key_revoked"),
+    ("expired key", "POST", CHAT, "expired", "chat", 401, "key_expired"),
+    (
+        "key in the query string",
+        "POST",
+        CHAT + "?api_key={user}",
+        {},
+        "chat",
+        401,
+        "missing_api_key",
+    ),
+    ("key for another model", "POST", CHAT, "user", "other", 403, "model_not_permitted"),
+    ("unknown model outside the scope", "POST", CHAT, "user", "nope", 403, "model_not_permitted"),
+    ("auditor may not generate", "POST", CHAT, "auditor", "chat", 403, "role_not_permitted"),
+    ("user may not drain", "POST", "/admin/drain", "user", None, 403, "role_not_permitted"),
+    ("double slash without key", "GET", "//v1/models", {}, None, 401, "missing_api_key"),
+    ("double slash with key", "GET", "//v1/models", "user", None, 404, "not_found"),
+    ("dot-dot without key", "GET", "/v1/models/../v1/models", {}, None, 401, "missing_api_key"),
+    # The client normalises dot segments: the server sees /admin, which does not exist.
+    (
+        "dot-dot out of /v1 with a key",
+        "GET",
+        "/v1/models/../../admin",
+        "user",
+        None,
+        404,
+        "not_found",
+    ),
+    ("unknown route without key", "GET", "/v1/secrets", {}, None, 401, "missing_api_key"),
+    ("readiness needs a key", "GET", "/ready", {}, None, 401, "missing_api_key"),
+    ("schema needs a key", "GET", "/openapi.json", {}, None, 401, "missing_api_key"),
+    ("other model card", "GET", "/v1/models/fake-other", "user", None, 403, "model_not_permitted"),
+]
+
+
+def headers_for(spec: Any, keys: Keys) -> dict[str, str]:
+    if isinstance(spec, dict):
+        return spec
+    name, _, wrong = str(spec).partition(":")
+    token = getattr(keys, name)
+    return bearer(token[: token.index("_") + 1] + "x" * 43 if wrong else token)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "hdrs", "body", "status", "code"),
+    [p[1:] for p in PROBES],
+    ids=[p[0] for p in PROBES],
+)
+def test_bypass_attempts_are_refused(
+    client: TestClient,
+    keys: Keys,
+    method: str,
+    path: str,
+    hdrs: Any,
+    body: str | None,
+    status: int,
+    code: str,
+) -> None:
+    payload = {
+        "chat": BODY,
+        "other": {**BODY, "model": "fake-other"},
+        "nope": {**BODY, "model": "nope"},
+    }.get(body or "")
+    r = client.request(
+        method, path.format(user=keys.user), headers=headers_for(hdrs, keys), json=payload
+    )
+    assert error(r) == (status, code), r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    for token in (keys.user, keys.admin, keys.revoked):
+        assert token.partition("_")[2] not in r.text
+
+
+def test_allowed_requests_pass(client: TestClient, keys: Keys) -> None:
+    assert client.get("/health").status_code == 200
+    assert client.get("/metrics").status_code == 200  # open by default (loopback)
+    assert client.post(CHAT, json=BODY, headers=bearer(keys.user)).status_code == 200
+    # RFC 9110: the scheme is case-insensitive.
+    lower = {"Authorization": f"bearer {keys.user}"}
+    assert client.post(CHAT, json=BODY, headers=lower).status_code == 200
+    listed = client.get("/v1/models", headers=bearer(keys.user)).json()["data"]
+    assert [m["id"] for m in listed] == ["fake-echo"]
+    listed = client.get("/v1/models", headers=bearer(keys.auditor)).json()["data"]
+    assert [m["id"] for m in listed] == ["fake-echo", "fake-other"]
+    assert client.post(CHAT, json=BODY, headers=bearer(DEV_KEY)).status_code == 200
+
+
+def test_revocation_takes_effect_on_the_next_request(
+    client: TestClient, keys: Keys, tmp_path: Path
+) -> None:
+    assert client.post(CHAT, json=BODY, headers=bearer(keys.user)).status_code == 200
+    KeyStore(tmp_path / "keys.db").revoke(keys.user_id)
+    r = client.post(CHAT, json=BODY, headers=bearer(keys.user))
+    assert error(r) == (401, "key_revoked")
+
+
+def test_rate_limit_gives_429_then_recovers(client: TestClient, keys: Keys) -> None:
+    now = [1000.0]
+    client.app.state.security.limiter.clock = lambda: now[0]  # type: ignore[attr-defined]
+    assert client.post(CHAT, json=BODY, headers=bearer(keys.limited)).status_code == 200
+    r = client.post(CHAT, json=BODY, headers=bearer(keys.limited))
+    assert error(r) == (429, "rate_limit_exceeded")
+    assert r.json()["error"]["type"] == "requests"
+    assert int(r.headers["retry-after"]) == 60
+    assert client.post(CHAT, json=BODY, headers=bearer(keys.user)).status_code == 200
+    now[0] += 60
+    assert client.post(CHAT, json=BODY, headers=bearer(keys.limited)).status_code == 200
+
+
+def test_token_limit_is_charged_after_the_answer() -> None:
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    key = Key("k", "k", "user", ("*",), tpm=100)
+    limiter.admit(key)
+    limiter.charge(key, 250)  # a long answer overdraws the bucket
+    with pytest.raises(RateLimitError) as refused:
+        limiter.admit(key)
+    assert refused.value.retry_after == 91  # 151 tokens at 100/min
+    now[0] += 91
+    limiter.admit(key)
+
+
+def test_admin_drains_and_generation_then_gets_503(client: TestClient, keys: Keys) -> None:
+    r = client.post("/admin/drain", headers=bearer(keys.admin))
+    assert r.status_code == 202
+    r = client.post(CHAT, json=BODY, headers=bearer(keys.admin))
+    assert error(r) == (503, "shutting_down")
+
+
+def test_metrics_can_require_an_admin_or_auditor_key(keys: Keys, monkeypatch: Any) -> None:
+    monkeypatch.setenv("MEDSERVE_AUTH__METRICS", "key")
+    app = create_app(Settings(), Router.from_specs([fake_spec()]))
+    with TestClient(app) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=bearer(keys.user)).status_code == 403
+        assert c.get("/metrics", headers=bearer(keys.auditor)).status_code == 200
+
+
+def test_keys_and_failures_reach_the_audit_log_and_metrics(
+    keys: Keys, client: TestClient, audit_path: Path
+) -> None:
+    # `keys` first: the keys exist before the server starts and copies the journal.
+    client.post(CHAT, json=BODY, headers=bearer(keys.user))
+    client.post(CHAT, json=BODY)
+    client.post(CHAT, json=BODY, headers=bearer(keys.revoked))
+    page = client.get("/metrics").text
+    assert 'medserve_auth_failures_total{reason="missing"} 1.0' in page
+    assert 'medserve_auth_failures_total{reason="revoked"} 1.0' in page
+    client.__exit__(None, None, None)  # stop the server: the log is complete
+    conn = sqlite3.connect(audit_path)
+    records = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    conn.close()
+    events = [(r["event"], r["details"].get("name")) for r in records if r["kind"] == "event"]
+    assert ("key.created", "triage-app") in events
+    assert ("key.revoked", "old-app") in events
+    requests = [r for r in records if r["kind"] == "request" and r["endpoint"] == CHAT]
+    assert [(r["status"], r["key_id"]) for r in requests][:2] == [(200, keys.user_id), (401, None)]
+    assert requests[2]["error"] == "key_revoked"
