@@ -22,9 +22,10 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 
 install: $(VENV)/.installed-serve
 
-## Start the server with the packaged default model on http://$(HOST):$(PORT)
+## Start the server with the packaged default model on http://$(HOST):$(PORT), with a
+## random admin key for this run printed at start (real keys: `medserve keys create`)
 serve: $(VENV)/.installed-serve
-	$(BIN)/medserve serve --host $(HOST) --port $(PORT)
+	$(BIN)/medserve serve --host $(HOST) --port $(PORT) --dev-key
 
 ## Lint, type-check and run the whole test suite (what CI runs)
 test: $(VENV)/.installed-dev

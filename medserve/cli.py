@@ -245,6 +245,37 @@ def _print_report(report: Any) -> None:
 
 
 @app.command()
+def doctor(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    host: Annotated[str | None, typer.Option(help="Check this bind address instead.")] = None,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the weights' sha256.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Print the privacy and safety posture; exit 1 on a dangerous setting."""
+    import json
+
+    from medserve.doctor import checks
+
+    try:
+        settings = load_settings(config, host=host)
+        specs = served_models(settings, model)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    found = list(checks(settings, specs, hash_models=not no_hash))
+    if as_json:
+        print(json.dumps([c.__dict__ for c in found], indent=2))
+    else:
+        colour = {"ok": "green", "warn": "yellow", "danger": "bold red"}
+        table = Table("check", "", "detail", title="medserve posture")
+        for c in found:
+            table.add_row(c.name, f"[{colour[c.level]}]{c.level}[/]", c.detail)
+        Console().print(table)
+    if any(c.level == "danger" for c in found):
+        raise typer.Exit(1)
+
+
+@app.command()
 def version() -> None:
     """Print medserve's version."""
     Console().print(__version__)

@@ -270,6 +270,10 @@ class Settings(BaseSettings):
         None, description="Serve HTTPS with this certificate chain (PEM), with tls_keyfile."
     )
     tls_keyfile: Path | None = Field(None, description="Private key (PEM) for tls_certfile.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS); empty: CORS off.",
+    )
     egress_allow: list[str] = Field(
         default_factory=list,
         description="Hosts (names or IPs) besides loopback that medserve may connect to: "

@@ -256,3 +256,17 @@ def test_keys_and_failures_reach_the_audit_log_and_metrics(
     requests = [r for r in records if r["kind"] == "request" and r["endpoint"] == CHAT]
     assert [(r["status"], r["key_id"]) for r in requests][:2] == [(200, keys.user_id), (401, None)]
     assert requests[2]["error"] == "key_revoked"
+
+
+def test_cors_is_off_unless_origins_are_configured(keys: Keys, monkeypatch: Any) -> None:
+    preflight = {
+        "Origin": "https://portal.hospital.example",
+        "Access-Control-Request-Method": "POST",
+    }
+    with TestClient(create_app(Settings(), Router.from_specs([fake_spec()]))) as c:
+        r = c.options(CHAT, headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    monkeypatch.setenv("MEDSERVE_CORS_ORIGINS", '["https://portal.hospital.example"]')
+    with TestClient(create_app(Settings(), Router.from_specs([fake_spec()]))) as c:
+        r = c.options(CHAT, headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://portal.hospital.example"

@@ -1,0 +1,149 @@
+"""``medserve doctor``: the server's privacy and safety posture, checked before it starts.
+
+Each check is ``ok``, ``warn`` or ``danger``; any ``danger`` makes the command exit 1, so
+a deployment pipeline can refuse a configuration that would expose patient data (for
+example a non-loopback bind without authentication or without TLS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medserve.auth.keys import KeyStore
+from medserve.config import ConfigError, ModelSpec, Settings
+from medserve.privacy import OFFLINE_ENV
+
+Level = Literal["ok", "warn", "danger"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checks(
+    settings: Settings, models: list[ModelSpec], hash_models: bool = True
+) -> Iterator[Check]:
+    local = loopback(settings.host)
+    auth = settings.auth
+    tls = settings.tls_certfile is not None and settings.tls_keyfile is not None
+    yield Check(
+        "bind",
+        "ok" if local else "warn",
+        f"{settings.host}:{settings.port}" + ("" if local else " (reachable from the network)"),
+    )
+    if not auth.enabled:
+        yield Check("auth", "danger" if not local else "warn", "off: every request is anonymous")
+    else:
+        active: list[object] = []
+        if not auth.keys_path.is_file():  # never create it here: doctor changes nothing
+            detail = f"on; no keys database yet at {auth.keys_path} (medserve keys create)"
+        else:
+            try:
+                keys = KeyStore(auth.keys_path).all()
+                active = [k for k in keys if not k.revoked and not k.expired()]
+                detail = f"on; {len(active)} active keys in {auth.keys_path}"
+            except Exception as exc:  # any failure to read is what we report
+                detail = f"on; keys database unreadable ({type(exc).__name__})"
+        if auth.dev_key is not None:
+            detail += "; a dev key is configured"
+        level: Level = "warn" if (not active and auth.dev_key is None) or auth.dev_key else "ok"
+        yield Check("auth", level, detail)
+    if tls:
+        missing = [
+            p for p in (settings.tls_certfile, settings.tls_keyfile) if p and not p.is_file()
+        ]
+        yield Check(
+            "tls",
+            "danger" if missing else "ok",
+            f"missing {', '.join(map(str, missing))}" if missing else f"{settings.tls_certfile}",
+        )
+    else:
+        yield Check(
+            "tls",
+            "ok" if local else "danger",
+            "off (loopback only)" if local else "off on a network bind: traffic in clear text",
+        )
+    yield Check(
+        "metrics",
+        "warn" if auth.metrics == "open" and not local else "ok",
+        f"/metrics {auth.metrics}",
+    )
+    allowed = ", ".join(settings.egress_allow) or "loopback only"
+    yield Check("egress guard", "ok", f"on at start-up; allowed: {allowed}")
+    differing = sorted(k for k, v in OFFLINE_ENV.items() if os.environ.get(k) not in (None, v))
+    yield Check(
+        "offline env",
+        "ok",
+        "forced at start-up: "
+        + " ".join(f"{k}={v}" for k, v in OFFLINE_ENV.items())
+        + (f" (overriding {', '.join(differing)})" if differing else ""),
+    )
+    yield from _audit(settings)
+    for spec in models:
+        yield _model(spec, hash_models)
+
+
+def _audit(settings: Settings) -> Iterator[Check]:
+    conf = settings.audit
+    if not conf.enabled:
+        yield Check("audit", "danger", "off: requests leave no record")
+        return
+    directory = conf.path.parent
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    writable = existing is not None and os.access(existing, os.W_OK)
+    yield Check(
+        "audit log",
+        "ok" if writable else "danger",
+        f"{conf.path} ({'writable' if writable else 'not writable'}); "
+        f"on failure: {conf.on_failure}",
+    )
+    if conf.on_failure == "open":
+        yield Check("audit mode", "warn", "fail-open: requests are served when records are lost")
+    for name, path in (("audit secret", conf.key_path()), ("signing key", conf.signing_key_path())):
+        if path.is_file():
+            mode = path.stat().st_mode & 0o777
+            level: Level = "warn" if mode & 0o077 else "ok"
+            yield Check(name, level, f"{path} (mode {mode:o})")
+        else:
+            yield Check(name, "warn", f"{path} missing: created at first start")
+    if conf.checkpoint_file is None:
+        yield Check("checkpoints", "warn", "kept only in the log: set audit.checkpoint_file")
+    if conf.capture:
+        yield Check("content capture", "warn", "on: prompts and completions kept, encrypted")
+
+
+def _model(spec: ModelSpec, hash_models: bool) -> Check:
+    if spec.engine == "fake":
+        return Check(f"model {spec.id}", "warn", "fake engine (tests and demos only)")
+    try:
+        path = spec.weights()
+    except ConfigError as exc:
+        return Check(f"model {spec.id}", "danger", str(exc))
+    digest = f" sha256 {sha256(path)}" if hash_models else ""
+    return Check(f"model {spec.id}", "ok", f"{path}{digest}")

@@ -1,0 +1,61 @@
+"""`medserve doctor`: dangerous postures are named and make it exit 1."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from medserve.cli import app
+from medserve.config import AuditSettings, AuthSettings, ModelSpec, Settings
+from medserve.doctor import Check, checks
+
+
+def levels(found: list[Check]) -> dict[str, str]:
+    return {c.name: c.level for c in found}
+
+
+def posture(**overrides: Any) -> dict[str, str]:
+    return levels(list(checks(Settings(**overrides), [], hash_models=False)))
+
+
+def test_the_default_posture_has_no_danger() -> None:
+    found = posture()
+    assert "danger" not in found.values(), found
+    assert found["bind"] == found["tls"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"host": "0.0.0.0"}, "tls"),  # network bind, clear text
+        ({"host": "10.1.2.3", "auth": AuthSettings(enabled=False)}, "auth"),
+        ({"audit": AuditSettings(enabled=False)}, "audit"),
+        ({"tls_certfile": Path("/nope.pem"), "tls_keyfile": Path("/nope.key")}, "tls"),
+    ],
+)
+def test_dangerous_settings_are_named(overrides: dict[str, Any], name: str) -> None:
+    assert posture(**overrides)[name] == "danger"
+
+
+def test_models_are_listed_with_their_sha256(tmp_path: Path) -> None:
+    weights = tmp_path / "m.gguf"
+    weights.write_bytes(b"GGUF" + bytes(100))
+    spec = ModelSpec(id="m", path=weights)
+    missing = ModelSpec(id="gone", path=tmp_path / "gone.gguf")
+    found = list(checks(Settings(), [spec, missing]))
+    by_name = {c.name: c for c in found}
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() in by_name["model m"].detail
+    assert by_name["model gone"].level == "danger"
+
+
+def test_the_command_exits_1_on_danger_and_0_otherwise() -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["doctor", "--no-hash", "--json"])
+    assert ok.exit_code == 0, ok.stdout
+    bad = runner.invoke(app, ["doctor", "--no-hash", "--host", "0.0.0.0"])
+    assert bad.exit_code == 1
+    assert "danger" in bad.stdout
