@@ -16,6 +16,7 @@ from medserve import __version__
 from medserve.audit.cli import app as audit_app
 from medserve.auth.cli import app as keys_app
 from medserve.config import ConfigError, load_settings, served_models
+from medserve.console import ConfigOpt, err, fail
 from medserve.privacy import EgressGuard, apply_offline_env
 
 app = typer.Typer(
@@ -28,11 +29,7 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
-err = Console(stderr=True)
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=False)
-]
 ModelOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -41,11 +38,6 @@ ModelOpt = Annotated[
         help="Serve this GGUF instead of the registry: PATH.gguf or ID=PATH.gguf (repeatable).",
     ),
 ]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(2)
 
 
 @app.command()
@@ -92,7 +84,7 @@ def serve(
             raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
         router = Router.from_specs(served_models(settings, model))
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     logs.configure(settings.log_level)
     store = None
     if settings.audit.enabled:
@@ -101,7 +93,7 @@ def serve(
         try:
             store = audit.open_store(settings.audit)
         except (audit.AuditError, audit.AuditKeyError) as exc:
-            raise _fail(f"audit log: {exc}") from None
+            raise fail(f"audit log: {exc}") from None
     else:
         err.print("[bold yellow]warning:[/] the audit log is off (audit.enabled = false)")
     # From here on, nothing in this process may reach a non-local address.
@@ -142,7 +134,7 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
     try:
         specs = served_models(load_settings(config), model)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     table = Table("id", "engine", "context", "weights")
     for spec in specs:
         try:
@@ -185,13 +177,13 @@ def bench(
     try:
         prompts = load.load_prompts(prompt_file)
     except (OSError, ValueError, KeyError) as exc:
-        raise _fail(f"cannot read prompts: {exc}") from None
+        raise fail(f"cannot read prompts: {exc}") from None
     try:
         extra = json.loads(extra_body) if extra_body else {}
     except json.JSONDecodeError:
-        raise _fail("--extra-body is not valid JSON") from None
+        raise fail("--extra-body is not valid JSON") from None
     if not isinstance(extra, dict):
-        raise _fail("--extra-body must be a JSON object")
+        raise fail("--extra-body must be a JSON object")
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -261,7 +253,7 @@ def doctor(
         settings = load_settings(config, host=host)
         specs = served_models(settings, model)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     found = list(checks(settings, specs, hash_models=not no_hash))
     if as_json:
         print(json.dumps([c.__dict__ for c in found], indent=2))

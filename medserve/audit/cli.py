@@ -31,24 +31,18 @@ from medserve.audit.record import chat_input, parse_time
 from medserve.audit.store import read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, ConfigError, load_settings
+from medserve.console import ConfigOpt, err, fail
 
 app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
-err = Console(stderr=True)
 
 DbOpt = Annotated[Path | None, typer.Option("--db", help="Audit log [default: from settings].")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(2)
 
 
 def _conf(config: Path | None) -> AuditSettings:
     try:
         return load_settings(config).audit
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _settings(config: Path | None, db: Path | None) -> AuditSettings:
@@ -57,18 +51,18 @@ def _settings(config: Path | None, db: Path | None) -> AuditSettings:
     if db is not None:
         conf = conf.model_copy(update={"path": db})
     if not conf.path.is_file():
-        raise _fail(f"no audit log at {conf.path}")
+        raise fail(f"no audit log at {conf.path}")
     return conf
 
 
 def _secret(path: Path, what: str) -> bytes:
     """A key that must already exist: reading the log never creates keys."""
     if not path.is_file():
-        raise _fail(f"the {what} {path} does not exist")
+        raise fail(f"the {what} {path} does not exist")
     try:
         return load_or_create_secret(path, what)
     except AuditKeyError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command("verify")
@@ -92,9 +86,9 @@ def verify_command(
         pub = load_public_key(pub_path) if pub_path.is_file() or public_key else None
         external = load_checkpoint_file(checkpoints) if checkpoints else []
     except AuditKeyError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise _fail(f"cannot read checkpoints {checkpoints}: {type(exc).__name__}") from None
+        raise fail(f"cannot read checkpoints {checkpoints}: {type(exc).__name__}") from None
     result = verify(conf.path, keys, pub, external)
     if as_json:
         sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
@@ -132,13 +126,13 @@ def export_command(
 ) -> None:
     """Write the records of a time range as JSON lines or CSV."""
     if fmt not in ("jsonl", "csv"):
-        raise _fail("--format must be jsonl or csv")
+        raise fail("--format must be jsonl or csv")
     conf = _settings(config, db)
     try:
         start = parse_time(since) if since else None
         end = parse_time(until) if until else None
     except ValueError:
-        raise _fail("--since/--until must be ISO 8601 times, e.g. 2026-11-25T08:00") from None
+        raise fail("--since/--until must be ISO 8601 times, e.g. 2026-11-25T08:00") from None
     cipher = ContentCipher(_secret(content_key, "content key")) if content_key else None
     conn = exporting.open_readonly(conf.path)
     try:
@@ -209,7 +203,7 @@ def keygen_command(
             else:
                 load_or_create_secret(path, what)
         except AuditKeyError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         out.print(f"{'kept' if existed else 'created'} {what}: {path}", highlight=False)
 
 
@@ -234,9 +228,9 @@ def hash_command(
             messages = json.loads(data)
             data = chat_input([(str(m["role"]), str(m["content"])) for m in messages])
     except OSError as exc:
-        raise _fail(f"cannot read {file}: {exc.strerror}") from None
+        raise fail(f"cannot read {file}: {exc.strerror}") from None
     except (ValueError, TypeError, KeyError):
-        raise _fail(f'{file} is not a JSON list of {{"role", "content"}} messages') from None
+        raise fail(f'{file} is not a JSON list of {{"role", "content"}} messages') from None
     sys.stdout.write(keys.text_hmac(data) + "\n")
 
 

@@ -17,22 +17,16 @@ from rich.table import Table
 
 from medserve.auth.keys import ROLES, KeyStore, KeyStoreError, Role, parse_expiry
 from medserve.config import ConfigError, load_settings
+from medserve.console import ConfigOpt, fail
 
 app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
-err = Console(stderr=True)
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(2)
 
 
 def _store(config: Path | None) -> KeyStore:
     try:
         return KeyStore(load_settings(config).auth.keys_path)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command("create")
@@ -48,17 +42,17 @@ def create(
 ) -> None:
     """Create a key and print its secret, once."""
     if role not in ROLES:
-        raise _fail(f"--role must be one of {', '.join(ROLES)}")
+        raise fail(f"--role must be one of {', '.join(ROLES)}")
     scope = [m.strip() for m in models.split(",") if m.strip()] or ["*"]
     try:
         until = parse_expiry(expires) if expires else None
     except ValueError:
-        raise _fail("--expires must be an ISO 8601 date, e.g. 2027-06-30") from None
+        raise fail("--expires must be an ISO 8601 date, e.g. 2027-06-30") from None
     chosen: Role = next(r for r in ROLES if r == role)
     try:
         key, token = _store(config).create(name, chosen, scope, rpm, tpm, until)
     except KeyStoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps({**key.as_dict(), "key": token}) + "\n")
         return
@@ -102,5 +96,5 @@ def revoke(
     try:
         key = _store(config).revoke(key_id)
     except KeyStoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     Console().print(f"revoked key {key.id} ({key.name})", highlight=False)
