@@ -1,12 +1,15 @@
-"""Per-request plumbing as one pure ASGI middleware: id, body limit, headers, audit, log.
+"""Per-request plumbing as one pure ASGI middleware: id, authentication, body limit,
+headers, audit record, metrics, access log.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so streaming responses and disconnect
 messages pass through untouched. The body of a POST is read here, up to the configured
 limit, before the application sees it: a request over the limit gets 413 whether or not it
 declared its length, and the application still reads it as usual.
 
-Every request gets an :class:`Exchange`; the audit record is committed before the last
-byte of the response goes out (see :mod:`medserve.api.audit`).
+Every request gets an :class:`Exchange`. Its API key is checked before anything else
+(see :mod:`medserve.api.security`), and its audit record is committed before the last
+byte of the response goes out (see :mod:`medserve.api.audit`). Metrics and the access log
+read the finished exchange.
 
 The access log names the route template (``/v1/models/{model_id}``), not the raw path, and
 never the query string or body: both are client-controlled and may carry patient data.
