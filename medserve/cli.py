@@ -80,8 +80,6 @@ def serve(
             tls_certfile=ssl_certfile,
             tls_keyfile=ssl_keyfile,
         )
-        if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
-            raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
         router = Router.from_specs(served_models(settings, model))
     except ConfigError as exc:
         raise fail(str(exc)) from None

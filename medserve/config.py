@@ -287,6 +287,14 @@ class Settings(BaseSettings):
         default_factory=AuditSettings, description="The tamper-evident audit log."
     )
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError(
+                "TLS needs both tls_certfile and tls_keyfile (--ssl-certfile/--ssl-keyfile)"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

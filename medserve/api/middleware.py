@@ -117,15 +117,15 @@ class RequestContext:
             ex.status, ex.error = 500, MedserveError.type
             raise
         finally:
+            ex.endpoint = _endpoint(scope)
             if audited and not completed:
-                ex.endpoint = _endpoint(scope)
                 ex.status = 499 if ex.status < 500 else ex.status
                 self.auditor.request_later(ex)
             self.security.charge(
                 state["key"], (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
             )
-            self.metrics.observe(_observation(scope, ex))
-            _log(scope, ex)
+            self.metrics.observe(_observation(ex))
+            _log(ex)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self.max_body_bytes
@@ -171,10 +171,10 @@ def _error(exc: MedserveError, ex: Exchange) -> JSONResponse:
     return JSONResponse(envelope(exc), status_code=exc.status, headers=headers(exc))
 
 
-def _observation(scope: Scope, ex: Exchange) -> RequestObservation:
+def _observation(ex: Exchange) -> RequestObservation:
     return RequestObservation(
         model=ex.model or "",  # set only once the model was found among the served ones
-        endpoint=_endpoint(scope),
+        endpoint=ex.endpoint,
         status=ex.status or 500,
         duration_s=ex.latency_ms() / 1000,
         generation=ex.prompt_tokens is not None,
@@ -209,11 +209,11 @@ def _match(routes: Iterable[Any], scope: Scope) -> Any:
     return None
 
 
-def _log(scope: Scope, ex: Exchange) -> None:
+def _log(ex: Exchange) -> None:
     extra: dict[str, Any] = {
         "request_id": ex.request_id,
         "method": ex.method,
-        "route": _endpoint(scope),
+        "route": ex.endpoint,
         "status": ex.status or 500,
         "duration_ms": ex.latency_ms(),
         "model": ex.model,

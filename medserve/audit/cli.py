@@ -28,7 +28,7 @@ from medserve.audit.keys import (
     signing_key_paths,
 )
 from medserve.audit.record import chat_input, parse_time
-from medserve.audit.store import read_checkpoints
+from medserve.audit.store import connect, read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, ConfigError, load_settings
 from medserve.console import ConfigOpt, err, fail
@@ -134,7 +134,7 @@ def export_command(
     except ValueError:
         raise fail("--since/--until must be ISO 8601 times, e.g. 2026-11-25T08:00") from None
     cipher = ContentCipher(_secret(content_key, "content key")) if content_key else None
-    conn = exporting.open_readonly(conf.path)
+    conn = connect(conf.path, readonly=True)
     try:
         items = exporting.records(conn, since=start, until=end, cipher=cipher)
         if out is None:
@@ -156,7 +156,7 @@ def tail_command(
 ) -> None:
     """Print the last records as JSON lines (and, with --follow, new ones as they come)."""
     conf = _settings(config, db)
-    conn = exporting.open_readonly(conf.path)
+    conn = connect(conf.path, readonly=True)
     try:
         after = max(0, exporting.last_seq(conn) - lines)
         while True:
@@ -242,7 +242,7 @@ def checkpoints_command(
 ) -> None:
     """Export the signed checkpoints (JSON lines) to keep them away from the log."""
     conf = _settings(config, db)
-    conn = exporting.open_readonly(conf.path)
+    conn = connect(conf.path, readonly=True)
     try:
         text = "".join(json.dumps(c, sort_keys=True) + "\n" for c in read_checkpoints(conn))
     finally:

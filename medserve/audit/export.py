@@ -12,14 +12,12 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import fields
-from pathlib import Path
 from typing import IO, Any
 
 from cryptography.exceptions import InvalidTag
 
 from medserve.audit.keys import ContentCipher
 from medserve.audit.record import RequestFacts
-from medserve.audit.store import connect
 
 CSV_COLUMNS = [
     "seq",
@@ -91,7 +89,3 @@ def write(items: Iterator[dict[str, Any]], out: IO[str], fmt: str) -> int:
         out.write(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n")
         n += 1
     return n
-
-
-def open_readonly(db: Path) -> sqlite3.Connection:
-    return connect(db, readonly=True)

@@ -93,10 +93,8 @@ class StoreStats:
 
     written: int = 0
     failed: int = 0
-    batches: int = 0
     checkpoints: int = 0
     last_seq: int = 0
-    write_seconds: float = 0.0
 
 
 class AuditStore(Protocol):
@@ -401,12 +399,9 @@ class SQLiteStore:
         self._head = (seq, prev)
         self._failed_at = None
         self.stats.written += len(batch)
-        self.stats.batches += 1
         self.stats.last_seq = seq
-        took = time.perf_counter() - started
-        self.stats.write_seconds += took
         if self.on_commit is not None:
-            self.on_commit(took)
+            self.on_commit(time.perf_counter() - started)
         _settle(batch, [row[0] for row in rows])
 
     def _lose(self, batch: list[_Entry], error: AuditWriteError) -> None:

@@ -115,3 +115,8 @@ def test_served_models_rejects_duplicates(tmp_path: Path) -> None:
 def test_served_models_empty_registry(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no models to serve"):
         served_models(load_settings(models_dir=tmp_path))
+
+
+def test_tls_needs_both_files() -> None:
+    with pytest.raises(ConfigError, match="tls_certfile and tls_keyfile"):
+        load_settings(tls_certfile=Path("cert.pem"))
