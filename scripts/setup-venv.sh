@@ -50,12 +50,22 @@ build_key="$(printf '%s\n' "$(uname -m)" "$cmake_args" | sha256sum | cut -c1-12)
 wheels="$cache_root/$build_key"
 mkdir -p "$wheels"
 
+# The source distribution is kept too: it is what the wheel is built from, and it carries
+# llama.cpp's HF->GGUF converter of exactly this version (used by `medserve quantize`).
+sdists="$cache_root/sdist"
+sdist="$sdists/llama_cpp_python-$llama_version.tar.gz"
+if [ ! -f "$sdist" ]; then
+  echo "==> downloading the llama-cpp-python $llama_version source distribution"
+  mkdir -p "$sdists"
+  "${pip[@]}" download --quiet --no-binary :all: --no-deps \
+    "llama-cpp-python==$llama_version" -d "$sdists"
+fi
+
 if ! ls "$wheels"/llama_cpp_python-"$llama_version"-*.whl >/dev/null 2>&1; then
   echo "==> building llama-cpp-python $llama_version from source (first time on this machine: 3-16 min)"
   # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and could hand back a wheel
   # built with other flags.
-  CMAKE_ARGS="$cmake_args" "${pip[@]}" wheel --no-cache-dir --no-deps \
-    "llama-cpp-python==$llama_version" -w "$wheels"
+  CMAKE_ARGS="$cmake_args" "${pip[@]}" wheel --no-cache-dir --no-deps "$sdist" -w "$wheels"
 fi
 
 # Install the cached wheel itself, replacing a llama-cpp-python of the same version built
@@ -68,6 +78,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wheel_id" ]; then
   "${pip[@]}" install --quiet --force-reinstall --no-deps "$wheel"
   "${pip[@]}" install --quiet "$wheel"  # its own dependencies (numpy, jinja2, ...)
   echo "$wheel_id" > "$stamp"
+fi
+
+# llama.cpp's HF->GGUF converter of exactly the engine's version, for `medserve quantize`:
+# it ships only in the source distribution (the wheel holds the runtime alone).
+converter="$venv/share/medserve/llama.cpp-$llama_version"
+if [ ! -f "$converter/convert_hf_to_gguf.py" ]; then
+  echo "==> placing llama.cpp's converter ($llama_version) in $converter"
+  rm -rf "$converter.partial" && mkdir -p "$converter.partial"
+  tar -xzf "$sdist" -C "$converter.partial" --strip-components=3 \
+    "llama_cpp_python-$llama_version/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$llama_version/vendor/llama.cpp/conversion" \
+    "llama_cpp_python-$llama_version/vendor/llama.cpp/gguf-py" \
+    "llama_cpp_python-$llama_version/vendor/llama.cpp/LICENSE"
+  rm -rf "$converter" && mv "$converter.partial" "$converter"
 fi
 
 spec="$root"
