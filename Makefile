@@ -10,12 +10,13 @@ $(VENV)/.installed-serve: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh
 	touch $@
 
+# The tests cover `medserve quantize`, so they need its extra (torch, transformers, ...).
 $(VENV)/.installed-dev: pyproject.toml scripts/setup-venv.sh
-	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant
 	touch $@ $(VENV)/.installed-serve
 
 $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
-	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,bench
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
 .PHONY: install serve test lint typecheck unit bench clean

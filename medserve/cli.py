@@ -1,4 +1,4 @@
-"""The ``medserve`` command: serve models, list the registry."""
+"""The ``medserve`` command: serve, quantize, the registry, audit, keys, bench, doctor."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from medserve.auth.cli import app as keys_app
 from medserve.config import ConfigError, load_settings, served_models
 from medserve.console import ConfigOpt, err, fail
 from medserve.privacy import EgressGuard, apply_offline_env
+from medserve.quantize.cli import add as add_model
+from medserve.quantize.cli import quantize
 
 app = typer.Typer(
     name="medserve",
@@ -29,6 +31,8 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+app.command()(quantize)
+models_app.command("add")(add_model)
 
 ModelOpt = Annotated[
     list[str] | None,

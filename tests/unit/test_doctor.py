@@ -59,3 +59,17 @@ def test_the_command_exits_1_on_danger_and_0_otherwise() -> None:
     bad = runner.invoke(app, ["doctor", "--no-hash", "--host", "0.0.0.0"])
     assert bad.exit_code == 1
     assert "danger" in bad.stdout
+
+
+def test_a_model_that_no_longer_matches_its_manifest_is_a_danger(tmp_path: Path) -> None:
+    from medserve.quantize import manifest as mf
+
+    weights = tmp_path / "m.gguf"
+    weights.write_bytes(b"GGUF" + bytes(100))
+    mf.write(tmp_path, {"kind": "gguf"})
+    spec = ModelSpec(id="m", path=weights, manifest=tmp_path / mf.NAME)
+    (ok,) = [c for c in checks(Settings(), [spec]) if c.name == "model m"]
+    assert ok.level == "ok" and "matches its manifest" in ok.detail
+    weights.write_bytes(b"GGUF" + bytes(101))
+    (bad,) = [c for c in checks(Settings(), [spec]) if c.name == "model m"]
+    assert bad.level == "danger" and "does not match its manifest" in bad.detail
