@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,6 +144,29 @@ def test_interrupt_leaves_no_half_written_artifact(
         run(opts, Interrupt(at))
     assert not out.exists()
     assert partials(tmp_path) == []
+
+
+def test_ctrl_c_during_a_real_run_removes_the_work_directory(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "artifact"
+    cmd = [sys.executable, "-m", "medserve", "quantize", str(tiny_llama), "--to", "gptq",
+           "--samples", "16", "--out", str(out), "--json"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # Interrupt once the run is inside its work directory (bounded wait for it).
+        deadline = time.monotonic() + 120
+        while not any(tmp_path.glob(".artifact.partial-*/.work")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the run never started its work"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: nothing was written" in err
+    assert not out.exists() and partials(tmp_path) == []
 
 
 def test_force_replaces_an_existing_artifact_only_when_asked(
