@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +36,7 @@ from medserve.quantize.source import (
     merge_lora,
 )
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOOLS = (
     "medserve",
     "llama-cpp-python",
@@ -107,6 +109,8 @@ def run(opts: Options, reporter: Reporter) -> dict[str, Any]:
             raise QuantizeError("--bits must be 4 or 8")
     if opts.eval_mcq is not None:
         ev.load_mcq(opts.eval_mcq)
+    if opts.dtype not in DTYPES:
+        raise QuantizeError(f"--dtype must be one of {', '.join(DTYPES)}")
     out = opts.out.resolve()
     if out.exists() and not opts.force:
         raise QuantizeError(f"--out {out} exists: choose a new directory, or --force to replace it")
@@ -159,11 +163,11 @@ def _build(
         return [int(i) for i in tokenizer(s, add_special_tokens=True)["input_ids"]]
 
     dtype_name = dtype_of(config) if opts.dtype == "auto" else opts.dtype
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise QuantizeError("--dtype must be auto, float32, bfloat16 or float16")
+    dtype = getattr(torch, dtype_name, torch.float32)
     with reporter.stage("load original"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        # Evaluation on the GPU when there is one; GPTQ moves layers there by itself.
+        _move(model, _device())
     parameters = sum(p.numel() for p in model.parameters())
     widths: dict[str, int] = {}
     if opts.to == "gptq":
@@ -203,9 +207,11 @@ def _build(
         tools_extra["converter"] = {"path": str(script), "sha256": mf.sha256_file(script)}
     else:
         del scorer
-        artifacts = _gptq(opts, model, widths, tokenizer, model_dir, partial, evaluation, reporter)
-        del model
+        _move(model, "cpu")
+        artifact = _gptq_write(opts, model, widths, tokenizer, model_dir, partial, reporter)
+        del model  # the last reference: the quantized copy is loaded back from disk
         gc.collect()
+        artifacts = [_gptq_evaluate(artifact, partial, evaluation, reporter)]
         tools_extra = {}
     shutil.rmtree(work)
     return {
@@ -240,10 +246,12 @@ def _build(
 
 @dataclass(frozen=True)
 class _Eval:
+    """What every artifact is scored on, and how its result is set against the original."""
+
     text: ev.EvalText
     questions: list[ev.Question]
-    encode: Any
-    compare: Any
+    encode: Callable[[str], list[int]]
+    compare: Callable[[dict[str, Any], list[str]], dict[str, Any]]
     threads: int
 
     @property
@@ -309,18 +317,16 @@ def _gguf(
     return artifacts
 
 
-def _gptq(
+def _gptq_write(
     opts: Options,
     model: Any,
     widths: dict[str, int],
     tokenizer: Any,
     model_dir: Path,
     partial: Path,
-    evaluation: _Eval,
     reporter: Reporter,
-) -> list[dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
+) -> dict[str, Any]:
+    """Calibrate and quantize ``model`` in place, save it compressed; the artifact's facts."""
     from medserve.quantize import gptq
 
     texts = gptq.load_calibration(opts.calibration or project_file("calibration.jsonl"))
@@ -335,35 +341,48 @@ def _gptq(
         for file in TOKENIZER_FILES:
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, partial / file)
-    del model
-    gc.collect()
-    with reporter.stage("load back and evaluate", total=evaluation.steps) as stage:
-        quantized = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True)
-        scorer = ev.HFScorer(quantized)
-        result = ev.perplexity(scorer, evaluation.text, stage)
-        answers = ev.mcq_answers(scorer, evaluation.encode, evaluation.questions, stage)
-        del quantized, scorer
-        gc.collect()
     weights = sorted(partial.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in weights)
     # What vLLM will read to pick its kernels.
     written = json.loads((partial / "config.json").read_text(encoding="utf-8"))
-    quant_method = written.get("quantization_config", {}).get("quant_method")
-    return [
-        {
-            "file": [f.name for f in weights],
-            "format": "gptq",
-            "type": f"w{opts.bits}a16-g{opts.group_size}",
-            "quant_method": str(quant_method),
-            "bits": opts.bits,
-            "group_size": opts.group_size,
-            "bytes": size,
-            "bits_per_weight": round(8 * size / parameters, 3),
-            "samples": len(sequences),
-            "seconds": round(seconds, 2),
-            **evaluation.compare(result, answers),
-        }
-    ]
+    return {
+        "file": [f.name for f in weights],
+        "format": "gptq",
+        "type": f"w{opts.bits}a16-g{opts.group_size}",
+        "quant_method": written.get("quantization_config", {}).get("quant_method"),
+        "bits": opts.bits,
+        "group_size": opts.group_size,
+        "bytes": size,
+        "bits_per_weight": round(8 * size / parameters, 3),
+        "samples": len(sequences),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _gptq_evaluate(
+    artifact: dict[str, Any], partial: Path, evaluation: _Eval, reporter: Reporter
+) -> dict[str, Any]:
+    """Load the written checkpoint back (as vLLM or transformers would) and score it."""
+    from transformers import AutoModelForCausalLM
+
+    with reporter.stage("load back and evaluate", total=evaluation.steps) as stage:
+        quantized = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True)
+        scorer = ev.HFScorer(_move(quantized, _device()))
+        result = ev.perplexity(scorer, evaluation.text, stage)
+        answers = ev.mcq_answers(scorer, evaluation.encode, evaluation.questions, stage)
+    del quantized, scorer
+    gc.collect()
+    return {**artifact, **evaluation.compare(result, answers)}
+
+
+def _move(model: Any, device: str) -> Any:
+    return model.to(device)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _versions() -> dict[str, str | None]:
