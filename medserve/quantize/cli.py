@@ -118,7 +118,7 @@ def quantize(
             err.print("interrupted: nothing was written")
             raise typer.Exit(130) from None
     if as_json:
-        print(json.dumps(manifest, indent=2))
+        sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
     else:
         show(manifest, out)
 
