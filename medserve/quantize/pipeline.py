@@ -348,7 +348,8 @@ def _gptq_write(
     return {
         "file": [f.name for f in weights],
         "format": "gptq",
-        "type": f"w{opts.bits}a16-g{opts.group_size}",
+        "type": f"w{opts.bits}a16-"
+        + ("channel" if opts.group_size == -1 else f"g{opts.group_size}"),
         "quant_method": written.get("quantization_config", {}).get("quant_method"),
         "bits": opts.bits,
         "group_size": opts.group_size,
