@@ -7,17 +7,16 @@ example a non-loopback bind without authentication or without TLS).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from medserve.auth.keys import KeyStore
 from medserve.config import ConfigError, ModelSpec, Settings
 from medserve.privacy import OFFLINE_ENV
+from medserve.quantize.manifest import ManifestError, check_file, sha256_file
 
 Level = Literal["ok", "warn", "danger"]
 
@@ -36,14 +35,6 @@ def loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checks(
@@ -146,12 +137,10 @@ def _model(spec: ModelSpec, hash_models: bool) -> Check:
     except ConfigError as exc:
         return Check(f"model {spec.id}", "danger", str(exc))
     if spec.manifest is not None and hash_models:
-        from medserve.quantize.manifest import ManifestError, check_file
-
         try:
             digest = check_file(spec.manifest, path)
         except ManifestError as exc:
             return Check(f"model {spec.id}", "danger", str(exc))
         return Check(f"model {spec.id}", "ok", f"{path} sha256 {digest} (matches its manifest)")
-    digest = f" sha256 {sha256(path)}" if hash_models else ""
+    digest = f" sha256 {sha256_file(path)}" if hash_models else ""
     return Check(f"model {spec.id}", "ok", f"{path}{digest}")

@@ -18,12 +18,10 @@ from medserve.console import err, fail
 from medserve.quantize import QuantizeError
 from medserve.quantize import manifest as mf
 
-Kind = typer.Option("--to", help="gguf (llama.cpp, CPU) or gptq (vLLM, GPU).")
-
 
 def quantize(
     source: Annotated[Path, typer.Argument(help="Local HF checkpoint directory (safetensors).")],
-    to: Annotated[str, Kind],
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, CPU) or gptq (vLLM, GPU).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")],
     lora: Annotated[
         Path | None, typer.Option(help="PEFT LoRA adapter directory, merged in first.")

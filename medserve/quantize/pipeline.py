@@ -98,11 +98,12 @@ def run(opts: Options, reporter: Reporter) -> dict[str, Any]:
     config = check_checkpoint(opts.source)
     if opts.lora is not None:
         check_adapter(opts.lora)
+    script = None
     if opts.to == "gguf":
         unknown = [t for t in opts.types if t not in gguf.TYPES]
         if unknown or not opts.types:
             raise QuantizeError(f"--type must be among {', '.join(gguf.TYPES)}")
-        gguf.converter(opts.converter)
+        script = gguf.converter(opts.converter)
     else:
         gptq.load_calibration(opts.calibration or project_file("calibration.jsonl"))
         if opts.bits not in gptq.BITS:
@@ -117,7 +118,7 @@ def run(opts: Options, reporter: Reporter) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = _build(opts, config, partial, reporter)
+        manifest = _build(opts, config, script, partial, reporter)
         mf.write(partial, manifest)
         _replace(partial, out)
     except BaseException:
@@ -137,8 +138,9 @@ def _replace(partial: Path, out: Path) -> None:
 
 
 def _build(
-    opts: Options, config: dict[str, Any], partial: Path, reporter: Reporter
+    opts: Options, config: dict[str, Any], script: Path | None, partial: Path, reporter: Reporter
 ) -> dict[str, Any]:
+    """Everything between the checks and the manifest: returns the manifest's content."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,9 +185,8 @@ def _build(
         original_answers = ev.mcq_answers(scorer, encode, questions, stage)
     baseline = {"dtype": dtype_name, **original}
     if questions:
-        baseline["mcq_accuracy"] = ev.mcq_report(questions, original_answers, original_answers)[
-            "accuracy_original"
-        ]
+        right = sum(a == q.answer for a, q in zip(original_answers, questions, strict=True))
+        baseline["mcq_accuracy"] = round(right / len(questions), 4)
 
     def compare(result: dict[str, Any], answers: list[str]) -> dict[str, Any]:
         change = 100 * (result["perplexity"] / original["perplexity"] - 1)
@@ -196,14 +197,11 @@ def _build(
 
     evaluation = _Eval(text, questions, encode, compare, opts.threads or os.cpu_count() or 1)
     name = opts.name or opts.source.resolve().name
-    if opts.to == "gguf":
+    tools_extra: dict[str, Any] = {}
+    if script is not None:
         del model, scorer
         gc.collect()
-        artifacts = _gguf(opts, model_dir, name, partial, work, evaluation, reporter)
-        tools_extra: dict[str, Any] = {}
-        from medserve.quantize import gguf
-
-        script = gguf.converter(opts.converter)
+        artifacts = _gguf(opts, script, model_dir, name, partial, work, evaluation, reporter)
         tools_extra["converter"] = {"path": str(script), "sha256": mf.sha256_file(script)}
     else:
         del scorer
@@ -212,7 +210,6 @@ def _build(
         del model  # the last reference: the quantized copy is loaded back from disk
         gc.collect()
         artifacts = [_gptq_evaluate(artifact, partial, evaluation, reporter)]
-        tools_extra = {}
     shutil.rmtree(work)
     return {
         "kind": opts.to,
@@ -261,6 +258,7 @@ class _Eval:
 
 def _gguf(
     opts: Options,
+    script: Path,
     model_dir: Path,
     name: str,
     partial: Path,
@@ -270,7 +268,6 @@ def _gguf(
 ) -> list[dict[str, Any]]:
     from medserve.quantize import gguf
 
-    script = gguf.converter(opts.converter)
     keep_base = opts.base in opts.types
     base_path = (partial if keep_base else work) / f"{name}-{opts.base}.gguf"
     with reporter.stage(f"convert to {opts.base}", total=gguf.tensor_count(model_dir)) as stage:
