@@ -14,7 +14,13 @@ from medserve.audit.keys import (
     load_or_create_signing_key,
 )
 from medserve.audit.record import EventFacts, RequestFacts
-from medserve.audit.store import AuditError, AuditStore, AuditWriteError, SQLiteStore
+from medserve.audit.store import (
+    AuditError,
+    AuditStore,
+    AuditWriteError,
+    SQLiteStore,
+    prepare_directory,
+)
 from medserve.config import AuditSettings
 
 __all__ = [
@@ -48,8 +54,10 @@ def content_cipher(settings: AuditSettings) -> ContentCipher | None:
 def open_store(settings: AuditSettings) -> SQLiteStore:
     """The configured store, opened: keys loaded (or created), head checked, writer running.
 
-    Raises :class:`AuditError` or :class:`AuditKeyError` with a message that says what to fix.
+    Raises :class:`AuditError` or :class:`AuditKeyError` with a message that says what to fix
+    (the log's directory is checked first: the keys live in it by default).
     """
+    prepare_directory(settings.path)
     store = SQLiteStore(
         settings.path,
         chain_keys(settings),

@@ -17,6 +17,17 @@ an attacker with write access, who can drop the trigger: the keyed chain and the
 checkpoints are what catch them. A second process opening the same file for writing is
 refused (a lock file), because two writers would fork the chain.
 
+Faults. :meth:`SQLiteStore.open` proves the file writable by committing a write (SQLite
+would otherwise open a read-only file read-only without a word, and every later record
+would fail), so a server refuses to start on a log it cannot write, with a message that
+names the path and what to fix. A write that fails at run time (disk full, file made
+read-only, I/O error) closes the writer's connection; the next batch, or a :meth:`recover`
+request, opens a new one, proves it writable the same way, and re-reads the chain's head
+from the file before writing: the chain goes on from the last record the file holds, and
+the store refuses to go on (stays failed) if the file no longer holds the records this
+writer committed. The records of a failed batch are never retried: their callers were told
+(:class:`AuditWriteError`, or ``on_lost``).
+
 The :class:`AuditStore` protocol is what the server needs; a PostgreSQL store for several
 replicas implements the same methods (one chain per replica, or a sequence held by the
 database with the hash computed inside the inserting transaction).
@@ -111,6 +122,7 @@ class AuditStore(Protocol):
     ) -> None: ...
     async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int: ...
     def available(self) -> bool: ...
+    def recover(self) -> None: ...
 
 
 Lost = Callable[[], object]
@@ -127,6 +139,7 @@ class _Entry:
 
 
 _STOP = object()
+_RECOVER = object()
 
 
 def connect(
@@ -186,35 +199,42 @@ class SQLiteStore:
         self._head = (0, record.GENESIS)
         self._checkpointed = (0, time.monotonic())
         self._failed_at: float | None = None
+        self._recover_queued = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or reopen the log, check it continues with this key, start the writer."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create or reopen the log, check it continues with this key and can be written,
+        start the writer.
+
+        Raises :class:`AuditError` naming the path and what to fix: a directory that cannot
+        be created, a file or directory this process cannot write, a file that is not an
+        SQLite database, a full disk, a log whose last record does not verify.
+        """
+        prepare_directory(self.path)
         if not self.path.exists():
             # Owner-only from the first byte: SQLite gives its -wal and -shm files the
             # same mode. The log holds no text, but it does hold who asked what, when.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except OSError as exc:
+                raise AuditError(
+                    f"cannot create the audit log {self.path}: {exc.strerror}: {_FIX_DIR}"
+                ) from None
         self._lock = _lock_file(self.path.with_name(self.path.name + ".lock"))
         try:
-            self._conn = connect(self.path, busy_timeout_ms=self.busy_timeout_ms)
-            self._conn.executescript(SCHEMA)
-            self._check_meta(self._conn)
+            self._conn = self._connect()
             self._head = self._check_head(self._conn)
             last_cp = self._conn.execute("SELECT max(seq) FROM checkpoints").fetchone()[0] or 0
         except sqlite3.Error as exc:
             self._release()
-            raise AuditError(f"cannot open the audit log {self.path}: {exc}") from None
+            raise AuditError(explain(self.path, exc)) from None
         except AuditError:
             self._release()
             raise
         self.stats.last_seq = self._head[0]
         self._checkpointed = (last_cp, time.monotonic())
-        # WAL pages are copied into the database by a thread of its own (a checkpoint
-        # fsyncs the database; done on the commit path it would stall every waiting
-        # request), so the writer's connection never checkpoints by itself.
-        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._failed_at = None
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="medserve-audit", daemon=True)
         self._thread.start()
@@ -234,26 +254,117 @@ class SQLiteStore:
         self._release()
 
     def _merge(self) -> None:
-        """Copy the WAL into the database every WAL_MERGE_S seconds, off the commit path."""
-        conn = connect(self.path, busy_timeout_ms=0)
+        """Copy the WAL into the database every WAL_MERGE_S seconds, off the commit path.
+
+        A failed merge closes the connection and the next round opens a new one, so a
+        fault that is repaired (a full disk, a file made read-only) is recovered from.
+        """
+        conn: sqlite3.Connection | None = None
+        failing = False
         try:
             while not self._stopping.wait(WAL_MERGE_S):
                 try:
+                    conn = conn or connect(self.path, busy_timeout_ms=0)
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    failing = False
                 except sqlite3.Error as exc:
-                    log.warning("audit WAL merge failed", extra={"error": type(exc).__name__})
+                    _close(conn)
+                    conn = None
+                    if not failing:  # once per outage, not once a second
+                        log.warning("audit WAL merge failed", extra={"error": _name(exc)})
+                    failing = True
             with contextlib.suppress(sqlite3.Error):
+                conn = conn or connect(self.path, busy_timeout_ms=0)
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
-            conn.close()
+            _close(conn)
 
     def _release(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        _close(self._conn)
+        self._conn = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def _connect(self) -> sqlite3.Connection:
+        """A writer's connection to the log, proven writable; raises :class:`AuditError`.
+
+        SQLite opens a file it cannot write read-only without an error, and its reads
+        then work: only a committed write shows the file, its directory (the -wal and
+        -shm files) and the disk can take a record. The probe is one row of ``meta``.
+        """
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect(self.path, busy_timeout_ms=self.busy_timeout_ms)
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                raise AuditError(
+                    f"the audit log {self.path} cannot use write-ahead logging (journal mode "
+                    f"{mode}): {_FIX_DIR}"
+                )
+            conn.executescript(SCHEMA)
+            self._check_meta(conn)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('writable_at', ?)", (record.now(),))
+            # WAL pages are copied into the database by a thread of its own (a checkpoint
+            # fsyncs the database; done on the commit path it would stall every waiting
+            # request), so the writer's connection never checkpoints by itself.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error as exc:
+            _close(conn)
+            raise AuditError(explain(self.path, exc)) from None
+        except AuditError:
+            _close(conn)
+            raise
+        return conn
+
+    def _reconnect(self) -> None:
+        """Replace a failed connection (writer thread): a new one, proven writable, and
+        the head re-read from the file. Raises :class:`AuditError` and stays closed."""
+        conn = self._connect()
+        try:
+            head = self._continue_from(conn)
+            last_cp = conn.execute("SELECT max(seq) FROM checkpoints").fetchone()[0] or 0
+        except sqlite3.Error as exc:
+            _close(conn)
+            raise AuditError(explain(self.path, exc)) from None
+        except AuditError:
+            _close(conn)
+            raise
+        if head[0] > self._head[0]:
+            # A commit reported as failed reached the file after all (an fsync error
+            # after the write): its records stand, and the chain goes on after them.
+            log.warning(
+                "audit records reported as lost were committed",
+                extra={"count": head[0] - self._head[0]},
+            )
+        self._conn, self._head = conn, head
+        self.stats.last_seq = head[0]
+        self._checkpointed = (last_cp, self._checkpointed[1])
+        log.warning("audit log reopened", extra={"last_seq": head[0]})
+
+    def _continue_from(self, conn: sqlite3.Connection) -> tuple[int, bytes]:
+        """The file's head, checked to continue the chain this writer last committed."""
+        seq, digest = self._head
+        rows = conn.execute(
+            "SELECT seq, body, prev_hash, hash FROM records WHERE seq >= ? ORDER BY seq",
+            (seq,),
+        ).fetchall()
+        if seq > 0:
+            if not rows or rows[0][0] != seq or bytes(rows[0][3]) != digest:
+                raise AuditError(
+                    f"the audit log {self.path} no longer holds record {seq} as this server "
+                    "wrote it: preserve the file and run `medserve audit verify`"
+                )
+            rows = rows[1:]
+        for row_seq, body, prev_hash, stored in rows:
+            ok = row_seq == seq + 1 and bytes(prev_hash) == digest
+            if not ok or self.keys.record_hash(prev_hash, body) != stored:
+                raise AuditError(
+                    f"the audit log {self.path} does not continue its chain at record "
+                    f"{row_seq}: preserve the file and run `medserve audit verify`"
+                )
+            seq, digest = int(row_seq), bytes(stored)
+        return seq, digest
 
     def _check_meta(self, conn: sqlite3.Connection) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -318,9 +429,19 @@ class SQLiteStore:
         return await asyncio.shield(waiter)
 
     def available(self) -> bool:
-        """False from a failed commit until the next successful one, and once closed."""
+        """False from a failed commit until the next successful one (or a successful
+        :meth:`recover`), and once closed."""
         alive = self._thread is not None and self._thread.is_alive()
         return alive and self._failed_at is None
+
+    def recover(self) -> None:
+        """Ask the writer to reopen a failed log now, without waiting (a readiness probe
+        calls this: a server that gets no traffic while failed still recovers). At most
+        one request is queued at a time; a no-op while the log is available."""
+        if self._thread is None or self._failed_at is None or self._recover_queued.is_set():
+            return
+        self._recover_queued.set()
+        self._queue.put(_RECOVER)
 
     def _run(self) -> None:
         while True:
@@ -328,6 +449,9 @@ class SQLiteStore:
                 item = self._queue.get(timeout=self._until_checkpoint())
             except queue.Empty:
                 self._maybe_checkpoint(force=False)
+                continue
+            if item is _RECOVER:
+                self._recover()
                 continue
             batch = [item] if isinstance(item, _Entry) else []
             stop = item is _STOP or self._take(batch, self.batch_max)
@@ -338,9 +462,7 @@ class SQLiteStore:
                     self._write(batch)
                 except Exception as exc:  # a bug must not leave callers waiting forever
                     log.exception("audit writer failed")
-                    self._failed_at = time.monotonic()
-                    self.stats.failed += len(batch)
-                    self._lose(batch, AuditWriteError(type(exc).__name__))
+                    self._fail(batch, AuditWriteError(type(exc).__name__))
             self._maybe_checkpoint(force=stop)
             if stop:
                 return
@@ -355,11 +477,33 @@ class SQLiteStore:
                 break
             if isinstance(item, _Entry):
                 batch.append(item)
-            else:
+            elif item is _STOP:
                 stop = True
         return stop
 
+    def _recover(self) -> None:
+        """Reopen a failed log (writer thread); the probe write in :meth:`_connect` is the
+        successful commit that makes the store available again."""
+        self._recover_queued.clear()
+        if self._failed_at is None:
+            return
+        _close(self._conn)
+        self._conn = None
+        try:
+            self._reconnect()
+        except AuditError as exc:
+            log.error("audit log still failing", extra={"error": str(exc)})
+            return
+        self._failed_at = None
+
     def _write(self, batch: list[_Entry]) -> None:
+        if self._conn is None:  # the last write failed: a new connection, or fail again
+            try:
+                self._reconnect()
+            except AuditError as exc:
+                log.error("audit log still failing", extra={"error": str(exc)})
+                self._fail(batch, AuditWriteError("AuditError"))
+                return
         assert self._conn is not None
         started = time.perf_counter()
         seq, prev = self._head
@@ -388,13 +532,8 @@ class SQLiteStore:
             else:  # one statement is its own atomic transaction
                 _insert(self._conn, "records", rows)
         except sqlite3.Error as exc:
-            _rollback(self._conn)
-            self._failed_at = time.monotonic()
-            self.stats.failed += len(batch)
-            log.error(
-                "audit write failed", extra={"error": type(exc).__name__, "count": len(batch)}
-            )
-            self._lose(batch, AuditWriteError(type(exc).__name__))
+            log.error("audit write failed", extra={"error": _name(exc), "count": len(batch)})
+            self._fail(batch, AuditWriteError(_name(exc)))
             return
         self._head = (seq, prev)
         self._failed_at = None
@@ -403,6 +542,17 @@ class SQLiteStore:
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
         _settle(batch, [row[0] for row in rows])
+
+    def _fail(self, batch: list[_Entry], error: AuditWriteError) -> None:
+        """The batch is lost: close the connection (the next write opens a new one and
+        re-reads the head), mark the store failed, tell every caller."""
+        if self._conn is not None:
+            _rollback(self._conn)
+            _close(self._conn)
+            self._conn = None
+        self._failed_at = time.monotonic()
+        self.stats.failed += len(batch)
+        self._lose(batch, error)
 
     def _lose(self, batch: list[_Entry], error: AuditWriteError) -> None:
         for entry in batch:
@@ -413,6 +563,8 @@ class SQLiteStore:
     # -- checkpoints ----------------------------------------------------------------------
 
     def _until_checkpoint(self) -> float:
+        if self._conn is None:  # failed: nothing to sign until a write reopens the log
+            return self.checkpoint_interval_s
         return max(0.05, self._checkpointed[1] + self.checkpoint_interval_s - time.monotonic())
 
     def _maybe_checkpoint(self, *, force: bool) -> None:
@@ -425,7 +577,8 @@ class SQLiteStore:
             return
         if not (force or elapsed or seq - last >= self.checkpoint_every):
             return
-        assert self._conn is not None
+        if self._conn is None:
+            return
         ts = record.now()
         message = checkpoint_message(seq, digest.hex(), ts, self.signer_id)
         signature = self.signer.sign(message)
@@ -434,7 +587,7 @@ class SQLiteStore:
                 "INSERT INTO checkpoints VALUES (?, ?, ?)", (seq, message, signature)
             )
         except sqlite3.Error as exc:
-            log.error("audit checkpoint failed", extra={"error": type(exc).__name__})
+            log.error("audit checkpoint failed", extra={"error": _name(exc)})
             return
         self._checkpointed = (seq, time.monotonic())
         self.stats.checkpoints += 1
@@ -458,6 +611,57 @@ def _insert(conn: sqlite3.Connection, table: str, rows: Sequence[tuple[Any, ...]
         chunk = rows[start : start + INSERT_ROWS]
         values = ", ".join([one] * len(chunk))
         conn.execute(f"INSERT INTO {table} VALUES {values}", [v for row in chunk for v in row])
+
+
+def _close(conn: sqlite3.Connection | None) -> None:
+    """Close ``conn`` if there is one, ignoring errors (it may be the broken one)."""
+    if conn is not None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+
+def _name(exc: sqlite3.Error) -> str:
+    """SQLite's error name (SQLITE_FULL, SQLITE_READONLY...), for logs: no data."""
+    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+
+
+_FIX_DIR = (
+    "the file and its directory must be writable by the user medserve runs as "
+    "(SQLite creates the -wal and -shm files beside the log)"
+)
+
+
+def explain(path: Path, exc: sqlite3.Error) -> str:
+    """What an SQLite error on opening or writing the log at ``path`` means, and the fix."""
+    name = _name(exc)
+    detail = f"{name}: {exc}"
+    if name.startswith("SQLITE_READONLY"):
+        return f"the audit log {path} cannot be written ({detail}): {_FIX_DIR}"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open the audit log {path} ({detail}): {_FIX_DIR}"
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        return (
+            f"{path} is not an SQLite audit log, or is damaged ({detail}): preserve the "
+            "file, check it with `medserve audit verify`, and set audit.path to the log"
+        )
+    if name.startswith("SQLITE_FULL"):
+        return f"the disk holding the audit log {path} is full ({detail}): free space on it"
+    if name.startswith("SQLITE_IOERR"):
+        return f"I/O error on the audit log {path} ({detail}): check its disk and mount"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return f"the audit log {path} is locked by another connection ({detail})"
+    return f"cannot open the audit log {path} ({detail})"
+
+
+def prepare_directory(path: Path) -> None:
+    """Create the log's directory (owner-only) if missing; :class:`AuditError` if not."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditError(
+            f"cannot create the audit log's directory {path.parent}: {exc.strerror}: create "
+            "it, writable by the user medserve runs as, or set audit.path"
+        ) from None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -491,7 +695,12 @@ def _wake(pairs: list[tuple[asyncio.Future[int], int | Exception]]) -> None:
 
 
 def _lock_file(path: Path) -> IO[bytes]:
-    handle = path.open("ab")
+    try:
+        handle = path.open("ab")
+    except OSError as exc:
+        raise AuditError(
+            f"cannot create the audit log's lock file {path}: {exc.strerror}: {_FIX_DIR}"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
