@@ -15,6 +15,12 @@ from then on every audited request is refused up front (nothing is generated) un
 record commits again; the refusals' own records are those probes, so the first refusal
 recorded after the log recovers re-opens the server. With ``"open"`` the server keeps
 answering and every lost record is counted and logged.
+
+Recovery needs no restart: after a failed write the store opens a new connection for the
+next record, proves it writable and continues the chain from the file's last record (see
+:mod:`medserve.audit.store`). A readiness probe that finds the log failing asks the store
+to try at once, so a server that a load balancer stopped sending traffic to comes back
+too. Records of requests refused or lost meanwhile stay refused or lost: none is retried.
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ class Auditor:
         if self.store is None:
             return {"ok": True, "enabled": False}
         writable = self.store.available()
+        if not writable:
+            self.store.recover()  # the next probe sees the outcome
         return {
             "ok": writable or self.settings.on_failure == "open",
             "enabled": True,

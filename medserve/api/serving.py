@@ -289,8 +289,10 @@ def _finished(http: Request, chunk: GenerationChunk) -> Usage:
 async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
     """SSE ``data:`` payloads in OpenAI's chunk format, ending with ``[DONE]``.
 
-    Once the first byte is out, a failure can no longer change the status code; it is sent
-    as an ``{"error": ...}`` event before ``[DONE]``.
+    ``[DONE]`` means the answer is complete and its audit record committed. Once the first
+    byte is out, a failure can no longer change the status code; it is sent as an
+    ``{"error": ...}`` event that ends the stream instead, with no ``[DONE]`` after it
+    (engine error, timeout, failed audit write, unexpected exception alike).
     """
     r = job.request
     obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
@@ -340,9 +342,11 @@ async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
     except MedserveError as exc:
         exchange(http).failed(exc)
         yield json.dumps(envelope(exc))
+        return
     except Exception:
         # Headers are out, so no handler can turn this into a 500: say it in the stream.
         log.exception("stream failed", extra={"request_id": r.request_id})
         exchange(http).error = MedserveError.type
         yield json.dumps(envelope(MedserveError("Internal server error.")))
+        return
     yield "[DONE]"
