@@ -340,7 +340,7 @@ class SQLiteStore:
         self._conn, self._head = conn, head
         self.stats.last_seq = head[0]
         self._checkpointed = (last_cp, self._checkpointed[1])
-        log.warning("audit log reopened", extra={"last_seq": head[0]})
+        log.warning("audit log reopened", extra={"path": str(self.path), "count": head[0]})
 
     def _continue_from(self, conn: sqlite3.Connection) -> tuple[int, bytes]:
         """The file's head, checked to continue the chain this writer last committed."""
@@ -479,6 +479,8 @@ class SQLiteStore:
                 batch.append(item)
             elif item is _STOP:
                 stop = True
+            else:  # _RECOVER: the batch's own write reopens the log if it can
+                self._recover_queued.clear()
         return stop
 
     def _recover(self) -> None:
