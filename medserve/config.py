@@ -48,7 +48,12 @@ class SamplingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
+    top_p: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Default nucleus sampling mass (0 is greedy, as in OpenAI).",
+    )
     top_k: int = Field(40, ge=0, description="Top-k cut before sampling; 0 disables it.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p cut; 0 disables it.")
     repeat_penalty: float = Field(

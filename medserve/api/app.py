@@ -27,6 +27,7 @@ from medserve.api.exchange import exchange
 from medserve.api.middleware import RequestContext
 from medserve.api.routes import router as routes
 from medserve.api.security import Security
+from medserve.api.validation import validation_error
 from medserve.config import Settings, served_models
 from medserve.errors import (
     InvalidRequestError,
@@ -101,6 +102,9 @@ def create_app(
         # would reach the internet from inside the hospital. /openapi.json stays.
         docs_url=None,
         redoc_url=None,
+        # A redirect to the path with(out) its trailing slash takes its Location from the
+        # client's Host header: a 404 tells the client the same without echoing it.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.router = router
@@ -172,56 +176,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             return respond(request, InvalidRequestError("The request could not be processed."))
         return respond(request, MedserveError("Internal server error."))
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        ex = exchange(request)
-        log.exception("unhandled error", extra={"request_id": ex.request_id}, exc_info=exc)
-        ex.status = 500
-        return respond(request, MedserveError("Internal server error."))
-
     app.add_exception_handler(MedserveError, on_medserve)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)
-
-
-def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    """FastAPI's 422 becomes OpenAI's 400, naming the first bad parameter, not its value."""
-    errors = exc.errors()
-    if not errors:
-        return InvalidRequestError("The request body is invalid.")
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return InvalidRequestError("The request body is not valid JSON.")
-    # For a value that matched no branch of a union, the deepest error is the useful one.
-    first = max(errors, key=lambda e: len(_loc(e)))
-    loc = _loc(first)
-    param = _param(loc)
-    if param is None:
-        return InvalidRequestError("The request body must be a JSON object.")
-    message = str(first.get("msg", "invalid value"))
-    value = first.get("input")
-    if isinstance(value, str) and value and value in message:
-        message = message.replace(value, "<value>")
-    if first.get("type") == "missing":
-        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param)
-
-
-def _loc(error: Any) -> list[str | int]:
-    """The error's location without "body" and pydantic's union-branch labels."""
-    parts = [p for p in error.get("loc", ()) if p != "body"]
-    return [p for p in parts if isinstance(p, int) or not _is_type_label(str(p))]
-
-
-def _is_type_label(part: str) -> bool:
-    # pydantic names union branches "str", "list[str]", "constrained-str", ...; field
-    # names never contain "[" or "-".
-    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part or "-" in part
-
-
-def _param(loc: list[str | int]) -> str | None:
-    if not loc:
-        return None
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
+    # Any other exception is answered by RequestContext (medserve.api.middleware), inside
+    # which the response still gets its headers and audit record.

@@ -47,6 +47,7 @@ SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"referrer-policy", b"no-referrer"),
 ]
+OURS = {b"x-request-id", *(name for name, _ in SECURITY_HEADERS)}
 
 
 class RequestContext:
@@ -77,13 +78,17 @@ class RequestContext:
         state["key"] = None
         audited = self.auditor.audits(scope["path"])
         id_header = (b"x-request-id", ex.request_id.encode())
-        completed = False
+        started = completed = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal completed
+            nonlocal started, completed
             if message["type"] == "http.response.start":
+                started = True
                 ex.status = message["status"]
-                message["headers"] = [*message.get("headers", []), id_header, *SECURITY_HEADERS]
+                # Ours replace any the response set itself (sse-starlette sends its own
+                # Cache-Control): one value per header.
+                kept = [h for h in message.get("headers", []) if h[0].lower() not in OURS]
+                message["headers"] = [*kept, id_header, *SECURITY_HEADERS]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 if audited:
                     ex.endpoint = _endpoint(scope)
@@ -115,7 +120,15 @@ class RequestContext:
             await self.app(scope, receive, send_with_headers)
         except Exception:
             ex.status, ex.error = 500, MedserveError.type
-            raise
+            if started:  # too late for another response: the server closes the connection
+                raise
+            # Answered here rather than by an app-level handler, which would run outside
+            # this middleware: the 500 gets the request id, the security headers and its
+            # audit record like any other response. The log keeps the exception's type
+            # and traceback, never its message (see medserve.logs).
+            log.exception("unhandled error", extra={"request_id": ex.request_id})
+            unexpected = MedserveError("Internal server error.")
+            await _error(unexpected, ex)(scope, receive, send_with_headers)
         finally:
             ex.endpoint = _endpoint(scope)
             if audited and not completed:

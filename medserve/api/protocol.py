@@ -9,13 +9,83 @@ clients add new ones over time.
 
 from __future__ import annotations
 
+import re
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+
+def _utf8(text: str) -> str:
+    """Refuse a string that has no UTF-8 form: a lone surrogate, as JSON's ``"\\ud83d"``
+    escape gives when a client cuts an emoji in half. Python's JSON parser accepts it, and
+    it would fail deep in the engine, the audit log or the tokenizer instead."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("unicode", "must be valid Unicode text") from None
+    return text
+
+
+def _utf8_tree(value: Any) -> Any:
+    """:func:`_utf8` for every string (keys too) in a JSON value of any shape. The error
+    names the field that holds the value, never a key inside it: keys are client text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _utf8(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+def _logit_bias(value: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's shape: token ids (decimal strings) to numbers from -100 to 100."""
+    for key, bias in value.items():
+        if not _TOKEN_ID.fullmatch(key):
+            raise PydanticCustomError("logit_bias_key", "keys must be token ids")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise PydanticCustomError("logit_bias_value", "biases must be numbers from -100 to 100")
+    return value
+
+
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+# Every string that comes from the client's JSON is one of these: it must have a UTF-8 form.
+# (A length limit goes before the check, in the same Annotated, so that pydantic reports
+# it as a string's length.)
+Text = Annotated[str, AfterValidator(_utf8)]
+# A JSON value medserve does not model (tool and schema definitions): its strings too.
+JsonValue = Annotated[Any, AfterValidator(_utf8_tree)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_utf8_tree)]
+# Numbers as OpenAI takes them: a JSON number (an integer is a number), never a string
+# such as "0.5" or a boolean, never NaN or Infinity (Python's JSON parser reads those).
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Integer = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+LogitBias = Annotated[
+    dict[str, Any],
+    AfterValidator(_utf8_tree),
+    AfterValidator(_logit_bias),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": -100, "maximum": 100},
+        }
+    ),
+]
 
 # At most 4 stop sequences (as OpenAI), each bounded: matching cost grows with their length.
-StopText = Annotated[str, Field(max_length=256)]
+StopText = Annotated[str, Field(max_length=256), AfterValidator(_utf8)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
+# OpenAI's seed is an int64; medserve maps it into llama.cpp's range (serving.SEED_RANGE).
+INT64 = 2**63
 
 
 class _Wire(BaseModel):
@@ -24,63 +94,85 @@ class _Wire(BaseModel):
 
 class TextPart(_Wire):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(_Wire):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = Field(None, max_length=64)
+    content: Text | list[TextPart] | None = None
+    name: Annotated[str, Field(max_length=64), AfterValidator(_utf8)] | None = None
 
 
 class StreamOptions(_Wire):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Sampling(_Wire):
-    """Fields both generation endpoints share, in OpenAI's order."""
+    """Fields both generation endpoints share, in OpenAI's order.
 
-    model: str
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    Ranges are those of OpenAI's API reference (openai/openai-openapi, openapi.yaml):
+    penalties -2..2, temperature 0..2, top_p 0..1, n 1..128, seed an int64. medserve's
+    own bounds, where OpenAI gives none: ``user`` and each stop sequence at most 256
+    characters (they reach the audit log and the stop matcher).
+    """
+
+    model: Text
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: LogitBias | None = None
+    n: Annotated[Integer, Field(ge=1, le=128)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    seed: Annotated[Integer, Field(ge=-INT64, le=INT64 - 1)] | None = None
     stop: Stop = None
-    stream: bool | None = False
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    user: str | None = Field(None, max_length=256)
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
+    # 0 keeps only the most likely token: greedy, as in OpenAI's API and llama.cpp.
+    top_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    user: Annotated[str, Field(max_length=256), AfterValidator(_utf8)] | None = None
     # medserve extensions (not in the OpenAI spec; llama.cpp's server has the same names)
-    top_k: int | None = Field(None, ge=0, description="Top-k cut; 0 disables it.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p cut.")
-    repeat_penalty: float | None = Field(
-        None, ge=0.0, le=2.0, description="Multiplicative repetition penalty; 1.0 is off."
+    top_k: Annotated[Integer, Field(ge=0)] | None = Field(
+        None, description="Top-k cut; 0 disables it."
+    )
+    min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = Field(None, description="Min-p cut.")
+    repeat_penalty: Annotated[Number, Field(ge=0.0, le=2.0)] | None = Field(
+        None, description="Multiplicative repetition penalty; 1.0 is off."
     )
 
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    logprobs: Bool | None = None
+    top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
+    # OpenAI documents no minimum for these and its API refuses 0 ("expected a value >= 1").
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    response_format: JsonObject | None = None
+    tools: list[JsonValue] | None = None
+    tool_choice: JsonValue = None
+    functions: list[JsonValue] | None = None
+    function_call: JsonValue = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[Any]
-    best_of: int | None = Field(None, ge=1)
-    echo: bool | None = False
-    logprobs: int | None = None
-    # OpenAI's default for the legacy endpoint.
-    max_tokens: int | None = Field(16, ge=1)
-    suffix: str | None = None
+    # A string, or a list (of strings or token arrays: refused by serving unless it is
+    # one string).
+    prompt: Text | list[JsonValue]
+    best_of: Annotated[Integer, Field(ge=0, le=20)] | None = None
+    echo: Bool | None = False
+    logprobs: Annotated[Integer, Field(ge=0, le=5)] | None = None
+    # OpenAI's default for the legacy endpoint. OpenAI allows 0, which only makes sense
+    # with `echo` (refused here): medserve asks for at least one token.
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = 16
+    suffix: Text | None = None
+
+
+@cache
+def field_names() -> frozenset[str]:
+    """Every field name of the request models: all an error's ``param`` may hold besides
+    list indexes. Anything else in a validation error's location is a union branch label
+    or client text (a dictionary key)."""
+    models = (ChatCompletionRequest, CompletionRequest, ChatMessageIn, TextPart, StreamOptions)
+    return frozenset(name for model in models for name in model.model_fields)
 
 
 class Usage(BaseModel):

@@ -97,9 +97,19 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _budget(
-    requested: int | None, default: int, prompt: Prompt, context: int, prompt_param: str
+    requested: tuple[str, int] | None,
+    default: int,
+    prompt: Prompt,
+    context: int,
+    prompt_param: str,
 ) -> int:
-    """The completion budget: checked against the context window, never silently cut."""
+    """The completion budget: checked against the context window, never silently cut.
+
+    ``requested`` is the client's budget as (the field it was sent in, its value), so the
+    error names the field the client actually sent (``max_completion_tokens`` or its
+    deprecated alias ``max_tokens``); None when the client sent neither, and the default,
+    cut to what fits, applies.
+    """
     n = len(prompt.token_ids)
     if n >= context:
         raise ContextLengthError(
@@ -108,13 +118,23 @@ def _budget(
         )
     if requested is None:
         return min(default, context - n)
-    if n + requested > context:
+    param, value = requested
+    if n + value > context:
         raise ContextLengthError(
-            f"The prompt ({n} tokens) plus max_tokens ({requested}) exceeds this model's "
+            f"The prompt ({n} tokens) plus {param} ({value}) exceeds this model's "
             f"context window of {context} tokens.",
-            param="max_tokens",
+            param=param,
         )
-    return requested
+    return value
+
+
+def _sent(body: ChatCompletionRequest | CompletionRequest, *names: str) -> tuple[str, int] | None:
+    """The first of ``names`` the client sent (not null), with its value."""
+    for name in names:
+        value = getattr(body, name)
+        if name in body.model_fields_set and value is not None:
+            return name, int(value)
+    return None
 
 
 def _sampling(
@@ -150,7 +170,10 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
     """Parse a chat request into a Job, or raise the 400 that names the bad parameter."""
     _common_checks(body)
     if body.logprobs or body.top_logprobs is not None:
-        raise _refuse("logprobs", "log probabilities are not returned")
+        # Named as sent: `top_logprobs` alone is refused under its own name.
+        raise _refuse(
+            "logprobs" if body.logprobs else "top_logprobs", "log probabilities are not returned"
+        )
     if body.tools or body.functions:
         raise _refuse("tools" if body.tools else "functions", "tool calling is not implemented")
     if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
@@ -162,9 +185,8 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
         raise _refuse("response_format", "only plain text output is implemented")
     messages = _messages(body.messages)
     prompt = await served.engine.render_chat(messages)
-    requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _budget(
-        requested,
+        _sent(body, "max_completion_tokens", "max_tokens"),
         served.spec.defaults.max_tokens,
         prompt,
         served.engine.info.context_length,
@@ -192,7 +214,10 @@ async def completion_job(body: CompletionRequest, served: Served, request_id: st
     else:
         raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
     prompt = await served.engine.render_text(text)
-    max_tokens = _budget(body.max_tokens, 16, prompt, served.engine.info.context_length, "prompt")
+    # OpenAI's default of 16 when the client sent no max_tokens: cut to fit, as in chat.
+    max_tokens = _budget(
+        _sent(body, "max_tokens"), 16, prompt, served.engine.info.context_length, "prompt"
+    )
     request_key = f"cmpl-{request_id}"
     return _job("completion", body, served, prompt, max_tokens, request_key, text.encode())
 

@@ -221,7 +221,9 @@ class Scheduler:
             s.frequency_penalty,
             s.presence_penalty,
         )
-        if s.temperature == 0.0:
+        # top_p 0 keeps only the most likely token (OpenAI's reading, and llama.cpp's top-p
+        # with min_keep 1 would do the same): say so rather than rely on it.
+        if s.temperature == 0.0 or s.top_p == 0.0:
             sampler.add_greedy()
         else:
             sampler.add_top_k(s.top_k)

@@ -101,6 +101,16 @@ async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
     assert a == b
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_top_p_zero_is_greedy(engine: LlamaCppEngine, seed: int) -> None:
+    """OpenAI allows top_p 0 and reads it as greedy: at a high temperature and any seed,
+    the same text as temperature 0."""
+    prompt = await engine.render_chat(QUESTION)
+    greedy, _ = await collect(engine, request(prompt))
+    top_p_zero, _ = await collect(engine, request(prompt, temperature=1.5, top_p=0.0, seed=seed))
+    assert top_p_zero == greedy
+
+
 async def test_completion_prompt_does_not_parse_control_tokens(engine: LlamaCppEngine) -> None:
     plain = await engine.render_text("<|im_start|>")
     chat = await engine.render_chat((Message("user", "x"),))
