@@ -15,7 +15,7 @@ from rich.table import Table
 from medserve import __version__
 from medserve.audit.cli import app as audit_app
 from medserve.auth.cli import app as keys_app
-from medserve.config import ConfigError, load_settings, served_models
+from medserve.config import ConfigError, Settings, load_settings, served_models
 from medserve.console import ConfigOpt, err, fail
 from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.quantize.cli import add as add_model
@@ -116,6 +116,7 @@ def serve(
         log_config=None,
         access_log=False,  # medserve logs its own access line, without paths' values
         server_header=False,
+        **server_options(settings),
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         # In-flight requests get the drain period, plus a little for the streams' own.
@@ -128,6 +129,27 @@ def serve(
             super().handle_exit(sig, frame)
 
     Server(server_config).run()
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options that bound what one connection may hold (see config.py).
+
+    Proxy headers are off unless ``trusted_proxies`` lists someone: uvicorn would otherwise
+    believe ``X-Forwarded-For`` from 127.0.0.1, that is, from any local process.
+    """
+    from medserve.api.transport import ConnectionLimits, protocol
+
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    return {
+        "http": protocol(limits),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": list(settings.trusted_proxies) or None,
+    }
 
 
 @models_app.command("list")

@@ -11,6 +11,7 @@ Models come from the registry directory (one TOML file per model, ``models/*.tom
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import re
 import socket
 import tomllib
@@ -260,6 +261,15 @@ class AuthSettings(BaseModel):
         "loopback or a scrape network), or 'key': an admin or auditor key.",
     )
 
+    @field_validator("dev_key")
+    @classmethod
+    def _check_dev_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key travels in an HTTP header: printable ASCII without spaces, as issued keys.
+        secret = value.get_secret_value() if value is not None else "x"
+        if not (secret.isascii() and secret.isprintable() and " " not in secret and secret):
+            raise ValueError("dev_key must be printable ASCII without spaces")
+        return value
+
 
 class Settings(BaseSettings):
     """Server settings. Environment variables use the ``MEDSERVE_`` prefix."""
@@ -280,6 +290,45 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         2_000_000, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A connection must deliver a complete request head (request line and "
+        "headers) this many seconds after it opens or after its previous response; else it "
+        "is closed. Real clients send a head in one packet (milliseconds); 10 s leaves room "
+        "for a congested ward network and stops slowloris clients from holding sockets.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="A request body must arrive in full this many seconds after its head; "
+        "else 408 and the connection is closed. 30 s lets the largest body (max_body_bytes, "
+        "2 MB) through at under 70 kB/s.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="An idle connection between requests is closed after this many seconds "
+        "(uvicorn's timeout_keep_alive). Clients that pool connections reconnect at no cost; "
+        "5 s covers a client's think time between chained calls.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Open client connections served at once; a connection beyond them gets "
+        "503 + Retry-After and is closed. 256: well above the engines' slots plus wait queues "
+        "(tens of requests) and far below the default limit of 1024 open files.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers are believed. Empty (default): proxy headers are ignored "
+        "and the audited client is the connecting address.",
     )
     drain_timeout_s: float = Field(
         30.0,
@@ -311,6 +360,18 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(
         default_factory=AuditSettings, description="The tamper-evident audit log."
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    "trusted_proxies entries must be IP addresses or networks (CIDR)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:

@@ -85,6 +85,7 @@ def checks(
         "warn" if auth.metrics == "open" and not local else "ok",
         f"/metrics {auth.metrics}",
     )
+    yield from _connections(settings)
     allowed = ", ".join(settings.egress_allow) or "loopback only"
     yield Check("egress guard", "ok", f"on at start-up; allowed: {allowed}")
     differing = sorted(k for k, v in OFFLINE_ENV.items() if os.environ.get(k) not in (None, v))
@@ -98,6 +99,30 @@ def checks(
     yield from _audit(settings)
     for spec in models:
         yield _model(spec, hash_models)
+
+
+def _connections(settings: Settings) -> Iterator[Check]:
+    proxies = settings.trusted_proxies
+    yield Check(
+        "proxy headers",
+        "warn" if any(_wide(p) for p in proxies) else "ok",
+        f"X-Forwarded-For believed from {', '.join(proxies)}"
+        if proxies
+        else "ignored: the audited client is the connecting address",
+    )
+    yield Check(
+        "connections",
+        "ok",
+        f"at most {settings.max_connections} open; request head within "
+        f"{settings.header_timeout_s:g} s, body within {settings.body_timeout_s:g} s, "
+        f"idle keep-alive {settings.keep_alive_timeout_s:g} s",
+    )
+
+
+def _wide(network: str) -> bool:
+    """A trusted proxy entry that covers more than a handful of addresses."""
+    net = ipaddress.ip_network(network, strict=False)
+    return net.num_addresses > 256
 
 
 def _audit(settings: Settings) -> Iterator[Check]:

@@ -16,6 +16,7 @@ patient text, and error bodies end up in client logs.
     ├── NotFoundError                  404 invalid_request_error   code=not_found
     │   └── ModelNotFoundError         404                         code=model_not_found
     ├── MethodNotAllowedError          405 invalid_request_error
+    ├── BodyTimeoutError               408 invalid_request_error   code=body_timeout (closes)
     ├── RequestTooLargeError           413 invalid_request_error   code=request_too_large
     ├── RateLimitError                 429 requests                code=rate_limit_exceeded
     ├── UnavailableError               503 server_error            (Retry-After)
@@ -126,6 +127,17 @@ class MethodNotAllowedError(MedserveError):
     default_code = "method_not_allowed"
 
 
+class BodyTimeoutError(MedserveError):
+    """The request body stalled: not all of it arrived within the body timeout.
+
+    The connection is closed after the answer: the rest of the body may still be coming.
+    """
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "body_timeout"
+
+
 class RequestTooLargeError(MedserveError):
     """The request body is larger than the configured limit."""
 
@@ -180,9 +192,12 @@ def envelope(error: MedserveError) -> dict[str, Any]:
 
 
 def headers(error: MedserveError) -> dict[str, str]:
-    """Extra response headers for ``error``: ``Retry-After`` (429, 503), and the
-    ``WWW-Authenticate`` challenge that RFC 9110 requires with a 401."""
+    """Extra response headers for ``error``: ``Retry-After`` (429, 503), the
+    ``WWW-Authenticate`` challenge that RFC 9110 requires with a 401, and
+    ``Connection: close`` after a stalled body (408)."""
     out = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
     if error.status == 401:
         out["WWW-Authenticate"] = 'Bearer realm="medserve"'
+    if isinstance(error, BodyTimeoutError):
+        out["Connection"] = "close"
     return out

@@ -119,6 +119,7 @@ def create_app(
         auditor=auditor,
         metrics=metrics,
         security=security,
+        body_timeout_s=settings.body_timeout_s,
     )
     if settings.cors_origins:
         app.add_middleware(

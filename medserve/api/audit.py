@@ -72,6 +72,13 @@ class Auditor:
     def hash_text(self, data: bytes) -> str | None:
         return self.keys.text_hmac(data) if self.keys is not None else None
 
+    def _user_hmac(self, user: str | None) -> str | None:
+        """The keyed hash of OpenAI's free-text ``user`` (it may name a patient)."""
+        if user is None:
+            return None
+        # surrogatepass: a JSON body may hold a lone surrogate ("\ud800"); hash it anyway.
+        return self.hash_text(user.encode("utf-8", "surrogatepass"))
+
     def refusal(self) -> UnavailableError | None:
         """The 503 to answer now if the log is failing and the server fails closed."""
         if self.store is None or self.settings.on_failure != "closed" or self.store.available():
@@ -105,7 +112,7 @@ class Auditor:
             status=ex.status,
             client=ex.client,
             key_id=ex.key_id,
-            user=ex.user,
+            user_hmac=self._user_hmac(ex.user),
             model=ex.model,
             engine=ex.engine,
             replica=self.replica,

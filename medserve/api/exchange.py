@@ -4,16 +4,50 @@ The middleware creates an :class:`Exchange` per request and keeps it on the requ
 state; routes and serving add what they learn (model, tokens, finish reason, keyed hashes);
 the access log and the audit log read it at the end. Identifiers and counts only: there
 is deliberately no field that could hold a prompt or a completion.
+
+Every field that comes from the client is bounded before it is kept: the method is one of
+:data:`METHODS` or ``"OTHER"``, the client address is an IP address or ``"invalid"`` (a
+trusted proxy's ``X-Forwarded-For`` can hold anything), the model is set only once it
+was found among the served ones, and ``user`` (OpenAI's free-text field) is kept here but
+recorded only as a keyed hash and never logged. The request id is generated; the error
+is our own code.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from medserve.errors import MedserveError
+
+# RFC 9110's methods and PATCH (RFC 5789): a bounded set; anything else is "OTHER".
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER_METHOD = "OTHER"
+INVALID_CLIENT = "invalid"
+
+
+def method_of(scope: Scope) -> str:
+    """The request's method if it is a standard one, else ``"OTHER"``."""
+    method = str(scope.get("method", ""))
+    return method if method in METHODS else OTHER_METHOD
+
+
+def client_of(scope: Scope) -> str | None:
+    """The client's IP address (normalised), ``"invalid"`` if it is not one, None if unknown."""
+    client = scope.get("client")
+    if not client:
+        return None
+    try:
+        return str(ipaddress.ip_address(str(client[0])))
+    except ValueError:
+        return INVALID_CLIENT
 
 
 @dataclass(slots=True)
@@ -42,6 +76,11 @@ class Exchange:
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)
     last_token_at: float | None = None
+
+    @classmethod
+    def begin(cls, scope: Scope) -> Exchange:
+        """A new exchange for ``scope``, with a fresh id and bounded client facts."""
+        return cls(uuid.uuid4().hex, method_of(scope), client=client_of(scope))
 
     def failed(self, exc: MedserveError) -> None:
         """Note the error's code (or type): bounded values, never its message."""

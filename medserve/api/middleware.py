@@ -4,7 +4,8 @@ headers, audit record, metrics, access log.
 Pure ASGI rather than ``BaseHTTPMiddleware`` so streaming responses and disconnect
 messages pass through untouched. The body of a POST is read here, up to the configured
 limit, before the application sees it: a request over the limit gets 413 whether or not it
-declared its length, and the application still reads it as usual.
+declared its length, and the application still reads it as usual. A body that has not
+arrived in full within ``body_timeout_s`` gets 408 with ``Connection: close``.
 
 Every request gets an :class:`Exchange`. Its API key is checked before anything else
 (see :mod:`medserve.api.security`), and its audit record is committed before the last
@@ -17,8 +18,8 @@ never the query string or body: both are client-controlled and may carry patient
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ from medserve.api.audit import Auditor
 from medserve.api.exchange import Exchange
 from medserve.api.security import Security
 from medserve.errors import (
+    BodyTimeoutError,
     InvalidRequestError,
     MedserveError,
     RequestTooLargeError,
@@ -60,9 +62,11 @@ class RequestContext:
         auditor: Auditor,
         metrics: Metrics,
         security: Security,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.auditor = auditor
         self.metrics = metrics
         self.security = security
@@ -71,8 +75,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        ex = Exchange(uuid.uuid4().hex, scope["method"], client=client[0] if client else None)
+        ex = Exchange.begin(scope)
         state = scope.setdefault("state", {})
         state["exchange"] = ex
         state["key"] = None
@@ -151,15 +154,21 @@ class RequestContext:
                 if declared > limit:
                     raise _too_large(limit)
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > limit:
-                raise _too_large(limit)
-            if not message.get("more_body", False):
-                return bytes(body)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # the whole body, not each chunk
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        raise _too_large(limit)
+                    if not message.get("more_body", False):
+                        return bytes(body)
+        except TimeoutError:
+            raise BodyTimeoutError(
+                f"The request body did not arrive within {self.body_timeout_s:g} seconds."
+            ) from None
 
 
 def _too_large(limit: int) -> RequestTooLargeError:

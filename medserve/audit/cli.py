@@ -216,9 +216,10 @@ def hash_command(
     config: ConfigOpt = None,
     key: Annotated[Path | None, typer.Option(help="Audit secret [default: from settings].")] = None,
 ) -> None:
-    """Print the keyed hash the log would hold for a prompt or completion.
+    """Print the keyed hash the log would hold for a prompt, a completion or a `user`.
 
-    Look for it in the prompt_hmac / completion_hmac of an export to find who sent a text.
+    Look for it in the prompt_hmac / completion_hmac / user_hmac of an export to find who
+    sent a text. FILE holds the exact text (for a `user`, without a trailing newline).
     """
     conf = _conf(config)
     keys = ChainKeys.from_secret(_secret(key or conf.key_path(), "audit secret"))

@@ -6,7 +6,10 @@ never re-serialises, so no JSON library's float or escape formatting can break a
 
 There is no field for text: prompts and completions appear only as keyed hashes
 (``prompt_hmac``, ``completion_hmac``) and, when content capture is on, as the SHA-256 of
-their encrypted form (``content_sha256``), which lives in a separate, purgeable table.
+their encrypted form (``content_sha256``), which lives in a separate, purgeable table. The
+request's ``user`` (free text: it may be a patient's name) is kept as ``user_hmac``, the
+keyed hash of its UTF-8 text, which ``medserve audit hash`` computes for a suspect value.
+Records written before this field existed carry ``user`` in clear; they still verify.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class RequestFacts:
     status: int
     client: str | None = None
     key_id: str | None = None
-    user: str | None = None
+    user_hmac: str | None = None  # keyed hash of OpenAI's free-text `user`, never the text
     model: str | None = None
     engine: str | None = None
     replica: str | None = None

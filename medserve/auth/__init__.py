@@ -11,6 +11,7 @@ enforces its own).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import time
@@ -48,6 +49,24 @@ def _refuse(code: str, message: str) -> AuthenticationError:
     return AuthenticationError(message, code=code)
 
 
+def _is_token(value: str) -> bool:
+    """Printable ASCII without spaces: every key medserve issues, and nothing else.
+
+    Anything else (non-ASCII, control characters, NUL, tabs) cannot be a key and is a
+    malformed header, whatever the store holds.
+    """
+    return value.isascii() and value.isprintable() and " " not in value
+
+
+def _digest(value: str) -> bytes:
+    """SHA-256 of ``value``: equal-length bytes for a constant-time comparison.
+
+    ``hmac.compare_digest`` refuses ``str`` with non-ASCII characters (TypeError, a 500),
+    and on bytes of different lengths it returns early; digests have neither problem.
+    """
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
 class Authenticator:
     """Turns an ``Authorization`` header into a :class:`Key`, or raises 401."""
 
@@ -63,11 +82,11 @@ class Authenticator:
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         # RFC 9110: the scheme is case-insensitive; the key itself is not.
-        if scheme.lower() != "bearer" or not token or " " in token:
+        if scheme.lower() != "bearer" or not token or not _is_token(token):
             raise _refuse(
                 "invalid_authorization", "The Authorization header must be 'Bearer <key>'."
             )
-        if self.dev_key is not None and hmac.compare_digest(token, self.dev_key):
+        if self.dev_key is not None and hmac.compare_digest(_digest(token), _digest(self.dev_key)):
             return Key(DEV_KEY_ID, "dev key", "admin", ("*",))
         invalid = _refuse("invalid_api_key", "The API key is not valid.")
         parts = split(token)

@@ -67,7 +67,10 @@ def test_a_chat_request_is_recorded_before_its_response_completes(audit_path: Pa
     assert rec["request_id"] == r.headers["x-request-id"]
     assert rec["endpoint"] == CHAT and rec["method"] == "POST" and rec["status"] == 200
     assert (rec["model"], rec["engine"], rec["replica"]) == (MODEL, "fake", rec["replica"])
-    assert rec["user"] == "ward-7" and rec["client"] == "testclient"
+    # `user` is free text (it may name a patient): kept as its keyed hash. The test
+    # client's address ("testclient") is not an IP address.
+    assert rec["user_hmac"] == keys(audit_path).text_hmac(b"ward-7") and "user" not in rec
+    assert rec["client"] == "invalid"
     assert rec["prompt_tokens"] == body["usage"]["prompt_tokens"]
     assert rec["completion_tokens"] == body["usage"]["completion_tokens"]
     assert rec["finish_reason"] == "stop" and rec["stream"] is False

@@ -73,3 +73,32 @@ def test_a_model_that_no_longer_matches_its_manifest_is_a_danger(tmp_path: Path)
     weights.write_bytes(b"GGUF" + bytes(101))
     (bad,) = [c for c in checks(Settings(), [spec]) if c.name == "model m"]
     assert bad.level == "danger" and "does not match its manifest" in bad.detail
+
+
+def test_proxy_headers_and_connection_limits_are_reported() -> None:
+    default = {c.name: c for c in checks(Settings(), [], hash_models=False)}
+    assert default["proxy headers"].level == "ok"
+    assert "ignored" in default["proxy headers"].detail
+    assert default["connections"].detail == (
+        "at most 256 open; request head within 10 s, body within 30 s, idle keep-alive 5 s"
+    )
+    settings = Settings(
+        trusted_proxies=["10.0.0.5"],
+        max_connections=64,
+        header_timeout_s=2,
+        body_timeout_s=3.5,
+        keep_alive_timeout_s=1,
+    )
+    found = {c.name: c for c in checks(settings, [], hash_models=False)}
+    assert found["proxy headers"].detail == "X-Forwarded-For believed from 10.0.0.5"
+    assert found["connections"].detail == (
+        "at most 64 open; request head within 2 s, body within 3.5 s, idle keep-alive 1 s"
+    )
+    assert posture(trusted_proxies=["0.0.0.0/0"])["proxy headers"] == "warn"
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    from medserve.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_settings(trusted_proxies=["proxy.example"])
