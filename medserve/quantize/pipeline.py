@@ -166,6 +166,9 @@ def _prepare(
     if plan.action == "dequantize-fp8":
         with reporter.stage("dequantize FP8 weights"):
             return prequant.dequantize_fp8(opts.source, config, plan, work / "dequantized")
+    if plan.action == "dequantize-compressed":
+        with reporter.stage("dequantize compressed-tensors weights"):
+            return prequant.dequantize_compressed(opts.source, config, plan, work / "dequantized")
     return opts.source
 
 

@@ -23,6 +23,12 @@ What happens (:class:`Plan`):
   tensor, per output channel, or per block of ``weight_block_size``), as transformers'
   and llama.cpp's own FP8 code does, written in the config's dtype into the work
   directory; everything after (baseline, conversion) starts from that copy.
+- compressed-tensors integer weights (``pack-quantized`` as medserve's own ``--to gptq``
+  writes, ``int-quantized``), under their ``quantization_config``:
+  ``dequantize-compressed``. transformers loads them with ``CompressedTensorsConfig(
+  dequantize=True)`` (compressed-tensors' own unpacking), and the float weights are saved
+  as a plain checkpoint in the work directory. The report then measures the loss against
+  those dequantized weights, which already carry the first quantization's loss.
 - anything else quantized: refused before any work, saying what was found and what to
   pass instead. Dequantizing 4-bit formats gives back the rounded weights, not the model
   that was fine-tuned, and quantizing those again compounds two losses.
@@ -30,6 +36,7 @@ What happens (:class:`Plan`):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -38,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medserve.quantize import QuantizeError
+from medserve.quantize import EXTRA_HINT, QuantizeError
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 # Non-float dtypes that carry no quantized data (position ids, masks).
@@ -70,8 +77,9 @@ class Plan:
     """What to do about the source's quantization before anything reads it.
 
     ``action``: ``none`` (a plain float checkpoint), ``clean`` (a stale or false claim:
-    read a view without it) or ``dequantize-fp8``. ``claimed``: the config's
-    ``quant_method`` (``None`` when it has none). ``found``: what the weights are, in words.
+    read a view without it), ``dequantize-fp8`` or ``dequantize-compressed``.
+    ``claimed``: the config's ``quant_method`` (``None`` when it has none). ``found``: what
+    the weights are, in words.
     """
 
     action: str
@@ -91,6 +99,12 @@ class Plan:
             )
         if self.action == "dequantize-fp8":
             return f"the weights are {self.found}: dequantized to float with their scales"
+        if self.action == "dequantize-compressed":
+            return (
+                f"the weights are {self.found}: dequantized to float by compressed-tensors; "
+                "the report compares against these dequantized weights, not the model "
+                "they were quantized from (whose quality is lost to this report)"
+            )
         return f"the weights are {self.found}"
 
     def recorded(self) -> dict[str, Any]:
@@ -171,12 +185,21 @@ def inspect(source: Path, config: dict[str, Any]) -> Plan:
     if ending(".qweight"):
         kind = "AWQ" if claimed == "awq" or not ending(".g_idx") else "GPTQ"
         raise refuse(f"{kind} tensors (packed int32 qweight/qzeros with scales)", PASS_FLOAT)
-    if ending(".weight_packed"):
-        raise refuse(
-            "compressed-tensors packed integer weights (weight_packed/weight_scale, as "
-            "medserve's own --to gptq and llm-compressor write them)",
-            PASS_FLOAT,
+    integer_scaled = [
+        n for n in ending(".weight") if tensors[n].dtype == "I8" and f"{n}_scale" in tensors
+    ]
+    if ending(".weight_packed") or (claimed == "compressed-tensors" and integer_scaled):
+        found = (
+            "compressed-tensors integer weights (weight_packed or int8 weight with "
+            "weight_scale, as medserve's own --to gptq and llm-compressor write them)"
         )
+        if claimed != "compressed-tensors":
+            raise refuse(f"{found} under no compressed-tensors quantization_config", PASS_FLOAT)
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise refuse(
+                f"{found}; reading them needs compressed-tensors", f"{EXTRA_HINT}, or " + PASS_FLOAT
+            )
+        return Plan("dequantize-compressed", claimed, found, config_key=key)
     if ending(".W_q"):
         raise refuse("HQQ tensors (W_q with meta)", PASS_FLOAT)
     fp8 = [n for n, t in tensors.items() if t.dtype in FP8_DTYPES]
@@ -329,3 +352,51 @@ def _fp8_to_float(weight: Any, scale: Any, block: tuple[int, ...] | None) -> Any
         s = scale.float().repeat_interleave(each[0], 0).repeat_interleave(each[1], 1)
         s = s[:rows, :cols]
     return weight.float() * s
+
+
+def dequantize_compressed(source: Path, config: dict[str, Any], plan: Plan, out: Path) -> Path:
+    """Load a compressed-tensors checkpoint dequantized, save it as a plain float checkpoint.
+
+    transformers with ``CompressedTensorsConfig(dequantize=True)`` unpacks and scales the
+    weights (compressed-tensors' own code); they are copied into a model built from the
+    config without ``quantization_config`` (every parameter must be found), saved in the
+    config's dtype, and the tokenizer and other files are symlinked.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+
+    from medserve.quantize.source import dtype_of
+
+    target = getattr(torch, dtype_of(config), torch.float32)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        target = torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(
+        source,
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+        dtype=target,
+        local_files_only=True,
+    )
+    weights = {k: v.detach().to(target) for k, v in loaded.state_dict().items()}
+    del loaded
+    out.mkdir(parents=True)
+    cleaned = {k: v for k, v in config.items() if k != plan.config_key}
+    (out / "config.json").write_text(json.dumps(cleaned, indent=2) + "\n", encoding="utf-8")
+    settings = AutoConfig.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_config(settings, dtype=target)  # type: ignore[no-untyped-call]
+    expected = set(plain.state_dict())
+    result = plain.load_state_dict(
+        {k: v for k, v in weights.items() if k in expected}, strict=False
+    )
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise QuantizeError(
+            f"{source}: compressed-tensors gave no float weight for {len(missing)} "
+            f"parameters (e.g. {missing[0]}); {PASS_FLOAT}"
+        )
+    plain.save_pretrained(out)
+    for item in source.iterdir():
+        skip = item.suffix == ".safetensors" or item.name.endswith(".safetensors.index.json")
+        if not skip and not (out / item.name).exists():
+            os.symlink(item.resolve(), out / item.name)
+    return out

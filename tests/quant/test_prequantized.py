@@ -157,11 +157,6 @@ BNB4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_ty
 BNB8 = {"quant_method": "bitsandbytes", "load_in_8bit": True}
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
-CT_PACKED = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4}}},
-}
 CT_FP8 = {
     "quant_method": "compressed-tensors",
     "format": "float-quantized",
@@ -180,7 +175,8 @@ REFUSED: list[Any] = [
     pytest.param(BNB8, _bnb8, ["bitsandbytes 8-bit", "--lora"], id="bnb-8bit"),
     pytest.param(GPTQ, _gptq, ["GPTQ tensors", "quant_method 'gptq'"], id="gptq"),
     pytest.param(AWQ, lambda b, w: _gptq(b, w, g_idx=False), ["AWQ tensors", "'awq'"], id="awq"),
-    pytest.param(CT_PACKED, _packed, ["compressed-tensors packed"], id="compressed-tensors"),
+    # Packed integers whose config does not say how to read them.
+    pytest.param(None, _packed, ["compressed-tensors integer", "under no"], id="ct-unclaimed"),
     pytest.param({"quant_method": "hqq"}, _hqq, ["HQQ tensors", "'hqq'"], id="hqq"),
     pytest.param({"quant_method": "eetq"}, _eetq, ["non-float", "(I8)", "'eetq'"], id="eetq"),
     # Quantized weights under no claim at all: the tensors decide, not the config.
@@ -371,3 +367,50 @@ def test_last_error_line(lines: list[str], expected: str) -> None:
     from medserve.quantize.gguf import last_error
 
     assert last_error(lines) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """medserve's own --to gptq output (compressed-tensors pack-quantized, int4 g128)."""
+    out = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
+    quantize(tiny_llama, "--to", "gptq", "--samples", "8", "--seq-len", "64", "--out", out)
+    return out
+
+
+def test_compressed_tensors_source_is_dequantized_and_converted(
+    tiny_llama: Path, tiny_gptq: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from medserve.quantize import prequant
+
+    plan = _plan(tiny_gptq)
+    assert (plan.action, plan.claimed) == ("dequantize-compressed", "compressed-tensors")
+    config = json.loads((tiny_gptq / "config.json").read_text())
+    deq = prequant.dequantize_compressed(tiny_gptq, config, plan, tmp_path / "deq")
+    assert "quantization_config" not in json.loads((deq / "config.json").read_text())
+    ours = load_file(str(deq / "model.safetensors"))
+    packed = load_file(str(tiny_gptq / "model.safetensors"))
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    assert set(ours) == set(original)
+    # Independently of compressed-tensors: 8 signed 4-bit values per int32 along the
+    # input dimension, offset 8, times one scale per 128 columns.
+    name = "model.layers.1.mlp.down_proj.weight"  # [256, 768]
+    words = packed[f"{name}_packed"]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    q = ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(words.shape[0], -1) - 8
+    scale = packed[f"{name}_scale"].float().repeat_interleave(128, 1)
+    assert torch.allclose(ours[name].float(), q.float() * scale, rtol=0, atol=1e-6)
+    error = (ours[name] - original[name]).norm() / original[name].norm()
+    assert 0 < error.item() < 0.2  # 4-bit GPTQ: near the original, not equal to it
+
+    out = tmp_path / "out"
+    done = quantize(
+        tiny_gptq, "--to", "gguf", "-t", "f16", "--eval-tokens", "512", "--out", out, "--json"
+    )
+    manifest = manifest_of(done)
+    assert manifest["source"]["quantization"]["action"] == "dequantize-compressed"
+    art = manifest["report"]["artifacts"][0]
+    assert art["tokenizer_match"] is True
+    assert abs(art["perplexity"] / manifest["report"]["original"]["perplexity"] - 1) < 1e-3
