@@ -414,3 +414,48 @@ def test_compressed_tensors_source_is_dequantized_and_converted(
     art = manifest["report"]["artifacts"][0]
     assert art["tokenizer_match"] is True
     assert abs(art["perplexity"] / manifest["report"]["original"]["perplexity"] - 1) < 1e-3
+
+
+def test_quantizer_failure_is_one_line_and_a_log_file(tmp_path: Path) -> None:
+    from medserve.quantize import QuantizeError, gguf
+    from medserve.quantize.progress import Quiet
+
+    broken = tmp_path / "base-f16.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 60)  # a header and nothing behind it
+    log = tmp_path / "out.quantize-q4_0.log"
+    with Quiet().stage("quantize") as stage, pytest.raises(QuantizeError) as caught:
+        gguf.quantize(broken, tmp_path / "q.gguf", "q4_0", 1, stage, log)
+    message = str(caught.value)
+    assert message.startswith("llama.cpp's quantizer failed for q4_0")
+    assert len(message.splitlines()) == 2 and str(log) in message
+    assert message.splitlines()[0].split(": ", 1)[1] in log.read_text()
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def test_gptq_failure_is_one_line_and_a_log_file(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    from medserve.quantize import QuantizeError, gptq
+    from medserve.quantize.progress import Quiet
+
+    def broken(**kwargs: Any) -> None:  # llm-compressor failing deep inside
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x256 and 3x3)\nmore")
+
+    # The module (its package re-exports a function of the same name).
+    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")
+    monkeypatch.setattr(entry, "oneshot", broken)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    log = tmp_path / "out.gptq.log"
+    with Quiet().stage("gptq") as stage, pytest.raises(QuantizeError) as caught:
+        gptq.quantize(model, [[1] * 32], 4, 128, 64, stage, log)
+    message = str(caught.value)
+    assert message.splitlines() == [
+        "GPTQ (llm-compressor) failed: RuntimeError: mat1 and mat2 shapes cannot be "
+        "multiplied (64x256 and 3x3)",
+        f"The traceback is in {log}",
+    ]
+    assert "Traceback" in log.read_text() and "def broken" not in message
