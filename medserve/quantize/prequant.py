@@ -41,7 +41,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class Plan:
     found: str
     config_key: str | None = None
     block_size: tuple[int, ...] | None = None
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the progress display and the manifest."""
@@ -231,6 +230,10 @@ def _fp8_plan(
     refuse: Callable[[str, str], QuantizeError],
 ) -> Plan:
     block = (entry or {}).get("weight_block_size")
+    # compressed-tensors FP8 block scheme: config_groups.*.weights.block_structure.
+    for group in ((entry or {}).get("config_groups") or {}).values():
+        if block is None and isinstance(group, dict):
+            block = (group.get("weights") or {}).get("block_structure")
     block_size = tuple(int(b) for b in block) if isinstance(block, list) and block else None
     for name in fp8:
         weight = tensors[name]

@@ -167,6 +167,25 @@ CT_FP8 = {
         }
     },
 }
+CT_FP8_BLOCK = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                        "block_structure": [128, 128]},
+        }
+    },
+}  # fmt: skip
+
+
+def _ct_fp8_block(base: str, w: Any) -> Tensors:
+    found = fp8_block(base, w)
+    found[f"{base}.weight_scale"] = found.pop(f"{base}.weight_scale_inv")
+    return found
+
+
 FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 GGUF = {"quant_method": "gguf", "compute_dtype": "float32"}
 
@@ -224,8 +243,17 @@ def _plan(source: Path) -> Any:
         (GPTQ, None, "clean", "float32"),
         (FP8, fp8_block, "dequantize-fp8", "FP8 (14 float8 tensors with scales)"),
         (CT_FP8, fp8_channel, "dequantize-fp8", "FP8 (14 float8 tensors with scales)"),
+        (CT_FP8_BLOCK, _ct_fp8_block, "dequantize-fp8", "FP8 (14 float8 tensors with scales)"),
     ],
-    ids=["float", "stale-gguf", "false-bnb", "false-gptq", "fp8-block", "ct-fp8-channel"],
+    ids=[
+        "float",
+        "stale-gguf",
+        "false-bnb",
+        "false-gptq",
+        "fp8-block",
+        "ct-fp8-channel",
+        "ct-fp8-block",
+    ],  # fmt: skip
 )
 def test_what_the_source_is_decides_the_plan(
     tiny_llama: Path,
