@@ -294,28 +294,37 @@ def test_fp8_dequantization_is_weight_times_scale(tiny_llama: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("claim", "make", "action"),
-    [(GGUF, None, "clean"), (FP8, fp8_block, "dequantize-fp8"), (CT_FP8, fp8_channel, None)],
-    ids=["stale-gguf", "fp8-block", "ct-fp8-channel"],
+    ("claim", "make", "action", "lora"),
+    [
+        (GGUF, None, "clean", False),
+        (GGUF, None, "clean", True),  # the QLoRA-free way: float base plus --lora
+        (FP8, fp8_block, "dequantize-fp8", False),
+        (CT_FP8, fp8_channel, "dequantize-fp8", False),
+    ],
+    ids=["stale-gguf", "stale-gguf-with-lora", "fp8-block", "ct-fp8-channel"],
 )
 def test_source_that_can_be_used_converts_and_evaluates(
     tiny_llama: Path,
+    tiny_lora: Path,
     tmp_path: Path,
     claim: dict[str, Any],
     make: Callable[[str, Any], Tensors] | None,
-    action: str | None,
+    action: str,
+    lora: bool,
 ) -> None:
     rewrite = per_linear(make) if make is not None else None
     source = variant(tiny_llama, tmp_path / "src", claim, rewrite)
     config_before = (source / "config.json").read_bytes()
     out = tmp_path / "out"
+    adapter = ("--lora", tiny_lora) if lora else ()
     done = quantize(
-        source, "--to", "gguf", "-t", "f16", "--eval-tokens", "512", "--out", out, "--json"
-    )
+        source, "--to", "gguf", "-t", "f16", "--eval-tokens", "512", "--out", out, "--json",
+        *adapter,
+    )  # fmt: skip
     manifest = manifest_of(done)
     recorded = manifest["source"]["quantization"]
-    assert recorded["claimed"] == claim["quant_method"]
-    assert recorded["action"] == (action or "dequantize-fp8")
+    assert (recorded["claimed"], recorded["action"]) == (claim["quant_method"], action)
+    assert (manifest["adapter"] is not None) == lora
     art = manifest["report"]["artifacts"][0]
     original = manifest["report"]["original"]["perplexity"]
     assert art["tokenizer_match"] is True
