@@ -3,6 +3,7 @@
 Stages, each its own module:
 
 - :mod:`.source`   read the checkpoint (local directory only), merge a LoRA adapter (peft)
+- :mod:`.prequant` sources already quantized, or claiming to be: clean, dequantize or refuse
 - :mod:`.gguf`     llama.cpp's own converter (F16/BF16), then llama.cpp's quantizer
 - :mod:`.gptq`     llm-compressor's GPTQ, written as compressed-tensors (what vLLM loads)
 - :mod:`.evaluate` perplexity of original vs quantized on identical token ids; MCQ accuracy

@@ -46,6 +46,8 @@ TYPES: dict[str, str] = {
 BASE_TYPES = ("f16", "bf16")
 CONVERTER_ENV = "MEDSERVE_GGUF_CONVERTER"
 _TENSOR_LINE = re.compile(rb"^\[\s*\d+/\s*\d+\]")
+# "NotImplementedError: ...", "KeyError: 'x'", "llama_model_quantize: failed to ...".
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception)\b|.*\b(error|failed)\b)", re.I)
 
 
 def converter(override: Path | None = None) -> Path:
@@ -79,8 +81,23 @@ def tensor_count(source: Path) -> int:
     return total
 
 
-def convert(source: Path, out: Path, outtype: str, script: Path, stage: Stage) -> None:
-    """HF checkpoint directory -> one GGUF file of ``outtype`` (f16 or bf16)."""
+def last_error(lines: list[str]) -> str:
+    """The line a failure log ends with that says what went wrong (a traceback's last line,
+    an ``error:`` line), else its last non-empty line; at most 300 characters."""
+    text = [line.strip() for line in lines if line.strip()]
+    for line in reversed(text):
+        if _ERROR_LINE.match(line):
+            return line[:300]
+    return text[-1][:300] if text else "no output"
+
+
+def convert(source: Path, out: Path, outtype: str, script: Path, stage: Stage, log: Path) -> None:
+    """HF checkpoint directory -> one GGUF file of ``outtype`` (f16 or bf16).
+
+    The converter's whole output goes to ``log``; on success the log is removed, on
+    failure it is kept and the QuantizeError names it with the converter's last error
+    line (its traceback never reaches the terminal).
+    """
     if outtype not in BASE_TYPES:
         raise QuantizeError(f"--base must be one of {', '.join(BASE_TYPES)}")
     cmd = [
@@ -95,38 +112,56 @@ def convert(source: Path, out: Path, outtype: str, script: Path, stage: Stage) -
         outtype,
     ]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    tail: deque[str] = deque(maxlen=20)
-    with subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        text=True,
-        errors="replace",
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            # One "name, dtype --> TYPE, shape = ..." line per tensor it prepares.
-            if "-->" in line:
-                stage.advance()
-        code = proc.wait()
+    tail: deque[str] = deque(maxlen=50)
+    try:
+        with (
+            log.open("w", encoding="utf-8") as sink,
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
+                errors="replace",
+            ) as proc,
+        ):
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(line)
+                tail.append(line.rstrip())
+                # One "name, dtype --> TYPE, shape = ..." line per tensor it prepares.
+                if "-->" in line:
+                    stage.advance()
+            code = proc.wait()
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
     if code != 0 or not out.is_file():
-        detail = "\n".join(tail)
-        raise QuantizeError(f"llama.cpp's converter failed (exit {code}):\n{detail}")
+        raise QuantizeError(
+            f"llama.cpp's converter failed (exit {code}): {last_error(list(tail))}\n"
+            f"Its full output is in {log}"
+        )
+    log.unlink(missing_ok=True)
 
 
-def quantize(source: Path, out: Path, kind: str, threads: int, stage: Stage) -> None:
-    """F16/BF16 GGUF -> ``kind`` through ``llama_model_quantize``."""
+def quantize(source: Path, out: Path, kind: str, threads: int, stage: Stage, log: Path) -> None:
+    """F16/BF16 GGUF -> ``kind`` through ``llama_model_quantize``.
+
+    llama.cpp's log lines are collected; on failure they are written to ``log`` and the
+    QuantizeError names it with the last error line.
+    """
     import llama_cpp
     from llama_cpp import _logger
 
     if kind not in TYPES:
         raise QuantizeError(f"--type must be one of {', '.join(TYPES)}")
 
+    lines: deque[bytes] = deque(maxlen=2000)
+
     @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text)
         if _TENSOR_LINE.match(text):
             stage.advance()
 
@@ -141,7 +176,13 @@ def quantize(source: Path, out: Path, kind: str, threads: int, stage: Stage) -> 
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if code != 0 or not out.is_file():
-        raise QuantizeError(f"llama.cpp's quantizer failed for {kind} (code {code})")
+        text = b"".join(lines).decode("utf-8", "replace")
+        log.write_text(text, encoding="utf-8")
+        raise QuantizeError(
+            f"llama.cpp's quantizer failed for {kind} (code {code}): "
+            f"{last_error(text.splitlines())}\nIts full log is in {log}"
+        )
+    log.unlink(missing_ok=True)
 
 
 def describe(path: Path) -> dict[str, Any]:

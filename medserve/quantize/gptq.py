@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,14 @@ def quantize(
     group_size: int,
     seq_len: int,
     stage: Stage,
+    log: Path,
 ) -> None:
-    """Run GPTQ on ``model`` in place; ``stage`` advances once per quantized layer."""
+    """Run GPTQ on ``model`` in place; ``stage`` advances once per quantized layer.
+
+    When llm-compressor fails, its traceback goes to ``log`` and the QuantizeError says
+    the exception's type and first line (shapes and layer names, never calibration text)
+    and names the log.
+    """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor.entrypoints.oneshot import oneshot
@@ -151,5 +158,15 @@ def quantize(
             # The order of the samples changes the result slightly; keep runs repeatable.
             shuffle_calibration_samples=False,
         )
+    except (QuantizeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise QuantizeError(
+            f"GPTQ (llm-compressor) failed: {type(exc).__name__}: {first}\n"
+            f"The traceback is in {log}"
+        ) from None
     finally:
         logger.remove(sink)
+    log.unlink(missing_ok=True)

@@ -4,8 +4,13 @@ Everything is written into a hidden sibling of ``--out`` (``.NAME.partial-XXXX``
 renamed into place only when every file and the manifest are complete; an error or Ctrl-C
 removes it. So a directory named like an artifact is always a whole, evaluated artifact.
 
-Checks that need no heavy work (paths, types, group size, texts) run before anything long,
-so a typo costs seconds, not a calibration run.
+Checks that need no heavy work (paths, types, group size, texts, and whether the source
+is already quantized: :mod:`.prequant`) run before anything long, so a typo costs seconds,
+not a calibration run.
+
+When a tool run by the pipeline fails (llama.cpp's converter, its quantizer, GPTQ), the
+error names the tool and its last error line; its full log is kept beside ``--out`` as
+``<out>.<tool>.log`` (see :func:`tool_log`), since the work directory is removed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-from medserve.quantize import QuantizeError, require
+from medserve.quantize import QuantizeError, prequant, require
 from medserve.quantize import evaluate as ev
 from medserve.quantize import manifest as mf
 from medserve.quantize.progress import Reporter
@@ -96,6 +101,7 @@ def run(opts: Options, reporter: Reporter) -> dict[str, Any]:
 
     require(opts.to, lora=opts.lora is not None)
     config = check_checkpoint(opts.source)
+    plan = prequant.inspect(opts.source, config)
     if opts.lora is not None:
         check_adapter(opts.lora)
     script = None
@@ -118,13 +124,23 @@ def run(opts: Options, reporter: Reporter) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = _build(opts, config, script, partial, reporter)
+        manifest = _build(opts, config, plan, script, partial, reporter)
         mf.write(partial, manifest)
         _replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return mf.load(out)
+
+
+def tool_log(out: Path, tool: str) -> Path:
+    """Where a failed tool's full log is kept: ``<out>.<tool>.log`` beside ``--out``.
+
+    Removed again when the tool succeeds, so a log beside an artifact is always the log
+    of the last failure.
+    """
+    out = out.resolve()
+    return out.with_name(f"{out.name}.{tool}.log")
 
 
 def _replace(partial: Path, out: Path) -> None:
@@ -137,8 +153,32 @@ def _replace(partial: Path, out: Path) -> None:
         os.rename(partial, out)
 
 
+def _prepare(
+    opts: Options, config: dict[str, Any], plan: prequant.Plan, work: Path, reporter: Reporter
+) -> Path:
+    """The directory every later stage reads: the source, or a cleaned/dequantized copy."""
+    if plan.action == "clean":
+        assert plan.config_key is not None
+        with reporter.stage(
+            f"ignore stale quantization_config ({plan.claimed}): weights are {plan.found}"
+        ):
+            return prequant.clean_view(opts.source, config, plan.config_key, work / "source")
+    if plan.action == "dequantize-fp8":
+        with reporter.stage("dequantize FP8 weights"):
+            return prequant.dequantize_fp8(opts.source, config, plan, work / "dequantized")
+    if plan.action == "dequantize-compressed":
+        with reporter.stage("dequantize compressed-tensors weights"):
+            return prequant.dequantize_compressed(opts.source, config, plan, work / "dequantized")
+    return opts.source
+
+
 def _build(
-    opts: Options, config: dict[str, Any], script: Path | None, partial: Path, reporter: Reporter
+    opts: Options,
+    config: dict[str, Any],
+    plan: prequant.Plan,
+    script: Path | None,
+    partial: Path,
+    reporter: Reporter,
 ) -> dict[str, Any]:
     """Everything between the checks and the manifest: returns the manifest's content."""
     import torch
@@ -150,10 +190,12 @@ def _build(
     with reporter.stage("hash inputs"):
         source = fingerprint(opts.source)
         adapter = fingerprint(opts.lora) if opts.lora is not None else None
-    model_dir = opts.source
+    if plan.action != "none":
+        source["quantization"] = plan.recorded()
+    model_dir = _prepare(opts, config, plan, work, reporter)
     if opts.lora is not None:
         with reporter.stage("merge LoRA"):
-            merge_lora(opts.source, opts.lora, work / "merged")
+            merge_lora(model_dir, opts.lora, work / "merged")
         model_dir = work / "merged"
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -272,7 +314,8 @@ def _gguf(
     base_path = (partial if keep_base else work) / f"{name}-{opts.base}.gguf"
     with reporter.stage(f"convert to {opts.base}", total=gguf.tensor_count(model_dir)) as stage:
         t0 = time.perf_counter()
-        gguf.convert(model_dir, base_path, opts.base, script, stage)
+        log = tool_log(opts.out, "convert")
+        gguf.convert(model_dir, base_path, opts.base, script, stage, log)
         convert_s = time.perf_counter() - t0
     n_ctx = evaluation.text.chunk
     if evaluation.questions:
@@ -287,7 +330,8 @@ def _gguf(
             total = gguf.describe(base_path)["tensors"]
             with reporter.stage(f"quantize {kind}", total=total) as stage:
                 t0 = time.perf_counter()
-                gguf.quantize(base_path, path, kind, evaluation.threads, stage)
+                log = tool_log(opts.out, f"quantize-{kind}")
+                gguf.quantize(base_path, path, kind, evaluation.threads, stage, log)
                 seconds = convert_s + time.perf_counter() - t0
         info = gguf.describe(path)
         with reporter.stage(f"evaluate {kind}", total=evaluation.steps) as stage:
@@ -331,7 +375,8 @@ def _gptq_write(
     parameters = sum(p.numel() for p in model.parameters())
     with reporter.stage("calibrate GPTQ", total=len(widths)) as stage:
         t0 = time.perf_counter()
-        gptq.quantize(model, sequences, opts.bits, opts.group_size, opts.seq_len, stage)
+        log = tool_log(opts.out, "gptq")
+        gptq.quantize(model, sequences, opts.bits, opts.group_size, opts.seq_len, stage, log)
         seconds = time.perf_counter() - t0
     with reporter.stage("write"):
         model.save_pretrained(partial, save_compressed=True)
