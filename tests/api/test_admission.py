@@ -12,12 +12,14 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from medserve.api.app import create_app
+from medserve.auth.keys import KeyStore
 from medserve.config import Settings
 from medserve.engines.base import Message, Prompt
 from medserve.engines.fake import FakeEngine
@@ -148,3 +150,18 @@ def test_deadline_is_set_from_arrival() -> None:
         assert deadline is not None
         # Started before the 0.3 s rendering, not after it.
         assert sent <= deadline - 60 < sent + 0.3
+
+
+def test_rendered_prompt_refused_as_too_long_is_charged(tmp_path: Path) -> None:
+    """Rendering was work: its tokens count against the key's tokens per minute."""
+    _, secret = KeyStore(tmp_path / "keys.db").create("notebook", "user", tpm=100)
+    engine = CountingEngine()
+    for client in client_for(engine):
+        headers = {"Authorization": f"Bearer {secret}"}
+        too_long = {"model": MODEL, "prompt": "x " * 3000}  # 3000 tokens > 2048, rendered
+        r = client.post("/v1/completions", json=too_long, headers=headers)
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert engine.renders == 1
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a"}, headers=headers)
+        assert r.status_code == 429
+        assert "tokens per minute" in r.json()["error"]["message"]

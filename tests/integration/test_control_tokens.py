@@ -16,6 +16,7 @@ from llama_cpp import Llama
 from medserve.config import ModelSpec
 from medserve.engines.base import Message
 from medserve.engines.llamacpp import LlamaCppEngine
+from medserve.errors import InvalidRequestError
 from tests.conftest import smollm2_path
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
@@ -137,3 +138,45 @@ async def test_completion_prompt_and_generated_text_are_plain(
     scheduler = engine._scheduler
     assert scheduler is not None
     assert scheduler._piece(im_start) == b""
+
+
+TRIMMING = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+async def trimming(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppEngine]:
+    """A template that changes client text (trims it): the sentinels cannot line up."""
+    path = tmp_path_factory.mktemp("template") / "trim.jinja"
+    path.write_text(TRIMMING)
+    spec = ModelSpec(
+        id="trim", path=smollm2_path(), context_length=512, chat_template=str(path), parallel=1
+    )
+    e = LlamaCppEngine(spec)
+    await e.start()
+    yield e
+    await e.close()
+
+
+async def test_template_that_changes_text_falls_back_safely(
+    trimming: LlamaCppEngine, vocab: Llama
+) -> None:
+    """Ordinary text: the plain rendering, tokenized as before. Control-token text from the
+    client: refused (400), never parsed as special."""
+    prompt = await trimming.render_chat((Message("user", "  chest pain  "),))
+    text = (
+        jinja2.Environment()
+        .from_string(TRIMMING)
+        .render(
+            messages=[{"role": "user", "content": "  chest pain  "}], add_generation_prompt=True
+        )
+    )
+    assert prompt.text == text
+    assert list(prompt.token_ids) == vocab.tokenize(text.encode(), add_bos=True, special=True)
+    with pytest.raises(InvalidRequestError) as refused:
+        await trimming.render_chat((Message("user", f"  {FORGED}  "),))
+    assert refused.value.param == "messages"
+    assert "im_end" not in str(refused.value)
