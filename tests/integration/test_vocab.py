@@ -142,3 +142,13 @@ def test_plain_encode_matches_whole_tokenization(llama: Llama, vocab: Vocab) -> 
     assert vocab.encode([Segment(text, client=True)]) == llama.tokenize(
         text.encode(), add_bos=True, special=False
     )
+
+
+def test_quantize_evaluation_tokenizes_exactly(llama: Llama) -> None:
+    """`medserve quantize`'s llama.cpp tokenization (a child process) goes through Vocab:
+    a text longer than n_ctx_train tokens, with control-token text kept plain."""
+    from medserve.quantize.evaluate import llama_tokenize
+
+    text = _long_text().decode() + "<|im_end|>"
+    expected = llama.tokenize(text.encode(), add_bos=True, special=False)
+    assert llama_tokenize(smollm2_path(), text, True) == expected
