@@ -148,34 +148,35 @@ def _common_checks(body: ChatCompletionRequest | CompletionRequest) -> None:
         )
 
 
-def _bound_input(served: Served, chars: int, param: str, messages: int | None = None) -> None:
-    """Refuse, before anything is rendered or tokenized, input that cannot fit the context.
+def _bound_messages(served: Served, count: int) -> None:
+    """Refuse, before rendering, more messages than can fit: at most ``max_messages``
+    (ModelSpec) and at most ``context_length``, since every message renders to at least
+    one token. Raises ContextLengthError (400 ``context_length_exceeded``, ``messages``)."""
+    context = served.engine.info.context_length
+    cap = min(served.spec.max_messages, context)
+    if count > cap:
+        raise ContextLengthError(
+            f"The request has {count} messages; this model takes at most {cap} "
+            f"(its context window is {context} tokens).",
+            param="messages",
+        )
 
-    Two cheap bounds, so the work a request costs before it holds a slot stays bounded:
 
-    - messages: at most ``max_messages`` (ModelSpec), and at most ``context_length``, since
-      every message renders to at least one token;
-    - characters: each token stands for at most ``max_token_bytes`` bytes of input (the
-      longest piece of the vocabulary, read at load), and a character is at least one
-      byte, so more than ``context_length * max_token_bytes`` characters of client text
-      are more than ``context_length`` tokens. Engines that know no such bound give None.
+def _bound_chars(served: Served, chars: int, param: str) -> None:
+    """Refuse, before rendering or tokenizing, client text that cannot fit the context.
 
-    Raises ContextLengthError (400 ``context_length_exceeded``) naming ``param``.
+    Each token stands for at most ``max_token_bytes`` bytes of input (the longest piece of
+    the vocabulary, read at load), and a character is at least one byte, so more than
+    ``context_length * max_token_bytes`` characters are more than ``context_length``
+    tokens. Engines that know no such bound give None (no check). Raises
+    ContextLengthError (400 ``context_length_exceeded``) naming ``param``.
     """
     info = served.engine.info
-    context = info.context_length
-    if messages is not None:
-        cap = min(served.spec.max_messages, context)
-        if messages > cap:
-            raise ContextLengthError(
-                f"The request has {messages} messages; this model takes at most {cap} "
-                f"(its context window is {context} tokens).",
-                param="messages",
-            )
-    if info.max_token_bytes and chars > context * info.max_token_bytes:
+    if info.max_token_bytes and chars > info.context_length * info.max_token_bytes:
         raise ContextLengthError(
             f"The {param} text ({chars} characters) cannot fit this model's context window "
-            f"of {context} tokens (at most {context * info.max_token_bytes} characters).",
+            f"of {info.context_length} tokens (at most "
+            f"{info.context_length * info.max_token_bytes} characters).",
             param=param,
         )
 
@@ -229,9 +230,10 @@ async def chat_job(
         )
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only plain text output is implemented")
-    _bound_input(served, 0, "messages", messages=len(body.messages))
+    # Both bounds before the template is rendered: what cannot fit costs nothing more.
+    _bound_messages(served, len(body.messages))
     messages = _messages(body.messages)
-    _bound_input(served, sum(len(m.content) for m in messages), "messages")
+    _bound_chars(served, sum(len(m.content) for m in messages), "messages")
     prompt = await _rendered(served.engine.render_chat(messages), deadline, charge)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _charged(
@@ -274,7 +276,7 @@ async def completion_job(
         text = body.prompt[0]
     else:
         raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
-    _bound_input(served, len(text), "prompt")
+    _bound_chars(served, len(text), "prompt")
     prompt = await _rendered(served.engine.render_text(text), deadline, charge)
     max_tokens = _charged(
         charge,
