@@ -197,9 +197,9 @@ class LlamaCppEngine:
         and :meth:`Vocab.encode` keeps that text plain (``<|im_end|>`` in a message stays
         ten characters of text). When the template changed the client's text (trimmed or
         cut it, so the sentinels no longer line up), the plain rendering is used only if
-        it holds exactly the special tokens of the template's markup and no client string
-        contains a special token's text; otherwise the request is refused (400), never
-        tokenized with the client's text parsed as special.
+        no client string contains a special token's text and it holds exactly the special
+        tokens of the template's markup; otherwise the request is refused (400
+        ``control_token_text``), never tokenized with the client's text parsed as special.
         """
         vocab = self._vocab
         assert vocab is not None
@@ -213,14 +213,12 @@ class LlamaCppEngine:
         segments = _segments(marked, open_, close)
         if segments is not None and "".join(s.text for s in segments) == text:
             return Prompt(text, tuple(vocab.encode(segments)))
-        template_specials = sum(
-            vocab.special_occurrences(s.text) for s in segments or () if not s.client
-        )
-        if (
-            segments is not None
-            and not any(vocab.contains_special(c) for c in contents)
-            and vocab.special_occurrences(text) == template_specials
-        ):
+        # The template changed the client's text. The plain rendering is safe when no
+        # client string holds a special token's text and the client text, joined to the
+        # markup, forms no new one: then it has as many as the sentinel rendering, where
+        # the sentinels keep client text and markup apart.
+        plain = not any(vocab.contains_special(c) for c in contents)
+        if plain and vocab.special_occurrences(text) == vocab.special_occurrences(marked):
             return Prompt(text, tuple(vocab.encode([Segment(text, client=False)])))
         raise InvalidRequestError(
             "A message contains text of this model's control tokens, and its chat template "
