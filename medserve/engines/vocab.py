@@ -222,13 +222,6 @@ class Vocab:
                 out[i + 1] = str(out[i + 1]).lstrip(C_SPACE)
         return out
 
-    def special_count(self, ids: Iterable[int]) -> int:
-        """How many of ``ids`` are control tokens."""
-        return sum(1 for t in ids if self._attrs[t] & ATTR_CONTROL)
-
-    def is_control(self, token: int) -> bool:
-        return bool(self._attrs[token] & ATTR_CONTROL)
-
     def special_occurrences(self, text: str) -> int:
         """How many special-token strings llama.cpp would find in ``text``."""
         return 0 if self._special_re is None else len(self._special_re.findall(text))

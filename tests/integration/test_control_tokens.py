@@ -145,38 +145,46 @@ TRIMMING = (
     "{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Cuts content to its first 200 characters: the closing sentinel is lost.
+CUTTING = TRIMMING.replace("message['content'] | trim", "message['content'][:200]")
 
 
 @pytest.fixture(scope="module")
-async def trimming(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppEngine]:
-    """A template that changes client text (trims it): the sentinels cannot line up."""
-    path = tmp_path_factory.mktemp("template") / "trim.jinja"
-    path.write_text(TRIMMING)
-    spec = ModelSpec(
-        id="trim", path=smollm2_path(), context_length=512, chat_template=str(path), parallel=1
-    )
-    e = LlamaCppEngine(spec)
-    await e.start()
-    yield e
-    await e.close()
+async def changing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[dict[str, LlamaCppEngine]]:
+    """Engines whose templates change client text: the sentinels cannot line up."""
+    engines = {}
+    for name, template in (("trim", TRIMMING), ("cut", CUTTING)):
+        path = tmp_path_factory.mktemp("template") / f"{name}.jinja"
+        path.write_text(template)
+        spec = ModelSpec(
+            id=name, path=smollm2_path(), context_length=512, chat_template=str(path), parallel=1
+        )
+        engines[name] = LlamaCppEngine(spec)
+        await engines[name].start()
+    yield engines
+    for e in engines.values():
+        await e.close()
 
 
+@pytest.mark.parametrize(("name", "template"), [("trim", TRIMMING), ("cut", CUTTING)])
 async def test_template_that_changes_text_falls_back_safely(
-    trimming: LlamaCppEngine, vocab: Llama
+    changing: dict[str, LlamaCppEngine], vocab: Llama, name: str, template: str
 ) -> None:
     """Ordinary text: the plain rendering, tokenized as before. Control-token text from the
     client: refused (400), never parsed as special."""
-    prompt = await trimming.render_chat((Message("user", "  chest pain  "),))
+    engine = changing[name]
+    content = "  chest pain  " + "x" * 300
+    prompt = await engine.render_chat((Message("user", content),))
     text = (
         jinja2.Environment()
-        .from_string(TRIMMING)
-        .render(
-            messages=[{"role": "user", "content": "  chest pain  "}], add_generation_prompt=True
-        )
+        .from_string(template)
+        .render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
     )
     assert prompt.text == text
     assert list(prompt.token_ids) == vocab.tokenize(text.encode(), add_bos=True, special=True)
     with pytest.raises(InvalidRequestError) as refused:
-        await trimming.render_chat((Message("user", f"  {FORGED}  "),))
+        await engine.render_chat((Message("user", f"  {FORGED}  " + "y" * 300),))
     assert refused.value.param == "messages"
     assert "im_end" not in str(refused.value)
