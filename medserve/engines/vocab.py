@@ -190,6 +190,12 @@ class Vocab:
 
         BOS (and EOS, for vocabularies that add one) is added as llama.cpp's
         ``add_special`` would; a BOS the template wrote itself is not doubled.
+
+        One difference from llama.cpp remains, for overlapping special strings only:
+        llama.cpp takes each special token in turn (longest first) over the whole text,
+        this takes the leftmost match (longest at a position). No chat template's markup
+        has overlapping special tokens; ``tests/integration/test_control_tokens.py``
+        checks the ids against llama.cpp's on a table of ordinary conversations.
         """
         items: list[int | str] = []
         for seg in segments:
