@@ -113,6 +113,14 @@ class ModelSpec(BaseModel):
     timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may wait and run before it is cut (504)."
     )
+    max_messages: int = Field(
+        1024,
+        ge=1,
+        description="Most messages in one chat request, checked before the chat template is "
+        "rendered (400 context_length_exceeded beyond). The context window bounds it too: "
+        "every message renders to at least one token, so more messages than "
+        "`context_length` cannot fit.",
+    )
     owned_by: str = Field("medserve", description="Shown in /v1/models.")
     defaults: SamplingDefaults = Field(
         default_factory=SamplingDefaults, description="Sampling defaults for this model."

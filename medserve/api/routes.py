@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -159,7 +160,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, models: RouterDep
 ) -> Response:
     served = _resolve(request, models, body)
-    job = await serving.chat_job(body, served, exchange(request).request_id)
+    job = await serving.chat_job(body, served, *_admission(request))
     return await _respond(job, served, request)
 
 
@@ -168,7 +169,7 @@ async def chat_completions(
 )
 async def completions(body: CompletionRequest, request: Request, models: RouterDep) -> Response:
     served = _resolve(request, models, body)
-    job = await serving.completion_job(body, served, exchange(request).request_id)
+    job = await serving.completion_job(body, served, *_admission(request))
     return await _respond(job, served, request)
 
 
@@ -185,6 +186,19 @@ def _resolve(
     served = models.get(body.model)
     ex.model, ex.engine = served.spec.id, served.engine.info.kind
     return served
+
+
+def _admission(request: Request) -> tuple[str, float, serving.Charge]:
+    """Request id, arrival (time.monotonic()) and the key's token charge, for serving."""
+    ex = exchange(request)
+    arrived = time.monotonic() - (time.perf_counter() - ex.started)
+    key = principal(request)
+    security = request.app.state.security
+
+    def charge(tokens: int) -> None:
+        security.charge(key, tokens)
+
+    return ex.request_id, arrived, charge
 
 
 async def _respond(job: serving.Job, served: Served, request: Request) -> Response:

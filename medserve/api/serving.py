@@ -9,11 +9,12 @@ Both response shapes come from the same chunk stream: a non-streaming response d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +47,7 @@ from medserve.errors import (
     ContextLengthError,
     InvalidRequestError,
     MedserveError,
+    RequestTimeoutError,
     UnsupportedParameterError,
     envelope,
 )
@@ -166,8 +168,76 @@ def _common_checks(body: ChatCompletionRequest | CompletionRequest) -> None:
         )
 
 
-async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str) -> Job:
-    """Parse a chat request into a Job, or raise the 400 that names the bad parameter."""
+def _bound_messages(served: Served, count: int) -> None:
+    """Refuse, before rendering, more messages than can fit: at most ``max_messages``
+    (ModelSpec) and at most ``context_length``, since every message renders to at least
+    one token. Raises ContextLengthError (400 ``context_length_exceeded``, ``messages``)."""
+    context = served.engine.info.context_length
+    cap = min(served.spec.max_messages, context)
+    if count > cap:
+        raise ContextLengthError(
+            f"The request has {count} messages; this model takes at most {cap} "
+            f"(its context window is {context} tokens).",
+            param="messages",
+        )
+
+
+def _bound_chars(served: Served, chars: int, param: str) -> None:
+    """Refuse, before rendering or tokenizing, client text that cannot fit the context.
+
+    Each token stands for at most ``max_token_bytes`` bytes of input (the longest piece of
+    the vocabulary, read at load), and a character is at least one byte, so more than
+    ``context_length * max_token_bytes`` characters are more than ``context_length``
+    tokens. Engines that know no such bound give None (no check). Raises
+    ContextLengthError (400 ``context_length_exceeded``) naming ``param``.
+    """
+    info = served.engine.info
+    if info.max_token_bytes and chars > info.context_length * info.max_token_bytes:
+        raise ContextLengthError(
+            f"The {param} text ({chars} characters) cannot fit this model's context window "
+            f"of {info.context_length} tokens (at most "
+            f"{info.context_length * info.max_token_bytes} characters).",
+            param=param,
+        )
+
+
+Charge = Callable[[int], None]
+
+
+async def _rendered(render: Awaitable[Prompt], deadline: float, charge: Charge | None) -> Prompt:
+    """Await a rendering; over the request's deadline, 504 (its tokens are charged)."""
+    prompt = await render
+    if time.monotonic() > deadline:
+        if charge is not None:
+            charge(len(prompt.token_ids))
+        raise RequestTimeoutError()
+    return prompt
+
+
+def _charged(charge: Charge | None, prompt: Prompt, budget: Callable[[], int]) -> int:
+    """``budget()``; a prompt refused as too long is still charged to the key's tokens."""
+    try:
+        return budget()
+    except ContextLengthError:
+        if charge is not None:
+            charge(len(prompt.token_ids))
+        raise
+
+
+async def chat_job(
+    body: ChatCompletionRequest,
+    served: Served,
+    request_id: str,
+    arrived: float | None = None,
+    charge: Charge | None = None,
+) -> Job:
+    """Parse a chat request into a Job, or raise the 400 that names the bad parameter.
+
+    ``arrived`` (time.monotonic() at the request's arrival) starts the model's
+    ``timeout_s``, so rendering counts; ``charge`` is called with the prompt's token count
+    when a rendered prompt is refused (too long, out of time).
+    """
+    deadline = (time.monotonic() if arrived is None else arrived) + served.spec.timeout_s
     _common_checks(body)
     if body.logprobs or body.top_logprobs is not None:
         # Named as sent: `top_logprobs` alone is refused under its own name.
@@ -183,21 +253,37 @@ async def chat_job(body: ChatCompletionRequest, served: Served, request_id: str)
         )
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only plain text output is implemented")
+    # Both bounds before the template is rendered: what cannot fit costs nothing more.
+    _bound_messages(served, len(body.messages))
     messages = _messages(body.messages)
-    prompt = await served.engine.render_chat(messages)
-    max_tokens = _budget(
-        _sent(body, "max_completion_tokens", "max_tokens"),
-        served.spec.defaults.max_tokens,
+    _bound_chars(served, sum(len(m.content) for m in messages), "messages")
+    prompt = await _rendered(served.engine.render_chat(messages), deadline, charge)
+    requested = _sent(body, "max_completion_tokens", "max_tokens")
+    max_tokens = _charged(
+        charge,
         prompt,
-        served.engine.info.context_length,
-        "messages",
+        lambda: _budget(
+            requested,
+            served.spec.defaults.max_tokens,
+            prompt,
+            served.engine.info.context_length,
+            "messages",
+        ),
     )
     audit_input = chat_input([(m.role, m.content) for m in messages])
-    return _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}", audit_input)
+    job = _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}", audit_input)
+    return _with_deadline(job, deadline)
 
 
-async def completion_job(body: CompletionRequest, served: Served, request_id: str) -> Job:
-    """Parse a legacy completion request into a Job."""
+async def completion_job(
+    body: CompletionRequest,
+    served: Served,
+    request_id: str,
+    arrived: float | None = None,
+    charge: Charge | None = None,
+) -> Job:
+    """Parse a legacy completion request into a Job (``arrived``, ``charge``: as for chat)."""
+    deadline = (time.monotonic() if arrived is None else arrived) + served.spec.timeout_s
     _common_checks(body)
     if body.best_of is not None and body.best_of > 1:
         raise _refuse("best_of", "one candidate per request")
@@ -213,13 +299,19 @@ async def completion_job(body: CompletionRequest, served: Served, request_id: st
         text = body.prompt[0]
     else:
         raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
-    prompt = await served.engine.render_text(text)
+    _bound_chars(served, len(text), "prompt")
+    prompt = await _rendered(served.engine.render_text(text), deadline, charge)
     # OpenAI's default of 16 when the client sent no max_tokens: cut to fit, as in chat.
-    max_tokens = _budget(
-        _sent(body, "max_tokens"), 16, prompt, served.engine.info.context_length, "prompt"
-    )
+    requested = _sent(body, "max_tokens")
+    context = served.engine.info.context_length
+    max_tokens = _charged(charge, prompt, lambda: _budget(requested, 16, prompt, context, "prompt"))
     request_key = f"cmpl-{request_id}"
-    return _job("completion", body, served, prompt, max_tokens, request_key, text.encode())
+    job = _job("completion", body, served, prompt, max_tokens, request_key, text.encode())
+    return _with_deadline(job, deadline)
+
+
+def _with_deadline(job: Job, deadline: float) -> Job:
+    return dataclasses.replace(job, request=dataclasses.replace(job.request, deadline=deadline))
 
 
 def _job(

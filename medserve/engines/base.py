@@ -57,6 +57,9 @@ class GenerationRequest:
     prompt: Prompt
     sampling: Sampling
     user: str | None = None
+    # time.monotonic() by which the request must be done (504 after): set from its arrival,
+    # so rendering and waiting count. None: the engine's timeout_s from submission.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,11 @@ class EngineInfo:
     model: str
     context_length: int
     owned_by: str = "medserve"
+    # The most input bytes one token can stand for (the longest piece of the vocabulary),
+    # or None when no such bound holds. A prompt of more than context_length times this
+    # many bytes (or characters, never more than bytes) cannot fit: the web layer refuses
+    # it before rendering or tokenizing anything.
+    max_token_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

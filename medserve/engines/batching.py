@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from medserve.engines.base import FinishReason, GenerationChunk, GenerationRequest
 from medserve.engines.stops import StopMatcher
+from medserve.engines.vocab import Vocab
 from medserve.errors import EngineError, MedserveError, RequestTimeoutError, UnavailableError
 
 if TYPE_CHECKING:
@@ -90,12 +91,20 @@ class Scheduler:
     """Owns a llama.cpp context with ``parallel`` sequences; call :meth:`run` on a thread."""
 
     def __init__(
-        self, llama: Llama, *, parallel: int, slot_context: int, batch_size: int, threads: int
+        self,
+        llama: Llama,
+        *,
+        parallel: int,
+        slot_context: int,
+        batch_size: int,
+        threads: int,
+        vocab: Vocab | None = None,
     ) -> None:
         from llama_cpp import llama_context_default_params, llama_get_memory
         from llama_cpp._internals import LlamaBatch, LlamaContext
 
         self._llama = llama
+        self._vocab = vocab or Vocab(llama)
         self.parallel = parallel
         self.slot_context = slot_context
         self.batch_size = batch_size
@@ -320,9 +329,10 @@ class Scheduler:
         batch.logits[i] = logits
 
     def _piece(self, token: int) -> bytes:
+        """The token's bytes, whole at any length; control tokens give none (not rendered)."""
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self._llama.detokenize([token])
+            piece = self._pieces[token] = self._vocab.piece(token, special=False)
         return piece
 
     def _advance(self, slot: _Slot, token: int) -> None:

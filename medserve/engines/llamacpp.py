@@ -17,6 +17,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -34,12 +36,17 @@ from medserve.engines.base import (
     Prompt,
 )
 from medserve.engines.batching import Item, Job, Scheduler
+from medserve.engines.vocab import VOCAB_BPE, VOCAB_SPM, Segment, Vocab, metadata
 from medserve.errors import EngineError, InvalidRequestError, OverloadedError, UnavailableError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
+# Vocabulary types whose tokens each cover at most their own piece's bytes of input
+# (SentencePiece, byte-level BPE): for these a prompt of more than context_length times the
+# longest piece cannot fit the context (EngineInfo.max_token_bytes).
+BYTE_LEVEL = (VOCAB_SPM, VOCAB_BPE)
 
 
 class LlamaCppEngine:
@@ -52,6 +59,7 @@ class LlamaCppEngine:
         self._thread: threading.Thread | None = None
         self._info: EngineInfo | None = None
         self._formatter: Any = None
+        self._vocab: Vocab | None = None
         self._jobs: dict[str, Job] = {}
         self._admitted = 0
         self._running = 0
@@ -102,9 +110,11 @@ class LlamaCppEngine:
                 f"model {self._spec.id!r}: context_length {context} exceeds the model's "
                 f"trained context of {trained}"
             )
+        vocab = self._vocab = Vocab(llama)
         try:
             scheduler = Scheduler(
                 llama,
+                vocab=vocab,
                 parallel=self.parallel,
                 slot_context=context,
                 batch_size=self._spec.batch_size,
@@ -119,8 +129,8 @@ class LlamaCppEngine:
 
             self._formatter = Jinja2ChatFormatter(
                 template=template,
-                eos_token=_token_text(llama, llama.token_eos()),
-                bos_token=_token_text(llama, llama.token_bos()),
+                eos_token=vocab.text(vocab.eos),
+                bos_token=vocab.text(vocab.bos),
                 add_generation_prompt=True,
             )
         self._info = EngineInfo(
@@ -129,6 +139,7 @@ class LlamaCppEngine:
             model=self._spec.id,
             context_length=context,
             owned_by=self._spec.owned_by,
+            max_token_bytes=vocab.max_piece_bytes if vocab.type in BYTE_LEVEL else None,
         )
         log.info(
             "model loaded",
@@ -144,8 +155,8 @@ class LlamaCppEngine:
     def _chat_template(self, llama: Llama) -> str | None:
         source = self._spec.chat_template
         if source == "gguf":
-            template = llama.metadata.get("tokenizer.chat_template")
-            return str(template) if template else None
+            # Read whole (llama-cpp-python's metadata dict can lose a byte at its buffer size).
+            return metadata(llama, "tokenizer.chat_template") or None
         with open(source, encoding="utf-8") as f:
             return f.read()
 
@@ -168,16 +179,58 @@ class LlamaCppEngine:
         return self._llama
 
     async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
-        llama = self._require()
+        self._require()
         if self._formatter is None:
             raise InvalidRequestError(
                 "This model has no chat template; use /v1/completions.",
                 param="messages",
                 code="chat_not_supported",
             )
-        wire = [{"role": m.role, "content": m.content} for m in messages]
+        return await asyncio.to_thread(self._render_chat, messages)
+
+    def _render_chat(self, messages: tuple[Message, ...]) -> Prompt:
+        """Render and tokenize (on a worker thread): only the template's markup is special.
+
+        The template is rendered twice: plainly, and with each message's content between
+        two sentinels that hold a fresh random nonce. When removing the sentinels gives
+        exactly the plain rendering, the sentinels mark which text came from the client,
+        and :meth:`Vocab.encode` keeps that text plain (``<|im_end|>`` in a message stays
+        ten characters of text). When the template changed the client's text (trimmed or
+        cut it, so the sentinels no longer line up), the plain rendering is used only if
+        no client string contains a special token's text and it holds exactly the special
+        tokens of the template's markup; otherwise the request is refused (400
+        ``control_token_text``), never tokenized with the client's text parsed as special.
+        """
+        vocab = self._vocab
+        assert vocab is not None
+        text = self._apply([(m.role, m.content) for m in messages])
+        contents = [m.content for m in messages]
+        nonce = secrets.token_hex(12)
+        while any(nonce in c for c in contents):  # 2**-96 per message: ends at once
+            nonce = secrets.token_hex(12)
+        open_, close = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+        marked = self._apply([(m.role, f"{open_}{m.content}{close}") for m in messages])
+        segments = _segments(marked, open_, close)
+        if segments is not None and "".join(s.text for s in segments) == text:
+            return Prompt(text, tuple(vocab.encode(segments)))
+        # The template changed the client's text. The plain rendering is safe when no
+        # client string holds a special token's text and the client text, joined to the
+        # markup, forms no new one: then it has as many as the sentinel rendering, where
+        # the sentinels keep client text and markup apart.
+        plain = not any(vocab.contains_special(c) for c in contents)
+        if plain and vocab.special_occurrences(text) == vocab.special_occurrences(marked):
+            return Prompt(text, tuple(vocab.encode([Segment(text, client=False)])))
+        raise InvalidRequestError(
+            "A message contains text of this model's control tokens, and its chat template "
+            "changes message text so that it cannot be kept apart as plain text.",
+            param="messages",
+            code="control_token_text",
+        )
+
+    def _apply(self, messages: list[tuple[str, str]]) -> str:
+        wire = [{"role": role, "content": content} for role, content in messages]
         try:
-            text = await asyncio.to_thread(lambda: self._formatter(messages=wire).prompt)
+            return str(self._formatter(messages=wire).prompt)
         except Exception as exc:
             # Templates raise on message shapes they refuse (roles that do not alternate,
             # a system message in the wrong place). Their message text is not forwarded.
@@ -186,12 +239,15 @@ class LlamaCppEngine:
                 "(for example, roles that must alternate).",
                 param="messages",
             ) from exc
-        return await asyncio.to_thread(_tokenize, llama, text, True)
 
     async def render_text(self, text: str) -> Prompt:
         # Plain prompts are tokenized with special-token parsing off: text that happens to
         # look like a control token stays text.
-        return await asyncio.to_thread(_tokenize, self._require(), text, False)
+        self._require()
+        vocab = self._vocab
+        assert vocab is not None
+        ids = await asyncio.to_thread(vocab.encode, [Segment(text, client=True)])
+        return Prompt(text, tuple(ids))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._require()
@@ -224,7 +280,11 @@ class LlamaCppEngine:
         job = Job(
             request=request,
             emit=emit,
-            deadline=time.monotonic() + self._spec.timeout_s,
+            deadline=(
+                time.monotonic() + self._spec.timeout_s
+                if request.deadline is None
+                else request.deadline
+            ),
             on_start=on_start,
             on_release=on_release,
         )
@@ -281,13 +341,10 @@ def _retry_after(queue: int, parallel: int) -> int:
     return max(1, min(30, 2 * (queue // max(parallel, 1) + 1)))
 
 
-def _token_text(llama: Llama, token: int) -> str:
-    return "" if token < 0 else llama.detokenize([token], special=True).decode("utf-8", "replace")
-
-
-def _tokenize(llama: Llama, text: str, special: bool) -> Prompt:
-    ids = llama.tokenize(text.encode("utf-8"), add_bos=True, special=special)
-    bos = llama.token_bos()
-    if len(ids) >= 2 and ids[0] == ids[1] == bos:
-        ids = ids[1:]  # the template wrote its own BOS and llama.cpp added another
-    return Prompt(text, tuple(ids))
+def _segments(marked: str, open_: str, close: str) -> list[Segment] | None:
+    """Split a rendering at the sentinels; None when they do not pair up."""
+    parts = re.split(f"{re.escape(open_)}(.*?){re.escape(close)}", marked, flags=re.DOTALL)
+    out = [Segment(p, client=i % 2 == 1) for i, p in enumerate(parts)]
+    if any(open_ in s.text or close in s.text for s in out):
+        return None
+    return out

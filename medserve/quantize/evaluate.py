@@ -301,10 +301,14 @@ def _tokenize_main() -> None:
     """Child of :func:`llama_tokenize`: GGUF path and BOS flag as arguments, text on stdin."""
     from llama_cpp import Llama
 
+    from medserve.engines.vocab import Vocab
+
     path, bos = sys.argv[1], sys.argv[2] == "1"
     text = sys.stdin.buffer.read()
     llm = Llama(model_path=path, vocab_only=True, verbose=False)
-    ids = llm.tokenize(text, add_bos=bos, special=False)
+    # Exact size, not llama-cpp-python's n_ctx_train guess (whose error message would
+    # also carry the text).
+    ids = Vocab(llm).tokenize(text, add_special=bos, special=False)
     sys.stdout.write(json.dumps(list(ids)))
 
 

@@ -201,3 +201,12 @@ async def test_abort_during_a_long_prefill(vocab: Llama) -> None:
         assert (await e.health()).running == 0
     finally:
         await e.close()
+
+
+async def test_tokens_longer_than_32_bytes_are_generated_whole(engine: LlamaCppEngine) -> None:
+    """Issue 12.1: SmolLM2 answers this with a newline plus 47 spaces, one 48-byte token."""
+    rows = "".join(f"row {i}:\n" + " " * 48 + f"value {i}\n" for i in range(1, 7)) + "row 7:"
+    prompt = await engine.render_text(rows)
+    text, last = await collect(engine, request(prompt, max_tokens=6, repeat_penalty=1.0))
+    assert last.completion_tokens == 6
+    assert text.startswith("\n" + " " * 47), repr(text)
