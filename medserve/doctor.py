@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medserve.auth.keys import KeyStore
-from medserve.config import ConfigError, ModelSpec, Settings
+from medserve.config import ModelSpec, Settings
+from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.errors import ConfigError
+from medserve.manifest import ManifestError, check_file, sha256_file
 from medserve.privacy import OFFLINE_ENV
-from medserve.quantize.manifest import ManifestError, check_file, sha256_file
 
 Level = Literal["ok", "warn", "danger"]
 
@@ -98,7 +100,7 @@ def checks(
     )
     yield from _audit(settings)
     for spec in models:
-        yield _model(spec, hash_models)
+        yield from _models(spec, hash_models)
 
 
 def _connections(settings: Settings) -> Iterator[Check]:
@@ -154,18 +156,26 @@ def _audit(settings: Settings) -> Iterator[Check]:
         yield Check("content capture", "warn", "on: prompts and completions kept, encrypted")
 
 
-def _model(spec: ModelSpec, hash_models: bool) -> Check:
-    if spec.engine == "fake":
-        return Check(f"model {spec.id}", "warn", "fake engine (tests and demos only)")
+def _models(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
+    """One check per replica; a single-replica model keeps its plain name."""
+    for i, replica in enumerate(spec.replicas):
+        name = f"model {spec.id}" + (f" replica {i}" if len(spec.replicas) > 1 else "")
+        if isinstance(replica, LlamaCppSpec):
+            yield _weights(name, spec.id, replica, hash_models)
+        else:
+            yield Check(name, "warn", f"{replica.engine} engine (tests and demos only)")
+
+
+def _weights(name: str, model: str, spec: LlamaCppSpec, hash_models: bool) -> Check:
     try:
-        path = spec.weights()
+        path = spec.weights(model)
     except ConfigError as exc:
-        return Check(f"model {spec.id}", "danger", str(exc))
+        return Check(name, "danger", str(exc))
     if spec.manifest is not None and hash_models:
         try:
             digest = check_file(spec.manifest, path)
         except ManifestError as exc:
-            return Check(f"model {spec.id}", "danger", str(exc))
-        return Check(f"model {spec.id}", "ok", f"{path} sha256 {digest} (matches its manifest)")
+            return Check(name, "danger", str(exc))
+        return Check(name, "ok", f"{path} sha256 {digest} (matches its manifest)")
     digest = f" sha256 {sha256_file(path)}" if hash_models else ""
-    return Check(f"model {spec.id}", "ok", f"{path}{digest}")
+    return Check(name, "ok", f"{path}{digest}")

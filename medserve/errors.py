@@ -23,11 +23,22 @@ patient text, and error bodies end up in client logs.
     │   └── OverloadedError            503                         code=overloaded
     ├── EngineError                    500 server_error            code=engine_error
     └── RequestTimeoutError            504 server_error            code=timeout
+
+Outside the tree, never a client's answer: :class:`ConfigError`, the operator's
+configuration or model registry is unusable (``medserve serve`` refuses to start).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+
+class ConfigError(Exception):
+    """The configuration or the model registry is unusable; the message says what to fix.
+
+    Raised at start-up (settings, registry files, engine specs, weights files), reported to
+    the operator, never mapped to an HTTP answer.
+    """
 
 
 class MedserveError(Exception):

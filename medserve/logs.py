@@ -20,6 +20,7 @@ FIELDS = (
     "status",
     "duration_ms",
     "model",
+    "replica",
     "prompt_tokens",
     "completion_tokens",
     "finish_reason",

@@ -3,7 +3,7 @@
 Labels only ever take values from sets the operator controls: ``model`` is a served model
 id (or "" when the request named none that exists, however long and random the name it
 sent), ``endpoint`` a route template or "unmatched", ``status`` one of the HTTP statuses
-medserve itself answers, ``engine``/``replica`` from the configuration. Never a prompt, a
+medserve itself answers, ``engine``/``instance`` from the configuration. Never a prompt, a
 user, a key or a raw path.
 
 Request metrics are observed once per request from its :class:`Exchange`; engine load,
@@ -66,8 +66,8 @@ class EngineState:
 class Metrics:
     """The registry and every metric medserve exports."""
 
-    def __init__(self, replica: str) -> None:
-        self.replica = replica
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -145,10 +145,10 @@ class Metrics:
         info = Gauge(
             "medserve_build_info",
             "Always 1; labels say which medserve and Python run here.",
-            ["version", "python", "replica"],
+            ["version", "python", "instance"],
             registry=r,
         )
-        info.labels(__version__, platform.python_version(), replica).set(1)
+        info.labels(__version__, platform.python_version(), instance).set(1)
         self._engines: list[EngineState] = []
         self._audit: Callable[[], StoreStats | None] = lambda: None
         r.register(_Snapshot(self))
@@ -203,7 +203,7 @@ class _Snapshot(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         m = self.metrics
-        labels = ["model", "engine", "replica"]
+        labels = ["model", "engine", "instance"]
         up = GaugeMetricFamily("medserve_engine_up", "1 if the engine is loaded.", labels=labels)
         ready = GaugeMetricFamily(
             "medserve_engine_ready", "1 if the engine accepts requests.", labels=labels
@@ -223,7 +223,7 @@ class _Snapshot(Collector):
             "medserve_model_load_seconds", "Time the model took to load.", labels=["model"]
         )
         for e in m._engines:
-            key = [e.model, e.engine, m.replica]
+            key = [e.model, e.engine, m.instance]
             up.add_metric(key, 1.0)
             ready.add_metric(key, 1.0 if e.health.ready else 0.0)
             running.add_metric([e.model], e.health.running)

@@ -1,8 +1,9 @@
 """Model id to engine: the one place that decides which engine answers a request.
 
 An unknown model is a 404 ``model_not_found``, never a silent substitute: a clinical app
-must not get an answer from a model it did not ask for. Replicas, GPU-first policy and
-health-based fallback arrive with the vLLM engine; today each model has one engine.
+must not get an answer from a model it did not ask for. A model has one engine per replica
+of its registry entry (:attr:`ModelSpec.replicas`, in order); today the first one answers.
+Replica choice, GPU-first policy and health-based fallback arrive with the vLLM engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from medserve.config import ModelSpec
 from medserve.engines import create_engine
-from medserve.engines.base import Engine
+from medserve.engines.base import Engine, Health
 from medserve.errors import ModelNotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,41 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """A served model: its registry entry and the engine that runs it."""
+    """A served model: its registry entry and one engine per replica, in ``spec.replicas``
+    order (``engines[i]`` runs ``spec.replicas[i]``)."""
 
     spec: ModelSpec
-    engine: Engine
+    engines: tuple[Engine, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.engines) != len(self.spec.replicas):
+            raise ValueError(f"model {self.spec.id!r}: one engine per replica")
+
+    @property
+    def engine(self) -> Engine:
+        """The first replica's engine: the one that answers until replica choice exists."""
+        return self.engines[0]
+
+    @property
+    def kind(self) -> str:
+        """Engine kind of :attr:`engine` (``llamacpp``, ``fake``): the one place the web
+        layer reads engine identity from. Its source is the replica spec's ``engine`` key,
+        which engines also copy into ``EngineInfo.kind``."""
+        return self.replica_kind(0)
+
+    async def health(self) -> Health:
+        """The model's health: ready when any replica is; load summed over replicas."""
+        states = [await engine.health() for engine in self.engines]
+        return Health(
+            ready=any(h.ready for h in states),
+            running=sum(h.running for h in states),
+            waiting=sum(h.waiting for h in states),
+            rejected=sum(h.rejected for h in states),
+        )
+
+    def replica_kind(self, index: int) -> str:
+        """Engine kind of ``engines[index]``, as its replica spec names it."""
+        return self.spec.replicas[index].engine
 
 
 class Router:
@@ -38,7 +70,12 @@ class Router:
 
     @classmethod
     def from_specs(cls, specs: list[ModelSpec]) -> Router:
-        return cls([Served(spec, create_engine(spec)) for spec in specs])
+        return cls(
+            [
+                Served(spec, tuple(create_engine(spec, replica) for replica in spec.replicas))
+                for spec in specs
+            ]
+        )
 
     def __iter__(self) -> Iterator[Served]:
         return iter(self._served.values())
@@ -48,22 +85,26 @@ class Router:
         served = self._served.get(model)
         if served is None:
             raise ModelNotFoundError(model)
-        if served.engine not in self._started:
+        if not any(engine in self._started for engine in served.engines):
             raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
         return served
 
     async def start(self) -> None:
-        """Load every model; on a failure, unload what was loaded and re-raise."""
+        """Load every engine of every model; on a failure, unload what was loaded and re-raise.
+
+        ``load_seconds[model]`` is the time to load all of the model's replicas.
+        """
         for served in self._served.values():
             began = time.perf_counter()
-            try:
-                await served.engine.start()
-            except BaseException:
-                await self.close()
-                raise
-            self._started.append(served.engine)
+            for index, engine in enumerate(served.engines):
+                try:
+                    await engine.start()
+                except BaseException:
+                    await self.close()
+                    raise
+                self._started.append(engine)
+                log.info("engine started", extra={"model": served.spec.id, "replica": index})
             self.load_seconds[served.spec.id] = time.perf_counter() - began
-            log.info("engine started", extra={"model": served.spec.id})
 
     async def close(self) -> None:
         while self._started:

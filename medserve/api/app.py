@@ -28,7 +28,7 @@ from medserve.api.middleware import RequestContext
 from medserve.api.routes import router as routes
 from medserve.api.security import Security
 from medserve.api.validation import validation_error
-from medserve.config import Settings, served_models
+from medserve.config import Settings
 from medserve.errors import (
     InvalidRequestError,
     MedserveError,
@@ -39,6 +39,7 @@ from medserve.errors import (
 )
 from medserve.metrics import Metrics
 from medserve.privacy import EgressGuard, apply_offline_env
+from medserve.registry import served_models
 from medserve.router import Router
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def create_app(
     the audit log."""
     router = router or Router.from_specs(served_models(settings))
     conf = settings.audit
-    auditor = Auditor(conf, settings.replica)
-    metrics = Metrics(settings.replica)
+    auditor = Auditor(conf, settings.instance)
+    metrics = Metrics(settings.instance)
     security = Security(settings.auth)
     metrics.declare(s.spec.id for s in router)
     if guard is not None:
@@ -80,7 +81,7 @@ def create_app(
         try:
             await auditor.event("config.loaded", **_posture(settings, router))
             await router.start()
-            journal = asyncio.create_task(security.audit_key_changes(auditor, settings.replica))
+            journal = asyncio.create_task(security.audit_key_changes(auditor, settings.instance))
             try:
                 await auditor.event("server.start", version=__version__)
                 yield
@@ -138,7 +139,7 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
-        "models": [{"id": s.spec.id, "engine": s.spec.engine} for s in router],
+        "models": [{"id": s.spec.id, "engine": s.kind} for s in router],
         "audit_on_failure": conf.on_failure,
         "audit_capture": conf.capture,
         "auth": settings.auth.enabled,

@@ -50,9 +50,9 @@ UNAUDITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 class Auditor:
     """Builds records from exchanges and writes them; a no-op when audit is off."""
 
-    def __init__(self, settings: AuditSettings, replica: str) -> None:
+    def __init__(self, settings: AuditSettings, instance: str) -> None:
         self.settings = settings
-        self.replica = replica
+        self.instance = instance
         self.store: AuditStore | None = None
         self.keys: ChainKeys | None = None
         self.cipher: ContentCipher | None = None
@@ -115,7 +115,8 @@ class Auditor:
             user_hmac=self._user_hmac(ex.user),
             model=ex.model,
             engine=ex.engine,
-            replica=self.replica,
+            instance=self.instance,
+            replica=ex.replica,
             error=ex.error,
             stream=ex.stream,
             prompt_tokens=ex.prompt_tokens,
@@ -173,7 +174,7 @@ class Auditor:
         if self.store is None:
             return
         try:
-            await self.store.append(EventFacts(name, self.replica, details))
+            await self.store.append(EventFacts(name, self.instance, details))
         except AuditWriteError:
             self.lost += 1
             log.error("audit record lost", extra={"event": name})
@@ -181,7 +182,7 @@ class Auditor:
     def event_later(self, name: str, /, **details: Any) -> None:
         """Queue an event record without waiting (from sync code, any thread)."""
         if self.store is not None:
-            self.store.submit(EventFacts(name, self.replica, details))
+            self.store.submit(EventFacts(name, self.instance, details))
 
     def _lost(self, ex: Exchange) -> bool:
         self.lost += 1

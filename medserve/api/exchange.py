@@ -60,6 +60,7 @@ class Exchange:
     status: int = 0
     model: str | None = None
     engine: str | None = None
+    replica: str | None = None  # the engine replica that answers: "KIND:INDEX" (llamacpp:0)
     user: str | None = None
     key_id: str | None = None
     stream: bool | None = None

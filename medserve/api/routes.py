@@ -75,8 +75,8 @@ async def metrics(models: RouterDep, request: Request) -> Response:
         states.append(
             EngineState(
                 model=served.spec.id,
-                engine=served.spec.engine,
-                health=await served.engine.health(),
+                engine=served.kind,
+                health=await served.health(),
                 load_seconds=models.load_seconds.get(served.spec.id),
             )
         )
@@ -90,7 +90,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     writable (or the server is configured to fail open)."""
     report = []
     for served in models:
-        h = await served.engine.health()
+        h = await served.health()
         report.append(
             {
                 "id": served.spec.id,
@@ -117,7 +117,7 @@ def _card(served: Served) -> ModelCard:
         id=served.spec.id,
         created=0,
         owned_by=info.owned_by,
-        engine=info.kind,
+        engine=served.kind,
         context_length=info.context_length,
     )
 
@@ -184,7 +184,7 @@ def _resolve(
     require_model(key, body.model)  # before the lookup: no probing for model names
     request.app.state.security.limiter.admit(key)
     served = models.get(body.model)
-    ex.model, ex.engine = served.spec.id, served.engine.info.kind
+    ex.model, ex.engine, ex.replica = served.spec.id, served.kind, f"{served.kind}:0"
     return served
 
 

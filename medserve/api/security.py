@@ -58,19 +58,19 @@ class Security:
         if key is not None and tokens:
             self.limiter.charge(key, tokens)
 
-    async def audit_key_changes(self, auditor: Auditor, replica: str) -> None:
+    async def audit_key_changes(self, auditor: Auditor, instance: str) -> None:
         """Copy key creations and revocations (made by `medserve keys`, another process)
         into this server's audit log, now and every few seconds."""
         if self.store is None or auditor.store is None:
             return
         while True:
             try:
-                changes = self.store.changes(replica)
+                changes = self.store.changes(instance)
                 for change in changes:
                     details = {k: v for k, v in change.items() if k not in ("n", "action")}
                     await auditor.event(str(change["action"]), **details)
                 if changes:
-                    self.store.mark_audited(replica, int(str(changes[-1]["n"])))
+                    self.store.mark_audited(instance, int(str(changes[-1]["n"])))
             except (KeyStoreError, OSError, ValueError, sqlite3.Error) as exc:
                 # Retried on the next round; the journal keeps every entry until copied.
                 log.warning("key journal not read", extra={"error": type(exc).__name__})

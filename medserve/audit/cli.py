@@ -30,8 +30,9 @@ from medserve.audit.keys import (
 from medserve.audit.record import chat_input, parse_time
 from medserve.audit.store import connect, read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
-from medserve.config import AuditSettings, ConfigError, load_settings
+from medserve.config import AuditSettings, load_settings
 from medserve.console import ConfigOpt, err, fail
+from medserve.errors import ConfigError
 
 app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
 

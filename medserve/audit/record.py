@@ -38,7 +38,10 @@ class RequestFacts:
     user_hmac: str | None = None  # keyed hash of OpenAI's free-text `user`, never the text
     model: str | None = None
     engine: str | None = None
+    # The engine replica that answered, "KIND:INDEX" (e.g. llamacpp:0). Records written
+    # before `instance` existed have `replica` naming the gateway instead.
     replica: str | None = None
+    instance: str | None = None  # the gateway that wrote the record (Settings.instance)
     error: str | None = None
     stream: bool | None = None
     prompt_tokens: int | None = None
@@ -62,14 +65,14 @@ class EventFacts:
     """An administrative or security event: server start/stop, config loaded, key changes."""
 
     event: str
-    replica: str | None = None
+    instance: str | None = None  # old event records call it `replica`
     details: dict[str, Any] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         return {
             "kind": "event",
             "event": self.event,
-            "replica": self.replica,
+            "instance": self.instance,
             "details": self.details,
         }
 

@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from medserve.auth.keys import ROLES, KeyStore, KeyStoreError, Role, parse_expiry
-from medserve.config import ConfigError, load_settings
+from medserve.config import load_settings
 from medserve.console import ConfigOpt, fail
+from medserve.errors import ConfigError
 
 app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
 

@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS journal (
     details TEXT NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS audited (replica TEXT PRIMARY KEY, last INTEGER NOT NULL) STRICT;
+-- `audited.replica` holds the gateway instance name (Settings.instance); the column keeps
+-- its old name because renaming it would need a migration of existing key databases.
 """
 
 
@@ -214,11 +216,11 @@ class KeyStore:
             self._reader = self._connect()
         return self._get(self._reader, key_id)
 
-    def changes(self, replica: str) -> list[dict[str, object]]:
-        """Journal entries this replica has not yet copied into its audit log."""
+    def changes(self, instance: str) -> list[dict[str, object]]:
+        """Journal entries gateway ``instance`` has not yet copied into its audit log."""
         conn = self._connect()
         try:
-            last = conn.execute("SELECT last FROM audited WHERE replica = ?", (replica,))
+            last = conn.execute("SELECT last FROM audited WHERE replica = ?", (instance,))
             row = last.fetchone()
             rows = conn.execute(
                 "SELECT n, ts, action, key_id, details FROM journal WHERE n > ? ORDER BY n",
@@ -230,12 +232,12 @@ class KeyStore:
             {"n": n, "ts": ts, "action": a, "key_id": k, **json.loads(d)} for n, ts, a, k, d in rows
         ]
 
-    def mark_audited(self, replica: str, last: int) -> None:
+    def mark_audited(self, instance: str, last: int) -> None:
         conn = self._connect()
         try:
             conn.execute(
                 "INSERT INTO audited VALUES (?, ?) ON CONFLICT(replica) DO UPDATE SET last = ?",
-                (replica, last, last),
+                (instance, last, last),
             )
         finally:
             conn.close()

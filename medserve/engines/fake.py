@@ -3,6 +3,9 @@
 It goes through the same request path as a real engine (rendering, token counts, stop
 sequences, max_tokens, cancellation), so the gateway can be tested without a model. Each
 word is one "token"; generation ends with ``stop`` once the whole prompt has been echoed.
+
+:class:`FakeSpec` is its registry entry (``engine = "fake"``), one member of the replica
+union in :class:`medserve.config.ModelSpec`.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import asyncio
 import time
 import zlib
 from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Literal
 
-from medserve.config import ModelSpec
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
 from medserve.engines.base import (
     EngineInfo,
     GenerationChunk,
@@ -24,21 +29,57 @@ from medserve.engines.base import (
 from medserve.engines.stops import StopMatcher
 from medserve.errors import EngineError, OverloadedError
 
+if TYPE_CHECKING:
+    from medserve.config import ModelSpec
+
 DEFAULT_CONTEXT = 2048
+
+
+class FakeSpec(BaseModel):
+    """One fake replica: the echo engine's limits and pace."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["fake"] = Field(description="Engine kind: the union's discriminator.")
+    context_length: int | None = Field(
+        None, ge=16, description=f"Context window in words; default {DEFAULT_CONTEXT}."
+    )
+    parallel: int | None = Field(
+        None, ge=1, le=64, description="Requests generating at once; default: unbounded."
+    )
+    max_queue: int = Field(
+        32,
+        ge=0,
+        description="Requests that may wait when `parallel` is set; more get 503 + Retry-After.",
+    )
+    token_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        validation_alias=AliasChoices("token_delay_s", "fake_token_delay_s"),
+        description="Pause per generated token (`fake_token_delay_s` in the flat form).",
+    )
 
 
 class FakeEngine:
     """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens;
-    ``parallel`` and ``max_queue`` in its spec bound it like the real engine."""
+    ``parallel`` and ``max_queue`` in its spec bound it like the real engine.
 
-    def __init__(self, spec: ModelSpec) -> None:
-        self._spec = spec
+    ``model`` gives the model-level settings (id, owned_by); ``spec`` this replica's, by
+    default the model's first replica (which must then be a fake one).
+    """
+
+    def __init__(self, model: ModelSpec, spec: FakeSpec | None = None) -> None:
+        replica = model.replicas[0] if spec is None else spec
+        if not isinstance(replica, FakeSpec):
+            raise TypeError(f"model {model.id!r}: replica is not a fake spec")
+        self._spec = spec = replica
         self._info = EngineInfo(
-            name=f"fake:{spec.id}",
-            kind="fake",
-            model=spec.id,
+            name=f"fake:{model.id}",
+            kind=spec.engine,
+            model=model.id,
             context_length=spec.context_length or DEFAULT_CONTEXT,
-            owned_by=spec.owned_by,
+            owned_by=model.owned_by,
         )
         self._started = False
         self._active: set[str] = set()
@@ -105,7 +146,7 @@ class FakeEngine:
                     break
                 if self.fail_after is not None and count >= self.fail_after:
                     raise EngineError("fake engine failure", code="engine_error")
-                await asyncio.sleep(self._spec.fake_token_delay_s)
+                await asyncio.sleep(self._spec.token_delay_s)
                 count += 1
                 self.generated_tokens += 1
                 text = matcher.feed(word if i == 0 else " " + word)

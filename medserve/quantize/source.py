@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medserve.manifest import tree_digest, tree_files
 from medserve.quantize import QuantizeError
-from medserve.quantize.manifest import tree_digest, tree_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = (

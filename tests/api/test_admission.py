@@ -37,7 +37,8 @@ class CountingEngine(FakeEngine):
     optional rendering time (simulated work, not synchronisation)."""
 
     def __init__(self, render_s: float = 0.0, **spec: Any) -> None:
-        super().__init__(fake_spec(context_length=CONTEXT, **spec))
+        self.model = fake_spec(context_length=CONTEXT, **spec)
+        super().__init__(self.model)
         self._info = dataclasses.replace(self._info, max_token_bytes=TOKEN_BYTES)
         self.renders = 0
         self.render_s = render_s
@@ -54,7 +55,7 @@ class CountingEngine(FakeEngine):
 
 
 def client_for(engine: CountingEngine) -> Iterator[TestClient]:
-    app = create_app(Settings(), Router([Served(engine._spec, engine)]))
+    app = create_app(Settings(), Router([Served(engine.model, (engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c
 

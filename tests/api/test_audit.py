@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,7 +67,8 @@ def test_a_chat_request_is_recorded_before_its_response_completes(audit_path: Pa
     body = r.json()
     assert rec["request_id"] == r.headers["x-request-id"]
     assert rec["endpoint"] == CHAT and rec["method"] == "POST" and rec["status"] == 200
-    assert (rec["model"], rec["engine"], rec["replica"]) == (MODEL, "fake", rec["replica"])
+    assert (rec["model"], rec["engine"], rec["replica"]) == (MODEL, "fake", "fake:0")
+    assert rec["instance"] == socket.gethostname()  # Settings.instance's default
     # `user` is free text (it may name a patient): kept as its keyed hash. The test
     # client's address ("testclient") is not an IP address.
     assert rec["user_hmac"] == keys(audit_path).text_hmac(b"ward-7") and "user" not in rec

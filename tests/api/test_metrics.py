@@ -46,7 +46,7 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 @contextmanager
 def serving(**spec: Any) -> Iterator[TestClient]:
-    app = create_app(Settings(replica="r1"), Router.from_specs([fake_spec(**spec)]))
+    app = create_app(Settings(instance="r1"), Router.from_specs([fake_spec(**spec)]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as client:
         yield client
 
@@ -154,13 +154,13 @@ def test_a_full_queue_counts_a_rejection() -> None:
 def test_engine_build_and_audit_state_are_exported() -> None:
     with serving() as client:
         samples = scrape(client)
-    key = {"model": MODEL, "engine": "fake", "replica": "r1"}
+    key = {"model": MODEL, "engine": "fake", "instance": "r1"}
     assert value(samples, "medserve_engine_up", **key) == 1
     assert value(samples, "medserve_engine_ready", **key) == 1
     assert ("medserve_model_load_seconds", (("model", MODEL),)) in samples
     assert value(samples, "medserve_audit_enabled") == 1
     builds = [ls for name, ls in samples if name == "medserve_build_info"]
-    assert len(builds) == 1 and ("replica", "r1") in builds[0]
+    assert len(builds) == 1 and ("instance", "r1") in builds[0]
     assert value(samples, "medserve_egress_refusals_total") == 0
 
 

@@ -13,11 +13,10 @@ import jinja2
 import pytest
 from llama_cpp import Llama
 
-from medserve.config import ModelSpec
 from medserve.engines.base import Message
 from medserve.engines.llamacpp import LlamaCppEngine
 from medserve.errors import InvalidRequestError
-from tests.conftest import smollm2_path
+from tests.conftest import flat_spec, smollm2_path
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -34,7 +33,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    e = LlamaCppEngine(ModelSpec(id="smollm2", path=smollm2_path(), context_length=2048))
+    e = LlamaCppEngine(flat_spec(id="smollm2", path=smollm2_path(), context_length=2048))
     await e.start()
     yield e
     await e.close()
@@ -158,7 +157,7 @@ async def changing(
     for name, template in (("trim", TRIMMING), ("cut", CUTTING)):
         path = tmp_path_factory.mktemp("template") / f"{name}.jinja"
         path.write_text(template)
-        spec = ModelSpec(
+        spec = flat_spec(
             id=name, path=smollm2_path(), context_length=512, chat_template=str(path), parallel=1
         )
         engines[name] = LlamaCppEngine(spec)

@@ -14,10 +14,10 @@ import jinja2
 import pytest
 from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_is_eog
 
-from medserve.config import ModelSpec, SamplingDefaults
+from medserve.config import SamplingDefaults
 from medserve.engines.base import Message
 from medserve.engines.llamacpp import LlamaCppEngine
-from tests.conftest import smollm2_path
+from tests.conftest import flat_spec, smollm2_path
 from tests.integration.common import collect, request
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
@@ -38,7 +38,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    spec = ModelSpec(
+    spec = flat_spec(
         id="smollm2",
         path=smollm2_path(),
         context_length=2048,
@@ -181,7 +181,7 @@ def engine_threads() -> int:
 
 async def test_abort_during_a_long_prefill(vocab: Llama) -> None:
     """A request cancelled while its prompt is evaluated stops within one n_batch chunk."""
-    spec = ModelSpec(id="small-batch", path=smollm2_path(), context_length=2048, batch_size=32)
+    spec = flat_spec(id="small-batch", path=smollm2_path(), context_length=2048, batch_size=32)
     e = LlamaCppEngine(spec)
     await e.start()
     try:

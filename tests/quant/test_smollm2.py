@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from medserve.quantize import manifest as mf
+from medserve import manifest as mf
 from tests.conftest import DEV_KEY
 from tests.quant.conftest import QUANT_MARKS, manifest_of, quantize
 from tests.serverproc import free_port, running_server

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from medserve import manifest as mf
 from medserve.quantize import QuantizeError
-from medserve.quantize import manifest as mf
 from medserve.quantize.progress import Quiet, Stage
 from tests.conftest import ROOT
 from tests.quant.conftest import QUANT_MARKS, manifest_of, quantize

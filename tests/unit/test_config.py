@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from medserve.config import (
-    ConfigError,
-    ModelSpec,
-    load_registry,
-    load_settings,
-    served_models,
-    spec_from_cli,
-)
-from tests.conftest import ROOT
+from medserve.config import load_settings
+from medserve.errors import ConfigError
+from medserve.registry import load_registry, served_models, spec_from_cli
+from tests.conftest import ROOT, flat_spec, llama
 
 
 def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +35,7 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     cfg.write_text('models_dir = "registry"\n[[models]]\nid = "m"\npath = "weights/m.gguf"\n')
     s = load_settings(cfg)
     assert s.models_dir == tmp_path / "conf" / "registry"
-    assert s.models[0].path == tmp_path / "conf" / "weights" / "m.gguf"
+    assert llama(s.models[0]).path == tmp_path / "conf" / "weights" / "m.gguf"
 
 
 @pytest.mark.parametrize(
@@ -66,26 +61,26 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_shipped_registry_has_the_default_model() -> None:
     specs = load_registry(ROOT / "models")
     default = next(s for s in specs if s.id == "smollm2-135m-instruct")
-    assert default.engine == "llamacpp"
-    assert default.weights().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert default.replicas[0].engine == "llamacpp"
+    assert llama(default).weights(default.id).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert default.defaults.repeat_penalty > 1.0
 
 
 def test_registry_relative_path_and_errors(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text('id = "a"\npath = "a.gguf"\n')
     spec = load_registry(tmp_path)[0]
-    assert spec.path == tmp_path / "a.gguf"
+    assert llama(spec).path == tmp_path / "a.gguf"
     with pytest.raises(ConfigError, match="weights file not found"):
-        spec.weights()
+        llama(spec).weights(spec.id)
     (tmp_path / "b.toml").write_text('id = "b"\n')
     with pytest.raises(ConfigError, match="exactly one of"):
         load_registry(tmp_path)
 
 
 def test_missing_package_names_the_fix() -> None:
-    spec = ModelSpec(id="x", package="no_such_model_package_here", file="m.gguf")
+    spec = flat_spec(id="x", package="no_such_model_package_here", file="m.gguf")
     with pytest.raises(ConfigError, match="not installed"):
-        spec.weights()
+        llama(spec).weights(spec.id)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +92,7 @@ def test_missing_package_names_the_fix() -> None:
 )
 def test_spec_from_cli(value: str, model_id: str, path: str) -> None:
     spec = spec_from_cli(value)
-    assert (spec.id, spec.path, spec.engine) == (model_id, Path(path), "llamacpp")
+    assert (spec.id, llama(spec).path, llama(spec).engine) == (model_id, Path(path), "llamacpp")
 
 
 def test_bad_model_ids_are_refused() -> None:

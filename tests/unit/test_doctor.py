@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from medserve.cli import app
-from medserve.config import AuditSettings, AuthSettings, ModelSpec, Settings
+from medserve.config import AuditSettings, AuthSettings, Settings
 from medserve.doctor import Check, checks
+from tests.conftest import flat_spec
 
 
 def levels(found: list[Check]) -> dict[str, str]:
@@ -44,8 +45,8 @@ def test_dangerous_settings_are_named(overrides: dict[str, Any], name: str) -> N
 def test_models_are_listed_with_their_sha256(tmp_path: Path) -> None:
     weights = tmp_path / "m.gguf"
     weights.write_bytes(b"GGUF" + bytes(100))
-    spec = ModelSpec(id="m", path=weights)
-    missing = ModelSpec(id="gone", path=tmp_path / "gone.gguf")
+    spec = flat_spec(id="m", path=weights)
+    missing = flat_spec(id="gone", path=tmp_path / "gone.gguf")
     found = list(checks(Settings(), [spec, missing]))
     by_name = {c.name: c for c in found}
     assert hashlib.sha256(weights.read_bytes()).hexdigest() in by_name["model m"].detail
@@ -62,12 +63,12 @@ def test_the_command_exits_1_on_danger_and_0_otherwise() -> None:
 
 
 def test_a_model_that_no_longer_matches_its_manifest_is_a_danger(tmp_path: Path) -> None:
-    from medserve.quantize import manifest as mf
+    from medserve import manifest as mf
 
     weights = tmp_path / "m.gguf"
     weights.write_bytes(b"GGUF" + bytes(100))
     mf.write(tmp_path, {"kind": "gguf"})
-    spec = ModelSpec(id="m", path=weights, manifest=tmp_path / mf.NAME)
+    spec = flat_spec(id="m", path=weights, manifest=tmp_path / mf.NAME)
     (ok,) = [c for c in checks(Settings(), [spec]) if c.name == "model m"]
     assert ok.level == "ok" and "matches its manifest" in ok.detail
     weights.write_bytes(b"GGUF" + bytes(101))
@@ -98,7 +99,8 @@ def test_proxy_headers_and_connection_limits_are_reported() -> None:
 
 
 def test_trusted_proxies_must_be_addresses() -> None:
-    from medserve.config import ConfigError, load_settings
+    from medserve.config import load_settings
+    from medserve.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_settings(trusted_proxies=["proxy.example"])

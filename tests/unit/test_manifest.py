@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from medserve import manifest as mf
 from medserve.cli import app
-from medserve.config import ConfigError, ModelSpec, load_registry
-from medserve.quantize import manifest as mf
-from tests.conftest import smollm2_path
+from medserve.errors import ConfigError
+from medserve.registry import load_registry
+from tests.conftest import flat_spec, llama, smollm2_path
 
 runner = CliRunner()
 
@@ -97,13 +98,13 @@ def test_registry_spec_with_a_manifest_verifies_the_weights(tmp_path: Path) -> N
         'id = "med"\npath = "../a/med-q8_0.gguf"\nmanifest = "../a/manifest.json"\n'
     )
     (spec,) = load_registry(models)
-    assert spec.manifest == models / "../a/manifest.json"
-    assert spec.verified_weights() == (art / "med-q8_0.gguf").resolve()
+    assert llama(spec).manifest == models / "../a/manifest.json"
+    assert llama(spec).verified_weights("med") == (art / "med-q8_0.gguf").resolve()
     flip_last_byte(art / "med-q8_0.gguf")
     with pytest.raises(ConfigError, match="model 'med'.*does not match its manifest"):
-        spec.verified_weights()
+        llama(spec).verified_weights("med")
     # Without a manifest the same file loads: the check is opt-in per registry entry.
-    assert ModelSpec(id="m", path=art / "med-q8_0.gguf").verified_weights().is_file()
+    assert llama(flat_spec(id="m", path=art / "med-q8_0.gguf")).verified_weights("m").is_file()
 
 
 def test_models_add_registers_a_verified_gguf(tmp_path: Path) -> None:
@@ -112,8 +113,9 @@ def test_models_add_registers_a_verified_gguf(tmp_path: Path) -> None:
     done = runner.invoke(app, ["models", "add", str(art), "--models-dir", str(models)])
     assert done.exit_code == 0, done.stderr
     (spec,) = load_registry(models)
-    assert (spec.id, spec.engine, spec.context_length) == ("med-q4_k_m", "llamacpp", 4096)
-    assert spec.path == art / "med-q4_k_m.gguf" and spec.manifest == art / mf.NAME
+    replica = llama(spec)
+    assert (spec.id, replica.engine, replica.context_length) == ("med-q4_k_m", "llamacpp", 4096)
+    assert replica.path == art / "med-q4_k_m.gguf" and replica.manifest == art / mf.NAME
     assert spec.defaults.repeat_penalty == 1.1
 
     again = runner.invoke(app, ["models", "add", str(art), "--models-dir", str(models)])
@@ -160,7 +162,7 @@ async def test_engine_refuses_weights_that_changed(tmp_path: Path) -> None:
     gguf = art / "smol-q4_1.gguf"
     shutil.copy(smollm2_path(), gguf)
     mf.write(art, {"kind": "gguf", "name": "smol", "model": {}, "report": {"artifacts": []}})
-    spec = ModelSpec(id="smol", path=gguf, manifest=art / mf.NAME, context_length=256, parallel=1)
+    spec = flat_spec(id="smol", path=gguf, manifest=art / mf.NAME, context_length=256, parallel=1)
     engine = LlamaCppEngine(spec)
     await engine.start()
     await engine.close()

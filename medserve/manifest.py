@@ -1,12 +1,12 @@
 """``manifest.json``: what an artifact directory holds, where it came from, what it cost.
 
 Written last by ``medserve quantize`` (after every file in the directory is final) and read
-by ``medserve models add`` and by the server before it loads a model registered with a
+by ``medserve models add`` and by an engine before it loads weights registered with a
 ``manifest``: a weights file whose sha256 no longer matches refuses to load, because a
 clinical server must not quietly serve weights other than the ones that were evaluated.
 
-Standard library only: the server imports this module, and it must not pull in the ``quant``
-extra.
+Standard library only, and outside :mod:`medserve.quantize`: the server and the engines
+import this module, and it must not pull in the ``quant`` extra (nor the quantize package).
 """
 
 from __future__ import annotations

@@ -1,0 +1,130 @@
+"""The model registry on disk: reading ``models/*.toml``, ``--model`` flags, registering.
+
+One TOML file per served model (:class:`medserve.config.ModelSpec`): either the flat form,
+engine keys beside ``id`` (one replica), or ``[[replicas]]`` tables, one per engine replica.
+Relative file paths in an entry are relative to the file. ``medserve models add`` writes
+entries here too (:func:`register_gguf`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from medserve.config import REPLICA_PATHS, ModelSpec, Settings, describe
+from medserve.errors import ConfigError
+
+
+def load_registry(directory: Path) -> list[ModelSpec]:
+    """Read every ``*.toml`` model file in ``directory`` (sorted, so the order is stable).
+
+    Raises ConfigError naming the file and the field (``models.ID.replicas[0].path``).
+    """
+    if not directory.is_dir():
+        raise ConfigError(f"model registry directory not found: {directory}")
+    specs = []
+    for file in sorted(directory.glob("*.toml")):
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"model file {file}: {exc}") from exc
+        name = data.get("id")
+        prefix = f"models.{name}" if isinstance(name, str) else "models"
+        try:
+            spec = ModelSpec.model_validate(data)
+        except ValidationError as exc:
+            flat = "replicas" not in data
+            raise ConfigError(f"model file {file}: {describe(exc, prefix, flat)}") from None
+        specs.append(rebase(spec, file.parent))
+    return specs
+
+
+def rebase(spec: ModelSpec, base: Path) -> ModelSpec:
+    """``spec`` with its replicas' relative file paths made relative to ``base``."""
+    replicas = []
+    for replica in spec.replicas:
+        update = {}
+        for name in REPLICA_PATHS:
+            value = getattr(replica, name, None)
+            if isinstance(value, Path) and not value.is_absolute():
+                update[name] = base / value
+        replicas.append(replica.model_copy(update=update) if update else replica)
+    return spec.model_copy(update={"replicas": tuple(replicas)})
+
+
+def spec_from_cli(value: str) -> ModelSpec:
+    """``--model PATH.gguf`` or ``--model ID=PATH.gguf``: a llama.cpp model with defaults."""
+    model_id, sep, path = value.partition("=")
+    if not sep:
+        path, model_id = value, Path(value).stem.lower()
+    try:
+        return ModelSpec.model_validate(
+            {"id": model_id, "replicas": [{"engine": "llamacpp", "path": Path(path)}]}
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"--model {value}: {describe(exc)}") from None
+
+
+def served_models(settings: Settings, cli_models: list[str] | None = None) -> list[ModelSpec]:
+    """The models to serve: ``--model`` flags, else inline ``models``, else the registry."""
+    if cli_models:
+        specs = [spec_from_cli(value) for value in cli_models]
+    elif settings.models:
+        specs = list(settings.models)
+    else:
+        specs = load_registry(settings.models_dir)
+    if not specs:
+        raise ConfigError(
+            f"no models to serve: add a TOML file to {settings.models_dir} or pass --model"
+        )
+    ids = [spec.id for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+    return specs
+
+
+def register_gguf(
+    models_dir: Path,
+    model_id: str,
+    weights: Path,
+    manifest: Path,
+    context_length: int,
+    notes: list[str],
+    force: bool = False,
+) -> Path:
+    """Write a registry file for one GGUF artifact; return its path.
+
+    The entry is the flat form (one llama.cpp replica) with ``notes`` as leading comments,
+    checked as a :class:`ModelSpec` before anything is written. Raises ConfigError when the
+    entry is invalid (a bad id) or the file exists and ``force`` is off.
+    """
+    lines = [
+        *(f"# {note}" for note in notes),
+        f"id = {json.dumps(model_id)}",
+        'engine = "llamacpp"',
+        f"path = {json.dumps(str(weights))}",
+        f"manifest = {json.dumps(str(manifest))}",
+        f"context_length = {context_length}",
+        'chat_template = "gguf"',
+        "",
+        "[defaults]",
+        "# Small and heavily quantized models loop at low temperature without a penalty.",
+        "repeat_penalty = 1.1",
+        "",
+    ]
+    text = "\n".join(lines)
+    try:
+        ModelSpec.model_validate(tomllib.loads(text))
+    except ValidationError as exc:
+        raise ConfigError(f"registry entry: {describe(exc, 'models.' + model_id)}") from None
+    target = models_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", model_id) + ".toml")
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists (--force to overwrite)")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return target
