@@ -58,6 +58,6 @@ def fake_engine() -> FakeEngine:
 @pytest.fixture
 def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
     settings = Settings(max_body_bytes=4096)
-    app = create_app(settings, Router([Served(fake_spec(), fake_engine)]))
+    app = create_app(settings, Router([Served(fake_spec(), (fake_engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c

@@ -54,7 +54,7 @@ class CountingEngine(FakeEngine):
 
 
 def client_for(engine: CountingEngine) -> Iterator[TestClient]:
-    app = create_app(Settings(), Router([Served(engine._spec, engine)]))
+    app = create_app(Settings(), Router([Served(engine._spec, (engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c
 

@@ -25,7 +25,7 @@ def anyio_backend() -> str:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_counts_requests_tokens_and_errors(stream: bool) -> None:
     spec = fake_spec(context_length=512)
-    router = Router([Served(spec, FakeEngine(spec))])
+    router = Router([Served(spec, (FakeEngine(spec),))])
     app = create_app(Settings(), router)
     await router.start()
     try:

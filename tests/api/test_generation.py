@@ -137,12 +137,14 @@ def test_request_is_parsed_into_engine_terms(client: TestClient, fake_engine: Fa
             "top_k": 5,
         },
     )
-    (req,) = fake_engine.requests
-    assert req.prompt.text == "system: be brief\nuser: ab\nassistant:"
+    ((req, prompt, max_tokens),) = (
+        (g.request, g.prompt, g.max_tokens) for g in fake_engine.history
+    )
+    assert prompt.text == "system: be brief\nuser: ab\nassistant:"
     s = req.sampling
     assert (s.temperature, s.seed, s.stop, s.top_k) == (0.0, 11, ("x",), 5)
     assert (s.top_p, s.repeat_penalty) == (1.0, 1.1)  # model defaults fill the gaps
-    assert s.max_tokens == 32  # model default, fits the context
+    assert max_tokens == 32  # model default, fits the context
     assert req.user == "clinician-17"
 
 
@@ -151,8 +153,8 @@ def test_default_budget_is_clipped_to_the_context(
 ) -> None:
     words = " ".join(["w"] * 40)
     client.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": words}]})
-    (req,) = fake_engine.requests
-    assert req.sampling.max_tokens == 64 - len(req.prompt.token_ids)
+    (generation,) = fake_engine.history
+    assert generation.max_tokens == 64 - len(generation.prompt.token_ids)
 
 
 def test_random_seed_when_none_given(client: TestClient, fake_engine: FakeEngine) -> None:

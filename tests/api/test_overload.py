@@ -58,14 +58,7 @@ def busy() -> Iterator[TestClient]:
             assert not holder.is_alive()
 
 
-STREAM_BEFORE_ADMISSION = pytest.mark.xfail(
-    strict=True, reason="issue 14: the stream's headers go out before admission"
-)
-
-
-@pytest.mark.parametrize(
-    "stream", [False, pytest.param(True, marks=STREAM_BEFORE_ADMISSION)], ids=["plain", "stream"]
-)
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("path", list(BODIES))
 def test_a_full_queue_is_503_before_any_byte(busy: TestClient, path: str, stream: bool) -> None:
     r = busy.post(path, json={**BODIES[path], "stream": stream})

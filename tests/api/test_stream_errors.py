@@ -46,7 +46,7 @@ def engine() -> FakeEngine:
 @pytest.fixture
 def client(engine: FakeEngine, audit_path: Path) -> Iterator[TestClient]:
     settings = Settings(audit=AuditSettings(path=audit_path, busy_timeout_ms=0))
-    app = create_app(settings, Router([Served(fake_spec(), engine)]))
+    app = create_app(settings, Router([Served(fake_spec(), (engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c
 
