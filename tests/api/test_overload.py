@@ -65,3 +65,34 @@ def test_a_full_queue_is_503_before_any_byte(busy: TestClient, path: str, stream
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"]
     assert r.json()["error"]["code"] == "overloaded"
+
+
+def outstanding(client: TestClient) -> tuple[int, int]:
+    """Requests the router counts on the model's engine, and those the engine runs, once
+    both settle (bounded wait: the permit is returned as the response finishes)."""
+    router: Router = client.app.state.router  # type: ignore[attr-defined]
+    (served,) = router
+    engine = served.engine
+    for _ in range(500):
+        count = router.load(engine).outstanding
+        running = engine._running  # type: ignore[attr-defined]
+        if count == 0 and running == 0:
+            break
+        threading.Event().wait(0.01)
+    return count, running
+
+
+@pytest.mark.parametrize("leave_early", [False, True], ids=["finished", "client-gone"])
+def test_the_permit_is_returned_when_the_stream_ends(leave_early: bool) -> None:
+    spec = fake_spec(parallel=1, max_queue=0, fake_token_delay_s=0.01, context_length=512)
+    app = create_app(Settings(), Router.from_specs([spec]))
+    with TestClient(app, raise_server_exceptions=False, headers=AUTH) as client:
+        body = {**HOLD, "max_tokens": 300 if leave_early else 5}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if leave_early and line.startswith("data: "):
+                    break
+        assert outstanding(client) == (0, 0)
+        # And the one slot takes the next request.
+        assert client.post("/v1/completions", json=BODIES["/v1/completions"]).status_code == 200
