@@ -11,21 +11,12 @@ from fastapi.testclient import TestClient
 
 from medserve.engines.fake import FakeEngine
 from tests.conftest import SECRET
+from tests.sse import events as sse
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
 MESSAGES = [{"role": "user", "content": "chest pain since this morning"}]
 ECHO = "user: chest pain since this morning assistant:"
-
-
-def sse(text: str) -> list[Any]:
-    """The data payloads of an SSE body; [DONE] stays a string."""
-    out: list[Any] = []
-    for line in text.splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def test_chat_completion_shape_and_usage(client: TestClient) -> None:
