@@ -61,6 +61,9 @@ class MedserveError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
+        # Tokens of a rendered prompt this failed request cost (set by the engine that
+        # tokenized it before refusing): the web layer charges them to the key's rate limit.
+        self.prompt_tokens: int | None = None
 
 
 class InvalidRequestError(MedserveError):

@@ -1,22 +1,25 @@
 """Model id to engine: the one place that decides which engine answers a request.
 
 An unknown model is a 404 ``model_not_found``, never a silent substitute: a clinical app
-must not get an answer from a model it did not ask for. A model has one engine per replica
-of its registry entry (:attr:`ModelSpec.replicas`, in order); today the first one answers.
-Replica choice, GPU-first policy and health-based fallback arrive with the vLLM engine.
+must not get an answer from a model it did not ask for. A model may have several engines
+(replicas); the router counts the requests outstanding on each and admits a request to the
+one with the fewest that has room (``EngineInfo.capacity``), before any response byte: a
+full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not. GPU-first policy
+and health-based fallback arrive with the vLLM engine.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 
 from medserve.config import ModelSpec
 from medserve.engines import create_engine
 from medserve.engines.base import Engine, Health
-from medserve.errors import ModelNotFoundError, UnavailableError
+from medserve.errors import ModelNotFoundError, OverloadedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class Served:
 
     @property
     def engine(self) -> Engine:
-        """The first replica's engine: the one that answers until replica choice exists."""
+        """The first replica's engine: the model's identity (context) for /v1/models."""
         return self.engines[0]
 
     @property
@@ -45,19 +48,22 @@ class Served:
         which engines also copy into ``EngineInfo.kind``."""
         return self.replica_kind(0)
 
-    async def health(self) -> Health:
-        """The model's health: ready when any replica is; load summed over replicas."""
-        states = [await engine.health() for engine in self.engines]
-        return Health(
-            ready=any(h.ready for h in states),
-            running=sum(h.running for h in states),
-            waiting=sum(h.waiting for h in states),
-            rejected=sum(h.rejected for h in states),
-        )
-
     def replica_kind(self, index: int) -> str:
         """Engine kind of ``engines[index]``, as its replica spec names it."""
         return self.spec.replicas[index].engine
+
+    def replica_name(self, engine: Engine) -> str:
+        """``kind:index`` of one of this model's engines, for audit records and logs."""
+        index = self.engines.index(engine)
+        return f"{self.replica_kind(index)}:{index}"
+
+
+@dataclass(slots=True)
+class Load:
+    """What the router counts per engine: requests admitted and not finished, refusals."""
+
+    outstanding: int = 0
+    rejected: int = 0
 
 
 class Router:
@@ -66,6 +72,7 @@ class Router:
     def __init__(self, served: list[Served]) -> None:
         self._served = {s.spec.id: s for s in served}
         self._started: list[Engine] = []
+        self._load: dict[int, Load] = {id(e): Load() for s in served for e in s.engines}
         self.load_seconds: dict[str, float] = {}
 
     @classmethod
@@ -85,9 +92,53 @@ class Router:
         served = self._served.get(model)
         if served is None:
             raise ModelNotFoundError(model)
-        if not any(engine in self._started for engine in served.engines):
+        if not any(e in self._started for e in served.engines):
             raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
         return served
+
+    def load(self, engine: Engine) -> Load:
+        """The router's counts for ``engine`` (one of the served engines)."""
+        return self._load[id(engine)]
+
+    @asynccontextmanager
+    async def admit(self, served: Served) -> AsyncIterator[Engine]:
+        """Take a permit on one of ``served``'s engines for the request's whole life.
+
+        The started engine with the fewest outstanding requests among those below their
+        ``EngineInfo.capacity`` (None: unbounded); ties go to the earlier engine. The
+        permit is returned when the block exits, however it exits (finished, failed,
+        client gone). Raises OverloadedError (503 + ``Retry-After``) when every engine is
+        full, before the caller did any work for the request.
+        """
+        candidates = [e for e in served.engines if e in self._started]
+        if not candidates:
+            raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
+        room = [e for e in candidates if _has_room(e, self.load(e))]
+        if not room:
+            first = candidates[0]
+            self.load(first).rejected += 1
+            raise OverloadedError(
+                "Every slot of this model is busy and its queue is full; retry shortly.",
+                retry_after=min(e.info.retry_after_s for e in candidates),
+            )
+        engine = min(room, key=lambda e: self.load(e).outstanding)
+        load = self.load(engine)
+        load.outstanding += 1
+        try:
+            yield engine
+        finally:
+            load.outstanding -= 1
+
+    async def health(self, served: Served) -> Health:
+        """The model's health: its engines' added up, with the router's refusals."""
+        parts = [await e.health() for e in served.engines]
+        return replace(
+            parts[0],
+            ready=any(h.ready for h in parts),
+            running=sum(h.running for h in parts),
+            waiting=sum(h.waiting for h in parts),
+            rejected=sum(self.load(e).rejected for e in served.engines),
+        )
 
     async def start(self) -> None:
         """Load every engine of every model; on a failure, unload what was loaded and re-raise.
@@ -109,3 +160,8 @@ class Router:
     async def close(self) -> None:
         while self._started:
             await self._started.pop().close()
+
+
+def _has_room(engine: Engine, load: Load) -> bool:
+    capacity = engine.info.capacity
+    return capacity is None or load.outstanding < capacity

@@ -219,6 +219,51 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class ChatDelta(BaseModel):
+    """What a chat stream event adds: the role (first event only), then content."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream. Serialised with ``exclude_unset``: a delta without
+    content is ``{}``, and ``usage`` appears only when the client asked for it (null on
+    every event but the last, which has no choices)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a legacy completion stream (``usage`` as in ChatCompletionChunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

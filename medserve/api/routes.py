@@ -1,18 +1,15 @@
-"""Thin HTTP handlers: resolve the model, parse, hand to serving, return."""
+"""Thin HTTP handlers: generation goes to one serving entry per endpoint."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sse_starlette import EventSourceResponse
 
 from medserve.api import serving
-from medserve.api.exchange import exchange
 from medserve.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -76,7 +73,7 @@ async def metrics(models: RouterDep, request: Request) -> Response:
             EngineState(
                 model=served.spec.id,
                 engine=served.kind,
-                health=await served.health(),
+                health=await models.health(served),
                 load_seconds=models.load_seconds.get(served.spec.id),
             )
         )
@@ -90,7 +87,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     writable (or the server is configured to fail open)."""
     report = []
     for served in models:
-        h = await served.health()
+        h = await models.health(served)
         report.append(
             {
                 "id": served.spec.id,
@@ -156,60 +153,12 @@ def begin_drain(app: FastAPI) -> None:
     responses=ERRORS,
     dependencies=[Accepting],
 )
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, models: RouterDep
-) -> Response:
-    served = _resolve(request, models, body)
-    job = await serving.chat_job(body, served, *_admission(request))
-    return await _respond(job, served, request)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await serving.chat_completions(body, request)
 
 
 @router.post(
     "/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Accepting]
 )
-async def completions(body: CompletionRequest, request: Request, models: RouterDep) -> Response:
-    served = _resolve(request, models, body)
-    job = await serving.completion_job(body, served, *_admission(request))
-    return await _respond(job, served, request)
-
-
-def _resolve(
-    request: Request, models: Router, body: ChatCompletionRequest | CompletionRequest
-) -> Served:
-    """The served model, with what the audit record and the access log need to know."""
-    ex = exchange(request)
-    ex.endpoint = request.scope["route"].path
-    ex.user, ex.stream = body.user, bool(body.stream)
-    key = role(request, ("user", "admin"))
-    require_model(key, body.model)  # before the lookup: no probing for model names
-    request.app.state.security.limiter.admit(key)
-    served = models.get(body.model)
-    ex.model, ex.engine, ex.replica = served.spec.id, served.kind, f"{served.kind}:0"
-    return served
-
-
-def _admission(request: Request) -> tuple[str, float, serving.Charge]:
-    """Request id, arrival (time.monotonic()) and the key's token charge, for serving."""
-    ex = exchange(request)
-    arrived = time.monotonic() - (time.perf_counter() - ex.started)
-    key = principal(request)
-    security = request.app.state.security
-
-    def charge(tokens: int) -> None:
-        security.charge(key, tokens)
-
-    return ex.request_id, arrived, charge
-
-
-async def _respond(job: serving.Job, served: Served, request: Request) -> Response:
-    exchange(request).prompt_hmac = request.app.state.auditor.hash_text(job.audit_input)
-    if job.stream:
-        # On shutdown, an open stream gets the drain period to finish before it is cut.
-        grace = request.app.state.settings.drain_timeout_s
-        return EventSourceResponse(
-            serving.stream(job, served, request), sep="\n", shutdown_grace_period=grace
-        )
-    result = await serving.complete(job, served, request)
-    if result is None:
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(result.model_dump())
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await serving.completions(body, request)

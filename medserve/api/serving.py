@@ -1,63 +1,78 @@
-"""From an OpenAI request to a GenerationRequest, and from engine chunks to OpenAI responses.
+"""One serving entry per endpoint: resolve → validate → admit → generate → audit.
 
-This is where requests are parsed into the engine's frozen type ("parse, don't validate"):
-unsupported parameters are refused by name, sampling is resolved against the model's
-defaults, and the prompt plus completion budget is checked against the context window.
-Both response shapes come from the same chunk stream: a non-streaming response drains it.
+:func:`chat_completions` and :func:`completions` take the parsed wire body and own the whole
+request: the key may use the model and is within its rate, the model-level checks (refused
+parameters, ``max_messages``) and the parse into the engine's frozen
+:class:`GenerationRequest` ("parse, don't validate"), the router's admission permit, the
+engine's stream, and the audit calls (the prompt's keyed hash; the durable record before
+the response completes).
+
+The commit point is the first chunk: the permit is taken and the engine's first chunk
+pulled before any response byte, so a full queue (503 + ``Retry-After``), a prompt that
+does not fit (400, rendered inside the engine) or a timeout while rendering (504) get their
+own status, streaming or not. Both response shapes come from the same chunk stream: a
+non-streaming response drains it. The permit is held until the response ends, however it
+ends (finished, failed, client gone).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from medserve.api.exchange import exchange
 from medserve.api.protocol import (
     ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
     ChatMessageIn,
     ChatMessageOut,
     Completion,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
     Usage,
 )
+from medserve.api.security import principal, role
 from medserve.audit.record import chat_input
+from medserve.auth import require_model
 from medserve.config import ModelSpec
-from medserve.engines.base import (
-    GenerationChunk,
-    GenerationRequest,
-    Message,
-    Prompt,
-    Sampling,
-)
+from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
 from medserve.errors import (
     ContextLengthError,
     InvalidRequestError,
     MedserveError,
-    RequestTimeoutError,
     UnsupportedParameterError,
     envelope,
 )
-from medserve.router import Served
+from medserve.router import Router, Served
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["chat", "completion"]
 # llama.cpp reads seed 0xFFFFFFFF as "pick a random seed"; stay below it.
 SEED_RANGE = 0xFFFFFFFF
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+# OpenAI's default budget for the legacy endpoint when the client sent no max_tokens.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +87,44 @@ class Job:
     # The client's input in one canonical form, for the audit log's keyed hash (and its
     # encrypted capture, when on): chat messages as JSON, or the completion prompt.
     audit_input: bytes
+
+    @property
+    def wire_id(self) -> str:
+        """The response id on the wire: the exchange's id with OpenAI's prefix."""
+        prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
+        return prefix + self.request.request_id
+
+
+async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
+    """``POST /v1/chat/completions``: the whole request (see the module docstring)."""
+    served = _resolve(http, body)
+    return await _serve(chat_job(body, served, *_arrival(http)), served, http)
+
+
+async def completions(body: CompletionRequest, http: Request) -> Response:
+    """``POST /v1/completions``: the whole request (see the module docstring)."""
+    served = _resolve(http, body)
+    return await _serve(completion_job(body, served, *_arrival(http)), served, http)
+
+
+def _resolve(http: Request, body: ChatCompletionRequest | CompletionRequest) -> Served:
+    """The served model, with what the audit record and the access log need to know."""
+    ex = exchange(http)
+    ex.endpoint = http.scope["route"].path
+    ex.user, ex.stream = body.user, bool(body.stream)
+    key = role(http, ("user", "admin"))
+    require_model(key, body.model)  # before the lookup: no probing for model names
+    http.app.state.security.limiter.admit(key)
+    router: Router = http.app.state.router
+    served = router.get(body.model)
+    ex.model, ex.engine = served.spec.id, served.kind
+    return served
+
+
+def _arrival(http: Request) -> tuple[str, float]:
+    """The exchange's request id and its arrival (time.monotonic())."""
+    ex = exchange(http)
+    return ex.request_id, time.monotonic() - (time.perf_counter() - ex.started)
 
 
 def _refuse(param: str, what: str) -> UnsupportedParameterError:
@@ -98,38 +151,6 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
 
 
-def _budget(
-    requested: tuple[str, int] | None,
-    default: int,
-    prompt: Prompt,
-    context: int,
-    prompt_param: str,
-) -> int:
-    """The completion budget: checked against the context window, never silently cut.
-
-    ``requested`` is the client's budget as (the field it was sent in, its value), so the
-    error names the field the client actually sent (``max_completion_tokens`` or its
-    deprecated alias ``max_tokens``); None when the client sent neither, and the default,
-    cut to what fits, applies.
-    """
-    n = len(prompt.token_ids)
-    if n >= context:
-        raise ContextLengthError(
-            f"The prompt is {n} tokens; this model's context window is {context} tokens.",
-            param=prompt_param,
-        )
-    if requested is None:
-        return min(default, context - n)
-    param, value = requested
-    if n + value > context:
-        raise ContextLengthError(
-            f"The prompt ({n} tokens) plus {param} ({value}) exceeds this model's "
-            f"context window of {context} tokens.",
-            param=param,
-        )
-    return value
-
-
 def _sent(body: ChatCompletionRequest | CompletionRequest, *names: str) -> tuple[str, int] | None:
     """The first of ``names`` the client sent (not null), with its value."""
     for name in names:
@@ -140,11 +161,18 @@ def _sent(body: ChatCompletionRequest | CompletionRequest, *names: str) -> tuple
 
 
 def _sampling(
-    body: ChatCompletionRequest | CompletionRequest, spec: ModelSpec, max_tokens: int
+    body: ChatCompletionRequest | CompletionRequest,
+    spec: ModelSpec,
+    requested: tuple[str, int] | None,
+    default_max_tokens: int,
 ) -> Sampling:
+    """Request values, else the model's defaults. ``requested``: the budget the client
+    sent as (its field, its value), or None for ``default_max_tokens`` cut to fit."""
     d = spec.defaults
     return Sampling(
-        max_tokens=max_tokens,
+        max_tokens=None if requested is None else requested[1],
+        max_tokens_param="max_tokens" if requested is None else requested[0],
+        default_max_tokens=default_max_tokens,
         temperature=d.temperature if body.temperature is None else body.temperature,
         top_p=d.top_p if body.top_p is None else body.top_p,
         top_k=d.top_k if body.top_k is None else body.top_k,
@@ -169,10 +197,11 @@ def _common_checks(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def _bound_messages(served: Served, count: int) -> None:
-    """Refuse, before rendering, more messages than can fit: at most ``max_messages``
-    (ModelSpec) and at most ``context_length``, since every message renders to at least
-    one token. Raises ContextLengthError (400 ``context_length_exceeded``, ``messages``)."""
-    context = served.engine.info.context_length
+    """Refuse, before any engine work, more messages than can fit: at most ``max_messages``
+    (ModelSpec) and at most the largest ``context_length`` of the model's engines, since
+    every message renders to at least one token. Raises ContextLengthError (400
+    ``context_length_exceeded``, ``messages``)."""
+    context = max(e.info.context_length for e in served.engines)
     cap = min(served.spec.max_messages, context)
     if count > cap:
         raise ContextLengthError(
@@ -182,62 +211,12 @@ def _bound_messages(served: Served, count: int) -> None:
         )
 
 
-def _bound_chars(served: Served, chars: int, param: str) -> None:
-    """Refuse, before rendering or tokenizing, client text that cannot fit the context.
-
-    Each token stands for at most ``max_token_bytes`` bytes of input (the longest piece of
-    the vocabulary, read at load), and a character is at least one byte, so more than
-    ``context_length * max_token_bytes`` characters are more than ``context_length``
-    tokens. Engines that know no such bound give None (no check). Raises
-    ContextLengthError (400 ``context_length_exceeded``) naming ``param``.
-    """
-    info = served.engine.info
-    if info.max_token_bytes and chars > info.context_length * info.max_token_bytes:
-        raise ContextLengthError(
-            f"The {param} text ({chars} characters) cannot fit this model's context window "
-            f"of {info.context_length} tokens (at most "
-            f"{info.context_length * info.max_token_bytes} characters).",
-            param=param,
-        )
-
-
-Charge = Callable[[int], None]
-
-
-async def _rendered(render: Awaitable[Prompt], deadline: float, charge: Charge | None) -> Prompt:
-    """Await a rendering; over the request's deadline, 504 (its tokens are charged)."""
-    prompt = await render
-    if time.monotonic() > deadline:
-        if charge is not None:
-            charge(len(prompt.token_ids))
-        raise RequestTimeoutError()
-    return prompt
-
-
-def _charged(charge: Charge | None, prompt: Prompt, budget: Callable[[], int]) -> int:
-    """``budget()``; a prompt refused as too long is still charged to the key's tokens."""
-    try:
-        return budget()
-    except ContextLengthError:
-        if charge is not None:
-            charge(len(prompt.token_ids))
-        raise
-
-
-async def chat_job(
-    body: ChatCompletionRequest,
-    served: Served,
-    request_id: str,
-    arrived: float | None = None,
-    charge: Charge | None = None,
-) -> Job:
+def chat_job(body: ChatCompletionRequest, served: Served, request_id: str, arrived: float) -> Job:
     """Parse a chat request into a Job, or raise the 400 that names the bad parameter.
 
     ``arrived`` (time.monotonic() at the request's arrival) starts the model's
-    ``timeout_s``, so rendering counts; ``charge`` is called with the prompt's token count
-    when a rendered prompt is refused (too long, out of time).
+    ``timeout_s``, so rendering (in the engine) and waiting count.
     """
-    deadline = (time.monotonic() if arrived is None else arrived) + served.spec.timeout_s
     _common_checks(body)
     if body.logprobs or body.top_logprobs is not None:
         # Named as sent: `top_logprobs` alone is refused under its own name.
@@ -253,37 +232,24 @@ async def chat_job(
         )
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only plain text output is implemented")
-    # Both bounds before the template is rendered: what cannot fit costs nothing more.
     _bound_messages(served, len(body.messages))
     messages = _messages(body.messages)
-    _bound_chars(served, sum(len(m.content) for m in messages), "messages")
-    prompt = await _rendered(served.engine.render_chat(messages), deadline, charge)
     requested = _sent(body, "max_completion_tokens", "max_tokens")
-    max_tokens = _charged(
-        charge,
-        prompt,
-        lambda: _budget(
-            requested,
-            served.spec.defaults.max_tokens,
-            prompt,
-            served.engine.info.context_length,
-            "messages",
-        ),
+    sampling = _sampling(body, served.spec, requested, served.spec.defaults.max_tokens)
+    request = GenerationRequest(
+        request_id=request_id,
+        model=served.spec.id,
+        sampling=sampling,
+        messages=messages,
+        user=body.user,
+        deadline=arrived + served.spec.timeout_s,
     )
     audit_input = chat_input([(m.role, m.content) for m in messages])
-    job = _job("chat", body, served, prompt, max_tokens, f"chatcmpl-{request_id}", audit_input)
-    return _with_deadline(job, deadline)
+    return _job("chat", body, request, audit_input)
 
 
-async def completion_job(
-    body: CompletionRequest,
-    served: Served,
-    request_id: str,
-    arrived: float | None = None,
-    charge: Charge | None = None,
-) -> Job:
-    """Parse a legacy completion request into a Job (``arrived``, ``charge``: as for chat)."""
-    deadline = (time.monotonic() if arrived is None else arrived) + served.spec.timeout_s
+def completion_job(body: CompletionRequest, served: Served, request_id: str, arrived: float) -> Job:
+    """Parse a legacy completion request into a Job (``arrived``: as for chat)."""
     _common_checks(body)
     if body.best_of is not None and body.best_of > 1:
         raise _refuse("best_of", "one candidate per request")
@@ -299,37 +265,26 @@ async def completion_job(
         text = body.prompt[0]
     else:
         raise _refuse("prompt", "give one prompt as a string (no batches, no token arrays)")
-    _bound_chars(served, len(text), "prompt")
-    prompt = await _rendered(served.engine.render_text(text), deadline, charge)
     # OpenAI's default of 16 when the client sent no max_tokens: cut to fit, as in chat.
     requested = _sent(body, "max_tokens")
-    context = served.engine.info.context_length
-    max_tokens = _charged(charge, prompt, lambda: _budget(requested, 16, prompt, context, "prompt"))
-    request_key = f"cmpl-{request_id}"
-    job = _job("completion", body, served, prompt, max_tokens, request_key, text.encode())
-    return _with_deadline(job, deadline)
-
-
-def _with_deadline(job: Job, deadline: float) -> Job:
-    return dataclasses.replace(job, request=dataclasses.replace(job.request, deadline=deadline))
+    sampling = _sampling(body, served.spec, requested, COMPLETION_DEFAULT_MAX_TOKENS)
+    request = GenerationRequest(
+        request_id=request_id,
+        model=served.spec.id,
+        sampling=sampling,
+        prompt=text,
+        user=body.user,
+        deadline=arrived + served.spec.timeout_s,
+    )
+    return _job("completion", body, request, text.encode())
 
 
 def _job(
     kind: Kind,
     body: ChatCompletionRequest | CompletionRequest,
-    served: Served,
-    prompt: Prompt,
-    max_tokens: int,
-    request_id: str,
+    request: GenerationRequest,
     audit_input: bytes,
 ) -> Job:
-    request = GenerationRequest(
-        request_id=request_id,
-        model=served.spec.id,
-        prompt=prompt,
-        sampling=_sampling(body, served.spec, max_tokens),
-        user=body.user,
-    )
     return Job(
         kind=kind,
         request=request,
@@ -340,37 +295,101 @@ def _job(
     )
 
 
-async def complete(job: Job, served: Served, http: Request) -> ChatCompletion | Completion | None:
-    """Drain the engine's stream into one response.
+async def _serve(job: Job, served: Served, http: Request) -> Response:
+    """Admit, generate up to the commit point, answer; the permit lives with the response."""
+    ex = exchange(http)
+    ex.prompt_hmac = http.app.state.auditor.hash_text(job.audit_input)
+    router: Router = http.app.state.router
+    held = AsyncExitStack()
+    handed = False  # to the streaming response, which then closes ``held``
+    try:
+        engine = await held.enter_async_context(router.admit(served))
+        ex.replica = served.replica_name(engine)
+        ex.engine = ex.replica.partition(":")[0]
+        chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
+        if job.stream:
+            gone, first = await _watching(http, anext(chunks, None))
+            if not gone:
+                # The response owns the permit and the stream from here on.
+                grace = http.app.state.settings.drain_timeout_s
+                events = stream(job, first, chunks, http)
+                response = _HeldStream(events, held, sep="\n", shutdown_grace_period=grace)
+                handed = True
+                return response
+            result = None
+        else:
+            gone, result = await _watching(http, complete(job, chunks, http))
+    except MedserveError as exc:
+        if exc.prompt_tokens is not None:  # rendering was work: charged to the key
+            http.app.state.security.charge(principal(http), exc.prompt_tokens)
+        raise
+    finally:
+        if not handed:
+            with anyio.CancelScope(shield=True):
+                await held.aclose()
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result.model_dump())
 
-    Returns None if the client disconnected first; generation is stopped then, so a
-    client that gives up does not keep the model busy.
-    """
-    parts: list[str] = []
-    last: GenerationChunk | None = None
+
+class _HeldStream(EventSourceResponse):
+    """An SSE response that, once sent or abandoned, closes the engine stream and returns
+    the admission permit (``held``), whatever ended it."""
+
+    def __init__(self, content: AsyncIterator[str], held: AsyncExitStack, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._held.aclose()
+
+
+async def _watching(http: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await ``work``, cancelling it if the client disconnects first: (gone, its result)."""
+    result: T | None = None
     with anyio.CancelScope() as scope:
         watcher = asyncio.create_task(_cancel_on_disconnect(http, scope))
         try:
-            ex = exchange(http)
-            async with aclosing(served.engine.generate(job.request)) as chunks:
-                async for chunk in chunks:
-                    if chunk.text:
-                        ex.token()
-                    parts.append(chunk.text)
-                    last = chunk
+            result = await work
         finally:
             watcher.cancel()
+    return scope.cancelled_caught, result
+
+
+async def _cancel_on_disconnect(http: Request, scope: anyio.CancelScope) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def complete(
+    job: Job, chunks: AsyncIterator[GenerationChunk], http: Request
+) -> ChatCompletion | Completion | None:
+    """Drain the engine's stream into one response; None if it ended without a last chunk."""
+    parts: list[str] = []
+    last: GenerationChunk | None = None
+    ex = exchange(http)
+    async for chunk in chunks:
+        if chunk.text:
+            ex.token()
+        parts.append(chunk.text)
+        last = chunk
     if last is None or last.finish_reason is None:
         return None
     usage = _finished(http, last)
     text = "".join(parts)
     # The record is durable before the response exists; in fail-closed mode a failed
     # write raises the 503 that replaces it.
-    await http.app.state.auditor.generation(exchange(http), job.audit_input, text)
+    await http.app.state.auditor.generation(ex, job.audit_input, text)
     r = job.request
     if job.kind == "chat":
         return ChatCompletion(
-            id=r.request_id,
+            id=job.wire_id,
             created=job.created,
             model=r.model,
             choices=[
@@ -379,19 +398,12 @@ async def complete(job: Job, served: Served, http: Request) -> ChatCompletion | 
             usage=usage,
         )
     return Completion(
-        id=r.request_id,
+        id=job.wire_id,
         created=job.created,
         model=r.model,
         choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
         usage=usage,
     )
-
-
-async def _cancel_on_disconnect(http: Request, scope: anyio.CancelScope) -> None:
-    # The body has been read, so the next ASGI message is the disconnect.
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 def _finished(http: Request, chunk: GenerationChunk) -> Usage:
@@ -403,67 +415,90 @@ def _finished(http: Request, chunk: GenerationChunk) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-async def stream(job: Job, served: Served, http: Request) -> AsyncIterator[str]:
+class _Events:
+    """Serialises one stream's events: one JSON dump per event, through the chunk models
+    of :mod:`medserve.api.protocol` (built unvalidated: the values are our own)."""
+
+    def __init__(self, job: Job) -> None:
+        self.chat = job.kind == "chat"
+        self.head: dict[str, Any] = {
+            "id": job.wire_id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": job.created,
+            "model": job.request.model,
+        }
+        if job.include_usage:
+            self.head["usage"] = None
+        self.model = ChatCompletionChunk if self.chat else CompletionChunk
+
+    def role(self) -> str:
+        delta = ChatDelta.model_construct(role="assistant", content="")
+        return self._dump([ChatChunkChoice.model_construct(**self._choice(), delta=delta)])
+
+    def piece(self, text: str, finish: str | None = None) -> str:
+        choice: ChatChunkChoice | CompletionChunkChoice
+        if self.chat:
+            delta = ChatDelta.model_construct(content=text) if text else ChatDelta.model_construct()
+            fields = self._choice(finish)
+            choice = ChatChunkChoice.model_construct(**fields, delta=delta)
+        else:
+            choice = CompletionChunkChoice.model_construct(**self._choice(finish), text=text)
+        return self._dump([choice])
+
+    def usage(self, usage: Usage) -> str:
+        return self._dump([], usage=usage)
+
+    @staticmethod
+    def _choice(finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "logprobs": None, "finish_reason": finish}
+
+    def _dump(self, choices: list[Any], **extra: Any) -> str:
+        event = self.model.model_construct(**{**self.head, "choices": choices, **extra})
+        return event.model_dump_json(exclude_unset=True)
+
+
+async def stream(
+    job: Job,
+    first: GenerationChunk | None,
+    chunks: AsyncIterator[GenerationChunk],
+    http: Request,
+) -> AsyncGenerator[str, None]:
     """SSE ``data:`` payloads in OpenAI's chunk format, ending with ``[DONE]``.
 
-    ``[DONE]`` means the answer is complete and its audit record committed. Once the first
-    byte is out, a failure can no longer change the status code; it is sent as an
-    ``{"error": ...}`` event that ends the stream instead, with no ``[DONE]`` after it
-    (engine error, timeout, failed audit write, unexpected exception alike).
+    ``first`` is the engine's first chunk, pulled before the response started; the rest
+    come from ``chunks``. ``[DONE]`` means the answer is complete and its audit record
+    committed. Once the first byte is out, a failure can no longer change the status code;
+    it is sent as an ``{"error": ...}`` event that ends the stream instead, with no
+    ``[DONE]`` after it (engine error, timeout, failed audit write, unexpected exception).
     """
-    r = job.request
-    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-    usage_field: dict[str, Any] = {"usage": None} if job.include_usage else {}
-
-    def event(choice: dict[str, Any] | None, **extra: Any) -> str:
-        body: dict[str, Any] = {"id": r.request_id, "object": obj, "created": job.created}
-        body["model"] = r.model
-        body["choices"] = [] if choice is None else [{"index": 0, **choice}]
-        body.update(usage_field)
-        body.update(extra)
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
-    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
-        if job.kind == "chat":
-            delta = {"content": text} if text else {}
-            return {"delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"text": text, "logprobs": None, "finish_reason": finish}
-
+    events = _Events(job)
+    ex = exchange(http)
     parts: list[str] = []
     try:
         if job.kind == "chat":
-            yield event(
-                {
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            )
-        async with aclosing(served.engine.generate(r)) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-                if chunk.text:
-                    exchange(http).token()
-                if chunk.finish_reason is None:
-                    if chunk.text:
-                        yield event(piece(chunk.text))
-                    continue
-                if chunk.text:
-                    yield event(piece(chunk.text))
-                yield event(piece("", chunk.finish_reason))
+            yield events.role()
+        chunk = first
+        while chunk is not None:
+            parts.append(chunk.text)
+            if chunk.text:
+                ex.token()
+                yield events.piece(chunk.text)
+            if chunk.finish_reason is not None:
+                yield events.piece("", chunk.finish_reason)
                 usage = _finished(http, chunk)
                 if job.include_usage:
-                    yield event(None, usage=usage.model_dump())
+                    yield events.usage(usage)
+            chunk = await anext(chunks, None)
         # Recorded before [DONE]: a client that saw the end of the stream has its record.
-        await http.app.state.auditor.generation(exchange(http), job.audit_input, "".join(parts))
+        await http.app.state.auditor.generation(ex, job.audit_input, "".join(parts))
     except MedserveError as exc:
-        exchange(http).failed(exc)
+        ex.failed(exc)
         yield json.dumps(envelope(exc))
         return
     except Exception:
         # Headers are out, so no handler can turn this into a 500: say it in the stream.
-        log.exception("stream failed", extra={"request_id": r.request_id})
-        exchange(http).error = MedserveError.type
+        log.exception("stream failed", extra={"request_id": job.request.request_id})
+        ex.error = MedserveError.type
         yield json.dumps(envelope(MedserveError("Internal server error.")))
         return
     yield "[DONE]"

@@ -1,9 +1,12 @@
 """The engine boundary: what the gateway hands an engine and what it gets back.
 
 Engines never see the HTTP wire format. The web layer parses a request into a frozen
-:class:`GenerationRequest` (prompt already rendered and tokenized, sampling resolved and
-checked against the context window), and an engine only streams :class:`GenerationChunk`
-values back. Streaming is the only generation path; a non-streaming response drains it.
+:class:`GenerationRequest`: the client's messages or prompt text, engine-neutral sampling
+(OpenAI's names) and the request's limits. Each engine renders the chat template, tokenizes
+and checks the context window itself, inside :meth:`Engine.generate` (a vLLM server renders
+on its side), so the same request can be taken to another engine. An engine only streams
+:class:`GenerationChunk` values back. Streaming is the only generation path; a non-streaming
+response drains it; closing the iterator cancels.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A prompt as the model will see it: the rendered text and its token ids."""
+    """A prompt as the model will see it (engine-internal): the rendered text and its ids."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -34,9 +37,15 @@ class Prompt:
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
-    """Resolved sampling parameters: request values, else the model's defaults."""
+    """Sampling parameters: request values, else the model's defaults (OpenAI's names).
 
-    max_tokens: int
+    ``max_tokens`` is the client's completion budget, or None: then ``default_max_tokens``
+    applies, cut to what fits the context window. ``max_tokens_param`` is the field the
+    client sent it in (``max_tokens`` or ``max_completion_tokens``), so that a context
+    error names what the client sent.
+    """
+
+    max_tokens: int | None
     temperature: float
     top_p: float
     top_k: int
@@ -46,20 +55,36 @@ class Sampling:
     presence_penalty: float
     seed: int
     stop: tuple[str, ...] = ()
+    default_max_tokens: int = 16
+    max_tokens_param: str = "max_tokens"
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """A validated request. Only the web layer's validation builds these."""
+    """A validated request: chat ``messages`` or completion ``prompt`` text (exactly one).
+
+    ``request_id`` is the exchange's id (the wire adds ``chatcmpl-``/``cmpl-``).
+    ``deadline`` is the time.monotonic() by which the request must be done (504 after): set
+    from its arrival, so rendering and waiting count; None: the engine's timeout_s from
+    submission. Only the web layer's validation (and tests) build these.
+    """
 
     request_id: str
     model: str
-    prompt: Prompt
     sampling: Sampling
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
     user: str | None = None
-    # time.monotonic() by which the request must be done (504 after): set from its arrival,
-    # so rendering and waiting count. None: the engine's timeout_s from submission.
     deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerationRequest holds messages or a prompt, not both")
+
+    @property
+    def input_param(self) -> str:
+        """The wire field the input came in: ``messages`` or ``prompt`` (for errors)."""
+        return "messages" if self.messages is not None else "prompt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +112,11 @@ class EngineInfo:
     # many bytes (or characters, never more than bytes) cannot fit: the web layer refuses
     # it before rendering or tokenizing anything.
     max_token_bytes: int | None = None
+    # Requests the engine takes at once, generating plus waiting for a slot (llama.cpp:
+    # parallel + max_queue), or None for no bound. The router admits no more than this
+    # and answers 503 ``overloaded`` with ``Retry-After: retry_after_s`` beyond it.
+    capacity: int | None = None
+    retry_after_s: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +126,9 @@ class Health:
     ready: bool
     running: int = 0
     waiting: int = 0
-    rejected: int = 0  # requests refused since start because every slot and the queue were full
+    # Requests refused since start because the engine was full: counted by the router
+    # (which admits), filled in by :meth:`medserve.router.Router.health`.
+    rejected: int = 0
 
 
 @runtime_checkable
@@ -114,20 +146,17 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Stop generating and free the model. Idempotent."""
 
-    async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
-        """Apply the model's chat template and tokenize (with generation prompt)."""
-        ...
-
-    async def render_text(self, text: str) -> Prompt:
-        """Tokenize a plain completion prompt."""
-        ...
-
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        """Stream the completion. Closing the iterator early stops generation."""
-        ...
+        r"""Render, tokenize and check ``request``, then stream its completion.
 
-    async def abort(self, request_id: str) -> None:
-        """Stop ``request_id`` if it is generating; no-op otherwise."""
+        Text chunks, then exactly one last chunk with ``finish_reason`` and token counts.
+        Errors are typed (:class:`medserve.errors.MedserveError`); one about the input
+        (ContextLengthError naming ``messages``/``prompt``/the budget field, a template
+        refusal, a timeout while rendering) comes before any chunk, with ``prompt_tokens``
+        set once the prompt was tokenized. Closing the iterator early stops generation and
+        frees the slot (the one cancellation contract).
+        """
+        ...
 
     async def health(self) -> Health:
         """Readiness and load."""

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medserve.engines.base import FinishReason, GenerationChunk, GenerationRequest
+from medserve.engines.base import FinishReason, GenerationChunk, Sampling
 from medserve.engines.stops import StopMatcher
 from medserve.engines.vocab import Vocab
 from medserve.errors import EngineError, MedserveError, RequestTimeoutError, UnavailableError
@@ -55,7 +55,9 @@ class Job:
     whether it ran or was dropped from the queue.
     """
 
-    request: GenerationRequest
+    prompt: tuple[int, ...]  # token ids, checked against the context by the engine
+    sampling: Sampling
+    max_tokens: int  # the completion budget (fits beside the prompt)
     emit: Callable[[Item], None]
     deadline: float
     on_start: Callable[[], None] = lambda: None
@@ -221,7 +223,7 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         from llama_cpp._internals import LlamaSampler
 
-        s = job.request.sampling
+        s = job.sampling
         sampler = LlamaSampler()
         sampler.add_penalties(
             self._llama.n_vocab(),
@@ -245,7 +247,7 @@ class Scheduler:
             job=job,
             seq=self._free.pop(),
             sampler=sampler,
-            prompt=list(job.request.prompt.token_ids),
+            prompt=list(job.prompt),
             matcher=StopMatcher(s.stop),
             utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
         )
@@ -348,7 +350,7 @@ class Scheduler:
                 slot.job.emit(GenerationChunk(text))
             if slot.matcher.stopped:
                 finish = "stop"
-            elif slot.count >= slot.job.request.sampling.max_tokens:
+            elif slot.count >= slot.job.max_tokens:
                 finish = "length"
             elif slot.n_past >= self.slot_context:
                 finish = "length"  # unreachable: validation keeps prompt + max_tokens in context

@@ -1,8 +1,13 @@
-"""A deterministic engine for tests and demos: it echoes the prompt back word by word.
+"""A deterministic, scriptable engine for tests and demos.
 
-It goes through the same request path as a real engine (rendering, token counts, stop
-sequences, max_tokens, cancellation), so the gateway can be tested without a model. Each
-word is one "token"; generation ends with ``stop`` once the whole prompt has been echoed.
+By default it echoes the prompt back word by word. It goes through the same request path
+as a real engine (rendering, token counts, the context check, stop sequences, max_tokens,
+cancellation), so the gateway can be tested without a model. Each word is one "token";
+generation ends with ``stop`` once the whole prompt has been echoed.
+
+Tests can script it: :meth:`FakeEngine.script` queues, per request, the text chunks and
+exceptions to produce instead of the echo; :attr:`FakeEngine.history` keeps every request
+that reached generation, with its rendering and budget.
 
 :class:`FakeSpec` is its registry entry (``engine = "fake"``), one member of the replica
 union in :class:`medserve.config.ModelSpec`.
@@ -11,9 +16,12 @@ union in :class:`medserve.config.ModelSpec`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -26,13 +34,51 @@ from medserve.engines.base import (
     Message,
     Prompt,
 )
+from medserve.engines.prepare import bound_chars, budget, in_time
 from medserve.engines.stops import StopMatcher
-from medserve.errors import EngineError, OverloadedError
+from medserve.errors import EngineError, UnavailableError
 
 if TYPE_CHECKING:
     from medserve.config import ModelSpec
 
 DEFAULT_CONTEXT = 2048
+
+# One scripted response: text chunks (str) in order, an exception raised at its place, or
+# a GenerationChunk yielded as is (one with a finish_reason ends the response).
+Step = str | BaseException | GenerationChunk
+
+
+@dataclass(frozen=True, slots=True)
+class FakeSettings:
+    """What the fake engine reads from its registry entry (read in :func:`settings`)."""
+
+    model: str
+    context_length: int
+    owned_by: str
+    parallel: int | None  # generating at once; None: no bound
+    max_queue: int  # waiting for a slot beyond ``parallel``
+    token_delay_s: float  # pause per generated token (simulated work)
+
+
+def settings(model: ModelSpec, spec: FakeSpec) -> FakeSettings:
+    """The one place the fake engine reads its registry entry (model and replica)."""
+    return FakeSettings(
+        model=model.id,
+        context_length=spec.context_length or DEFAULT_CONTEXT,
+        owned_by=model.owned_by,
+        parallel=spec.parallel,
+        max_queue=spec.max_queue,
+        token_delay_s=spec.token_delay_s,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One request that reached generation: as asked, as rendered, and its token budget."""
+
+    request: GenerationRequest
+    prompt: Prompt
+    max_tokens: int
 
 
 class FakeSpec(BaseModel):
@@ -62,8 +108,11 @@ class FakeSpec(BaseModel):
 
 
 class FakeEngine:
-    """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens;
-    ``parallel`` and ``max_queue`` in its spec bound it like the real engine.
+    """Echo engine. ``fail_after`` makes it raise an EngineError after that many tokens.
+
+    Capacity: ``parallel`` generate at once and ``max_queue`` more wait (``EngineInfo.
+    capacity``, which the router admits against); without ``parallel``, no bound. Set
+    ``capacity`` to override it.
 
     ``model`` gives the model-level settings (id, owned_by); ``spec`` this replica's, by
     default the model's first replica (which must then be a fake one).
@@ -73,29 +122,49 @@ class FakeEngine:
         replica = model.replicas[0] if spec is None else spec
         if not isinstance(replica, FakeSpec):
             raise TypeError(f"model {model.id!r}: replica is not a fake spec")
-        self._spec = spec = replica
+        self._spec = replica
+        self.settings = s = settings(model, replica)
         self._info = EngineInfo(
-            name=f"fake:{model.id}",
-            kind=spec.engine,
-            model=model.id,
-            context_length=spec.context_length or DEFAULT_CONTEXT,
-            owned_by=model.owned_by,
+            name=f"fake:{s.model}",
+            kind=replica.engine,
+            model=s.model,
+            context_length=s.context_length,
+            owned_by=s.owned_by,
+            capacity=None if s.parallel is None else s.parallel + s.max_queue,
         )
         self._started = False
-        self._active: set[str] = set()
-        self._aborted: set[str] = set()
+        self._running = 0
+        self._waiting = 0
+        self._slots = asyncio.Semaphore(s.parallel or 1_000_000)
         self.generated_tokens = 0
         self.fail_after: int | None = None
-        self.requests: list[GenerationRequest] = []
-        # With `parallel` set, like the real engine: that many run, `max_queue` wait, more
-        # are refused (503).
-        self._slots = asyncio.Semaphore(spec.parallel or 1_000_000)
-        self._admitted = 0
-        self.rejected = 0
+        self.history: list[Generation] = []
+        self._scripts: deque[tuple[Step, ...]] = deque()
 
     @property
     def info(self) -> EngineInfo:
         return self._info
+
+    @property
+    def capacity(self) -> int | None:
+        return self._info.capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        self._info = dataclasses.replace(self._info, capacity=value)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        """Every request that reached generation, in order (rendered and within budget)."""
+        return [g.request for g in self.history]
+
+    def script(self, *steps: Step) -> None:
+        """Answer the next unscripted request with ``steps`` instead of the echo.
+
+        ``"text"`` yields a chunk; an exception is raised there; a GenerationChunk is
+        yielded as is. Without a final chunk, one with ``stop`` and counts ends it.
+        """
+        self._scripts.append(steps)
 
     async def start(self) -> None:
         self._started = True
@@ -104,10 +173,12 @@ class FakeEngine:
         self._started = False
 
     async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
+        """``role: content`` lines and ``assistant:`` (engine-internal; tests override it)."""
         text = "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:"
         return self._tokenize(text)
 
     async def render_text(self, text: str) -> Prompt:
+        """A completion prompt as is (engine-internal; tests override it)."""
         return self._tokenize(text)
 
     @staticmethod
@@ -115,66 +186,89 @@ class FakeEngine:
         return Prompt(text, tuple(zlib.crc32(w.encode()) % 50_000 for w in text.split()))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        spec = self._spec
-        if spec.parallel is not None and self._admitted >= spec.parallel + spec.max_queue:
-            self.rejected += 1
-            raise OverloadedError("Every slot of this model is busy and its queue is full.")
-        self._admitted += 1
+        if not self._started:
+            raise UnavailableError("The model is not loaded.", code="model_not_ready")
+        bound_chars(self._info, request)
+        if request.messages is not None:
+            prompt = await self.render_chat(request.messages)
+        else:
+            prompt = await self.render_text(request.prompt or "")
+        in_time(request, len(prompt.token_ids))
+        max_tokens = budget(request, len(prompt.token_ids), self._info.context_length)
         arrived = time.monotonic()
+        self._waiting += 1
+        waiting = True
         try:
             async with self._slots:
-                async for chunk in self._echo(request, time.monotonic() - arrived):
-                    yield chunk
+                self._waiting -= 1
+                waiting = False
+                self._running += 1
+                try:
+                    self.history.append(Generation(request, prompt, max_tokens))
+                    queue_s = time.monotonic() - arrived
+                    steps = self._scripts.popleft() if self._scripts else None
+                    body = (
+                        self._echo(request, prompt, max_tokens, queue_s)
+                        if steps is None
+                        else self._play(steps, prompt, queue_s)
+                    )
+                    async for chunk in body:
+                        yield chunk
+                finally:
+                    self._running -= 1
         finally:
-            self._admitted -= 1
+            if waiting:  # cancelled while it waited for a slot
+                self._waiting -= 1
+
+    async def _play(
+        self, steps: tuple[Step, ...], prompt: Prompt, queue_s: float
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        count = 0
+        for step in steps:
+            if isinstance(step, BaseException):
+                raise step
+            chunk = GenerationChunk(step) if isinstance(step, str) else step
+            count += 1 if chunk.text else 0
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+        yield GenerationChunk(
+            "",
+            finish_reason="stop",
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=count,
+            queue_s=queue_s,
+        )
 
     async def _echo(
-        self, request: GenerationRequest, queue_s: float
+        self, request: GenerationRequest, prompt: Prompt, max_tokens: int, queue_s: float
     ) -> AsyncGenerator[GenerationChunk, None]:
-        self.requests.append(request)
-        words = request.prompt.text.split()
+        words = prompt.text.split()
         matcher = StopMatcher(request.sampling.stop)
         count = 0
         finish: str = "stop"
-        self._active.add(request.request_id)
-        try:
-            for i, word in enumerate(words):
-                if request.request_id in self._aborted:
-                    return
-                if count >= request.sampling.max_tokens:
-                    finish = "length"
-                    break
-                if self.fail_after is not None and count >= self.fail_after:
-                    raise EngineError("fake engine failure", code="engine_error")
-                await asyncio.sleep(self._spec.token_delay_s)
-                count += 1
-                self.generated_tokens += 1
-                text = matcher.feed(word if i == 0 else " " + word)
-                if text:
-                    yield GenerationChunk(text)
-                if matcher.stopped:
-                    break
-            tail = matcher.flush()
-            yield GenerationChunk(
-                tail,
-                finish_reason="length" if finish == "length" else "stop",
-                prompt_tokens=len(request.prompt.token_ids),
-                completion_tokens=count,
-                queue_s=queue_s,
-            )
-        finally:
-            self._active.discard(request.request_id)
-            self._aborted.discard(request.request_id)
-
-    async def abort(self, request_id: str) -> None:
-        if request_id in self._active:
-            self._aborted.add(request_id)
+        for i, word in enumerate(words):
+            if count >= max_tokens:
+                finish = "length"
+                break
+            if self.fail_after is not None and count >= self.fail_after:
+                raise EngineError("fake engine failure", code="engine_error")
+            await asyncio.sleep(self.settings.token_delay_s)
+            count += 1
+            self.generated_tokens += 1
+            text = matcher.feed(word if i == 0 else " " + word)
+            if text:
+                yield GenerationChunk(text)
+            if matcher.stopped:
+                break
+        tail = matcher.flush()
+        yield GenerationChunk(
+            tail,
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=count,
+            queue_s=queue_s,
+        )
 
     async def health(self) -> Health:
-        running = len(self._active)
-        return Health(
-            ready=self._started,
-            running=running,
-            waiting=self._admitted - running,
-            rejected=self.rejected,
-        )
+        return Health(ready=self._started, running=self._running, waiting=self._waiting)

@@ -7,8 +7,10 @@ Tokens cross to the event loop through an asyncio queue per request. A consumer 
 away (client disconnect, shutdown) sets the job's cancel flag; the scheduler frees its slot
 and KV cells before the next step.
 
-Admission is bounded: ``parallel`` running plus ``max_queue`` waiting; beyond that a request
-gets 503 ``overloaded`` with ``Retry-After`` at once rather than an unbounded wait.
+Each request is rendered (chat template), tokenized and checked against the context inside
+:meth:`LlamaCppEngine.generate`, on a worker thread. Admission is the router's: the engine
+declares its capacity (``parallel`` running plus ``max_queue`` waiting, ``EngineInfo``) and
+the router admits no more, so the scheduler's wait queue never grows past ``max_queue``.
 
 :class:`LlamaCppSpec` is this engine's registry entry (one member of the replica union in
 :class:`medserve.config.ModelSpec`). Importing it is light: llama_cpp is imported only when
@@ -42,14 +44,9 @@ from medserve.engines.base import (
     Prompt,
 )
 from medserve.engines.batching import Item, Job, Scheduler
+from medserve.engines.prepare import bound_chars, budget, in_time
 from medserve.engines.vocab import VOCAB_BPE, VOCAB_SPM, Segment, Vocab, metadata
-from medserve.errors import (
-    ConfigError,
-    EngineError,
-    InvalidRequestError,
-    OverloadedError,
-    UnavailableError,
-)
+from medserve.errors import ConfigError, EngineError, InvalidRequestError, UnavailableError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -167,10 +164,8 @@ class LlamaCppEngine:
         self._info: EngineInfo | None = None
         self._formatter: Any = None
         self._vocab: Vocab | None = None
-        self._jobs: dict[str, Job] = {}
-        self._admitted = 0
+        self._submitted = 0  # handed to the scheduler and not yet released
         self._running = 0
-        self._rejected = 0
         self._closed = False
         cores = os.cpu_count() or 1
         self.parallel = self._spec.parallel or max(4, 2 * cores if cores > 2 else 4)
@@ -247,6 +242,8 @@ class LlamaCppEngine:
             context_length=context,
             owned_by=self._model.owned_by,
             max_token_bytes=vocab.max_piece_bytes if vocab.type in BYTE_LEVEL else None,
+            capacity=self.parallel + self._spec.max_queue,
+            retry_after_s=_retry_after(self._spec.max_queue, self.parallel),
         )
         log.info(
             "model loaded",
@@ -286,6 +283,7 @@ class LlamaCppEngine:
         return self._llama
 
     async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
+        """The chat template applied and tokenized (used by :meth:`generate`; tests read it)."""
         self._require()
         if self._formatter is None:
             raise InvalidRequestError(
@@ -348,6 +346,7 @@ class LlamaCppEngine:
             ) from exc
 
     async def render_text(self, text: str) -> Prompt:
+        """A completion prompt tokenized as plain text (used by :meth:`generate`)."""
         # Plain prompts are tokenized with special-token parsing off: text that happens to
         # look like a control token stays text.
         self._require()
@@ -356,16 +355,22 @@ class LlamaCppEngine:
         ids = await asyncio.to_thread(vocab.encode, [Segment(text, client=True)])
         return Prompt(text, tuple(ids))
 
+    async def _prepare(self, request: GenerationRequest) -> tuple[Prompt, int]:
+        """Render, tokenize and check ``request``: its prompt and completion budget."""
+        bound_chars(self.info, request)  # before any rendering: what cannot fit costs nothing
+        if request.messages is not None:
+            prompt = await self.render_chat(request.messages)
+        else:
+            prompt = await self.render_text(request.prompt or "")
+        in_time(request, len(prompt.token_ids))
+        return prompt, budget(request, len(prompt.token_ids), self.info.context_length)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._require()
+        prompt, max_tokens = await self._prepare(request)
         scheduler = self._scheduler
-        assert scheduler is not None
-        if self._admitted >= self.parallel + self._spec.max_queue:
-            self._rejected += 1
-            raise OverloadedError(
-                "Every slot of this model is busy and its queue is full; retry shortly.",
-                retry_after=_retry_after(self._spec.max_queue, self.parallel),
-            )
+        if scheduler is None:
+            raise UnavailableError("The model is not loaded.", code="model_not_ready")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -385,7 +390,9 @@ class LlamaCppEngine:
             loop.call_soon_threadsafe(self._released, started, released)
 
         job = Job(
-            request=request,
+            prompt=prompt.token_ids,
+            sampling=request.sampling,
+            max_tokens=max_tokens,
             emit=emit,
             deadline=(
                 time.monotonic() + self._model.timeout_s
@@ -395,8 +402,7 @@ class LlamaCppEngine:
             on_start=on_start,
             on_release=on_release,
         )
-        self._admitted += 1
-        self._jobs[request.request_id] = job
+        self._submitted += 1
         scheduler.submit(job)
         try:
             while (item := await queue.get()) is not None:
@@ -410,7 +416,6 @@ class LlamaCppEngine:
             # step. Wait for that (shielded, so a cancelled consumer waits too), so that
             # when the stream is closed the slot and its KV cells are free.
             job.cancel.set()
-            self._jobs.pop(request.request_id, None)
             with anyio.CancelScope(shield=True):
                 await released.wait()
 
@@ -418,22 +423,16 @@ class LlamaCppEngine:
         self._running += 1
 
     def _released(self, started: bool, released: asyncio.Event) -> None:
-        self._admitted -= 1
+        self._submitted -= 1
         if started:
             self._running -= 1
         released.set()
-
-    async def abort(self, request_id: str) -> None:
-        job = self._jobs.get(request_id)
-        if job is not None:
-            job.cancel.set()
 
     async def health(self) -> Health:
         return Health(
             ready=self._thread is not None and self._thread.is_alive() and not self._closed,
             running=self._running,
-            waiting=self._admitted - self._running,
-            rejected=self._rejected,
+            waiting=self._submitted - self._running,
         )
 
     async def occupied_sequences(self) -> list[int]:

@@ -25,6 +25,7 @@ from medserve.cli import app
 from medserve.config import AuditSettings, Settings
 from medserve.router import Router
 from tests.conftest import AUTH, SECRET, fake_spec
+from tests.sse import payloads
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
@@ -199,7 +200,7 @@ def test_a_stream_whose_record_fails_ends_with_an_error_event_not_done(audit_pat
         blocker.execute("BEGIN EXCLUSIVE")
         body = {"model": MODEL, "prompt": "one two", "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as r:
-            events = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+            events = payloads(r.iter_lines())
         blocker.execute("ROLLBACK")
         blocker.close()
     assert "[DONE]" not in events  # [DONE] promises a committed record

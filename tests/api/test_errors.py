@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from medserve.engines.base import GenerationChunk
 from medserve.errors import OverloadedError, RequestTimeoutError
 from tests.conftest import SECRET
+from tests.sse import payloads
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -275,7 +276,7 @@ def test_engine_failure_mid_stream_is_an_error_event(client: TestClient, fake_en
     fake_engine.fail_after = 2
     r = client.post(CHAT, json=chat(stream=True))
     assert r.status_code == 200
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    events = payloads(r.text.splitlines())
     assert "[DONE]" not in events  # the error event ends the stream
     error = json.loads(events[-1])
     assert_envelope(error, None, "engine_error")
@@ -290,7 +291,7 @@ def test_unexpected_engine_crash_mid_stream_is_an_error_event(
 
     fake_engine.generate = broken
     r = client.post(CHAT, json=chat(stream=True))
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    events = payloads(r.text.splitlines())
     assert "[DONE]" not in events  # the error event ends the stream
     assert_envelope(json.loads(events[-1]), None, None)
     assert json.loads(events[-1])["error"]["type"] == "server_error"

@@ -11,21 +11,12 @@ from fastapi.testclient import TestClient
 
 from medserve.engines.fake import FakeEngine
 from tests.conftest import SECRET
+from tests.sse import events as sse
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
 MESSAGES = [{"role": "user", "content": "chest pain since this morning"}]
 ECHO = "user: chest pain since this morning assistant:"
-
-
-def sse(text: str) -> list[Any]:
-    """The data payloads of an SSE body; [DONE] stays a string."""
-    out: list[Any] = []
-    for line in text.splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def test_chat_completion_shape_and_usage(client: TestClient) -> None:
@@ -137,12 +128,14 @@ def test_request_is_parsed_into_engine_terms(client: TestClient, fake_engine: Fa
             "top_k": 5,
         },
     )
-    (req,) = fake_engine.requests
-    assert req.prompt.text == "system: be brief\nuser: ab\nassistant:"
+    ((req, prompt, max_tokens),) = (
+        (g.request, g.prompt, g.max_tokens) for g in fake_engine.history
+    )
+    assert prompt.text == "system: be brief\nuser: ab\nassistant:"
     s = req.sampling
     assert (s.temperature, s.seed, s.stop, s.top_k) == (0.0, 11, ("x",), 5)
     assert (s.top_p, s.repeat_penalty) == (1.0, 1.1)  # model defaults fill the gaps
-    assert s.max_tokens == 32  # model default, fits the context
+    assert max_tokens == 32  # model default, fits the context
     assert req.user == "clinician-17"
 
 
@@ -151,8 +144,8 @@ def test_default_budget_is_clipped_to_the_context(
 ) -> None:
     words = " ".join(["w"] * 40)
     client.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": words}]})
-    (req,) = fake_engine.requests
-    assert req.sampling.max_tokens == 64 - len(req.prompt.token_ids)
+    (generation,) = fake_engine.history
+    assert generation.max_tokens == 64 - len(generation.prompt.token_ids)
 
 
 def test_random_seed_when_none_given(client: TestClient, fake_engine: FakeEngine) -> None:

@@ -26,6 +26,7 @@ from medserve.engines.fake import FakeEngine
 from medserve.errors import RequestTimeoutError
 from medserve.router import Router, Served
 from tests.conftest import AUTH, DEV_KEY, SECRET, fake_spec
+from tests.sse import payloads
 
 PROMPT = "one two three four five"
 BODIES = {
@@ -99,7 +100,7 @@ CASES = [
 
 
 def events(r: Any) -> list[str]:
-    return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    return payloads(r.iter_lines())
 
 
 @pytest.mark.parametrize("path", list(BODIES))

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import AUTH
 from tests.serverproc import Server
+from tests.sse import DONE
+from tests.sse import events as sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -36,10 +38,7 @@ SHORT = {
 
 
 def _stream_text(response: httpx.Response) -> tuple[str, list[Any]]:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            events.append(json.loads(line[len("data: ") :]))
+    events = [e for e in sse_events(response.iter_lines()) if e != DONE]
     text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
     return text, events
 

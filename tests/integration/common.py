@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Prompt, Sampling
+from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Message, Sampling
 
 
-def request(prompt: Prompt, rid: str = "r", **sampling: object) -> GenerationRequest:
-    """A greedy request (repeat penalty 1.3, 24 tokens) unless ``sampling`` says otherwise."""
+def request(
+    source: str | tuple[Message, ...], rid: str = "r", **sampling: object
+) -> GenerationRequest:
+    """A greedy request (repeat penalty 1.3, 24 tokens) unless ``sampling`` says otherwise:
+    a completion of the text ``source``, or a chat of the messages ``source``."""
     base: dict[str, object] = {
         "max_tokens": 24,
         "temperature": 0.0,
@@ -19,7 +22,10 @@ def request(prompt: Prompt, rid: str = "r", **sampling: object) -> GenerationReq
         "seed": 7,
     }
     base.update(sampling)
-    return GenerationRequest(rid, "m", prompt, Sampling(**base))  # type: ignore[arg-type]
+    params = Sampling(**base)  # type: ignore[arg-type]
+    if isinstance(source, str):
+        return GenerationRequest(rid, "m", params, prompt=source)
+    return GenerationRequest(rid, "m", params, messages=source)
 
 
 async def collect(engine: Engine, req: GenerationRequest) -> tuple[str, GenerationChunk]:

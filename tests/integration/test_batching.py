@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from medserve.config import ModelSpec
-from medserve.engines.base import Message
+from medserve.engines.base import GenerationChunk, Message
 from medserve.engines.llamacpp import LlamaCppEngine
 from medserve.errors import OverloadedError, RequestTimeoutError
+from medserve.router import Router, Served
 from tests.conftest import smollm2_path
 from tests.integration.common import collect, request
 
@@ -50,7 +51,7 @@ async def four() -> AsyncIterator[LlamaCppEngine]:
 
 
 async def test_concurrent_greedy_equals_sequential(four: LlamaCppEngine) -> None:
-    prompts = [await four.render_chat((Message("user", q),)) for q in QUESTIONS]
+    prompts = [(Message("user", q),) for q in QUESTIONS]
     alone = [
         (await collect(four, request(p, f"s{i}", max_tokens=40)))[0] for i, p in enumerate(prompts)
     ]
@@ -62,16 +63,14 @@ async def test_concurrent_greedy_equals_sequential(four: LlamaCppEngine) -> None
 
 
 async def test_stop_and_max_tokens_per_request_in_a_shared_batch(four: LlamaCppEngine) -> None:
-    prompt = await four.render_chat((Message("user", QUESTIONS[0]),))
+    prompt = (Message("user", QUESTIONS[0]),)
     full, _ = await collect(four, request(prompt, "full", max_tokens=40))
     stop = full[10:14]
     results = await asyncio.gather(
         collect(four, request(prompt, "a", max_tokens=40)),
         collect(four, request(prompt, "b", max_tokens=5)),
         collect(four, request(prompt, "c", max_tokens=40, stop=(stop,))),
-        collect(
-            four, request(await four.render_text(ENDLESS), "d", max_tokens=17, repeat_penalty=1.0)
-        ),
+        collect(four, request(ENDLESS, "d", max_tokens=17, repeat_penalty=1.0)),
     )
     (a, la), (b, lb), (c, lc), (_, ld) = results
     assert a == full and la.completion_tokens == 40
@@ -84,7 +83,7 @@ async def test_a_disconnect_frees_its_slot_for_the_next_requests() -> None:
     e = engine(parallel=2, max_queue=0)
     await e.start()
     try:
-        endless = await e.render_text(ENDLESS)
+        endless = ENDLESS
         streams = [
             e.generate(request(endless, f"long{i}", max_tokens=900, repeat_penalty=1.0))
             for i in range(2)
@@ -92,8 +91,6 @@ async def test_a_disconnect_frees_its_slot_for_the_next_requests() -> None:
         for s in streams:
             await anext(s)
         assert (await e.health()).running == 2
-        with pytest.raises(OverloadedError):
-            await anext(e.generate(request(endless, "third", max_tokens=4)))
         for s in streams:
             await s.aclose()
         health = await e.health()
@@ -109,34 +106,48 @@ async def test_a_disconnect_frees_its_slot_for_the_next_requests() -> None:
 
 
 async def test_queue_full_is_overloaded_and_the_queue_still_drains() -> None:
+    """The router admits parallel + max_queue (the engine's capacity), refuses the next
+    with 503 + Retry-After, and the engine's queue drains."""
     e = engine(parallel=1, max_queue=1)
-    await e.start()
+    router = Router([Served(e._model, (e,))])
+    await router.start()
+    served = router.get("m")
     try:
-        endless = await e.render_text(ENDLESS)
-        running = e.generate(request(endless, "run", max_tokens=60, repeat_penalty=1.0))
-        await anext(running)
-        waiting = asyncio.ensure_future(collect(e, request(endless, "wait", max_tokens=5)))
-        await asyncio.sleep(0)  # let the waiting request be admitted to the queue
-        assert (await e.health()).waiting == 1
+        assert e.info.capacity == 2
+
+        async def admitted(rid: str, **sampling: object) -> tuple[str, GenerationChunk]:
+            async with router.admit(served) as engine_:
+                return await collect(engine_, request(ENDLESS, rid, **sampling))
+
+        running = asyncio.ensure_future(admitted("run", max_tokens=60, repeat_penalty=1.0))
+        waiting = asyncio.ensure_future(admitted("wait", max_tokens=5))
+        for _ in range(1000):  # bounded: until one runs and one waits in the engine
+            h = await e.health()
+            if (h.running, h.waiting) == (1, 1):
+                break
+            await asyncio.sleep(0.01)
+        assert (h.running, h.waiting) == (1, 1)
         with pytest.raises(OverloadedError) as info:
-            await anext(e.generate(request(endless, "reject", max_tokens=5)))
+            async with router.admit(served):
+                pass
         assert info.value.status == 503 and info.value.retry_after
-        assert (await e.health()).rejected == 1
-        rest = [c async for c in running]
-        assert rest[-1].finish_reason == "length"
+        assert (await router.health(served)).rejected == 1
+        _, last = await running
+        assert last.finish_reason == "length"
         _, last = await waiting
         assert last.completion_tokens == 5
+        assert router.load(e).outstanding == 0
     finally:
-        await e.close()
+        await router.close()
 
 
 async def test_timeout_frees_the_slot() -> None:
     e = engine(parallel=1, timeout_s=0.3)
     await e.start()
     try:
-        endless = await e.render_text(ENDLESS)
+        endless = ENDLESS
         with pytest.raises(RequestTimeoutError):
-            await collect(e, request(endless, "slow", max_tokens=3000, repeat_penalty=1.0))
+            await collect(e, request(endless, "slow", max_tokens=960, repeat_penalty=1.0))
         health = await e.health()
         assert (health.running, health.waiting) == (0, 0)
         assert await e.occupied_sequences() == []
@@ -148,8 +159,8 @@ async def test_no_kv_cells_leak_after_100_mixed_requests() -> None:
     e = engine(parallel=4, max_queue=200)
     await e.start()
     try:
-        prompts = [await e.render_chat((Message("user", q),)) for q in QUESTIONS]
-        endless = await e.render_text(ENDLESS)
+        prompts = [(Message("user", q),) for q in QUESTIONS]
+        endless = ENDLESS
 
         async def one(i: int) -> None:
             kind = i % 4

@@ -74,7 +74,7 @@ async def test_chat_prompt_matches_independent_rendering(
 
 async def test_usage_counts_and_length_finish(engine: LlamaCppEngine) -> None:
     prompt = await engine.render_chat(QUESTION)
-    text, last = await collect(engine, request(prompt, max_tokens=12))
+    text, last = await collect(engine, request(QUESTION, max_tokens=12))
     assert text.strip()
     assert last.finish_reason == "length"
     assert last.completion_tokens == 12
@@ -82,7 +82,7 @@ async def test_usage_counts_and_length_finish(engine: LlamaCppEngine) -> None:
 
 
 async def test_greedy_is_deterministic_and_stop_cuts_exactly(engine: LlamaCppEngine) -> None:
-    prompt = await engine.render_chat(QUESTION)
+    prompt = QUESTION
     first, _ = await collect(engine, request(prompt, max_tokens=40))
     second, _ = await collect(engine, request(prompt, max_tokens=40))
     assert first == second
@@ -95,7 +95,7 @@ async def test_greedy_is_deterministic_and_stop_cuts_exactly(engine: LlamaCppEng
 
 
 async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
-    prompt = await engine.render_chat(QUESTION)
+    prompt = QUESTION
     a, _ = await collect(engine, request(prompt, temperature=0.9, seed=1234))
     b, _ = await collect(engine, request(prompt, temperature=0.9, seed=1234))
     assert a == b
@@ -105,7 +105,7 @@ async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
 async def test_top_p_zero_is_greedy(engine: LlamaCppEngine, seed: int) -> None:
     """OpenAI allows top_p 0 and reads it as greedy: at a high temperature and any seed,
     the same text as temperature 0."""
-    prompt = await engine.render_chat(QUESTION)
+    prompt = QUESTION
     greedy, _ = await collect(engine, request(prompt))
     top_p_zero, _ = await collect(engine, request(prompt, temperature=1.5, top_p=0.0, seed=seed))
     assert top_p_zero == greedy
@@ -119,7 +119,7 @@ async def test_completion_prompt_does_not_parse_control_tokens(engine: LlamaCppE
 
 
 async def test_closing_the_stream_stops_generation(engine: LlamaCppEngine) -> None:
-    prompt = await engine.render_chat(ENDLESS)
+    prompt = ENDLESS
     before = engine.generated_tokens
     stream = engine.generate(request(prompt, "cancel-me", max_tokens=1000, **LOOP))
     received = [await anext(stream) for _ in range(3)]
@@ -134,16 +134,6 @@ async def test_closing_the_stream_stops_generation(engine: LlamaCppEngine) -> No
     assert last.completion_tokens == 4
 
 
-async def test_abort_stops_a_running_request(engine: LlamaCppEngine) -> None:
-    prompt = await engine.render_chat(ENDLESS)
-    stream = engine.generate(request(prompt, "abort-me", max_tokens=1000, **LOOP))
-    await anext(stream)
-    await engine.abort("abort-me")
-    rest = [c async for c in stream]
-    assert sum(1 for c in rest if c.finish_reason) == 0
-    assert len(rest) < 100
-
-
 async def test_sampler_chain_agrees_with_llama_cpp_pythons_own_loop(
     engine: LlamaCppEngine,
 ) -> None:
@@ -155,7 +145,7 @@ async def test_sampler_chain_agrees_with_llama_cpp_pythons_own_loop(
     cut-offs) shows in the first tokens.
     """
     prompt = await engine.render_chat(QUESTION)
-    text, _ = await collect(engine, request(prompt, max_tokens=12))
+    text, _ = await collect(engine, request(QUESTION, max_tokens=12))
     oracle = Llama(
         model_path=str(smollm2_path()), n_ctx=2048, n_threads=engine_threads(), verbose=False
     )
@@ -179,24 +169,25 @@ def engine_threads() -> int:
     return os.cpu_count() or 1
 
 
-async def test_abort_during_a_long_prefill(vocab: Llama) -> None:
+async def test_cancel_during_a_long_prefill(vocab: Llama) -> None:
     """A request cancelled while its prompt is evaluated stops within one n_batch chunk."""
     spec = flat_spec(id="small-batch", path=smollm2_path(), context_length=2048, batch_size=32)
     e = LlamaCppEngine(spec)
     await e.start()
     try:
-        prompt = await e.render_text(" ".join(["hypertension"] * 1200))
-        total = len(prompt.token_ids)
+        text = " ".join(["hypertension"] * 1200)
+        total = len((await e.render_text(text)).token_ids)
         assert total > 1000
-        stream = e.generate(request(prompt, "long", max_tokens=4))
+        stream = e.generate(request(text, "long", max_tokens=4))
         first = asyncio.ensure_future(anext(stream, None))
-        # Wait (bounded) until the prefill is under way, then abort.
+        # Wait (bounded) until the prefill is under way, then cancel (the consumer leaves).
         for _ in range(500):
             if e.prompt_tokens_evaluated >= 32:
                 break
             await asyncio.sleep(0.01)
-        await e.abort("long")
-        assert await first is None  # ended without a single chunk
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first  # ended without a single chunk
         assert e.prompt_tokens_evaluated < total
         assert (await e.health()).running == 0
     finally:
@@ -206,7 +197,7 @@ async def test_abort_during_a_long_prefill(vocab: Llama) -> None:
 async def test_tokens_longer_than_32_bytes_are_generated_whole(engine: LlamaCppEngine) -> None:
     """Issue 12.1: SmolLM2 answers this with a newline plus 47 spaces, one 48-byte token."""
     rows = "".join(f"row {i}:\n" + " " * 48 + f"value {i}\n" for i in range(1, 7)) + "row 7:"
-    prompt = await engine.render_text(rows)
+    prompt = rows
     text, last = await collect(engine, request(prompt, max_tokens=6, repeat_penalty=1.0))
     assert last.completion_tokens == 6
     assert text.startswith("\n" + " " * 47), repr(text)
