@@ -25,7 +25,7 @@ from medserve.cli import app
 from medserve.config import AuditSettings, Settings
 from medserve.router import Router
 from tests.conftest import AUTH, SECRET, fake_spec
-from tests.sse import payloads
+from tests.sse import DONE, payloads
 
 CHAT = "/v1/chat/completions"
 MODEL = "fake-echo"
@@ -87,8 +87,7 @@ def test_a_stream_is_recorded_before_done(audit_path: Path) -> None:
     with serving(audit_path) as client:
         body = {"model": MODEL, "prompt": "one two three", "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as r:
-            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]"
+            assert payloads(r.iter_lines())[-1] == DONE
             (rec,) = requests(audit_path)  # before the client has closed the response
     assert rec["endpoint"] == "/v1/completions" and rec["stream"] is True
     assert rec["finish_reason"] == "stop" and rec["completion_tokens"] == 3

@@ -18,6 +18,7 @@ from medserve.api.app import create_app
 from medserve.config import Settings
 from medserve.router import Router
 from tests.conftest import AUTH, fake_spec
+from tests.sse import iter_payloads
 
 MODEL = "fake-echo"
 CHAT = "/v1/chat/completions"
@@ -90,8 +91,8 @@ def test_the_permit_is_returned_when_the_stream_ends(leave_early: bool) -> None:
         body = {**HOLD, "max_tokens": 300 if leave_early else 5}
         with client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
-                if leave_early and line.startswith("data: "):
+            for _ in iter_payloads(r.iter_lines()):
+                if leave_early:
                     break
         assert outstanding(client) == (0, 0)
         # And the one slot takes the next request.

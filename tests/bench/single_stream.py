@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.conftest import AUTH, smollm2_path
 from tests.serverproc import running_server
+from tests.sse import DONE, iter_events
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [
@@ -76,10 +77,9 @@ def over_http(url: str, max_tokens: int) -> tuple[float, int]:
     tokens = 0
     url = f"{url}/v1/chat/completions"
     with httpx.stream("POST", url, json=body, timeout=120, headers=AUTH) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for event in iter_events(r.iter_lines()):
+            if event == DONE:
                 continue
-            event = json.loads(line[6:])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for choice in event["choices"]:

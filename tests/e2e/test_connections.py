@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import AUTH, DEV_KEY, SECRET
 from tests.serverproc import Server, running_server
+from tests.sse import DONE, events
 
 pytestmark = pytest.mark.e2e
 
@@ -156,10 +157,10 @@ def test_a_stream_longer_than_every_timeout_is_not_cut(server: Server) -> None:
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=30
     ) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        got = events(r.iter_lines())
     assert time.monotonic() - started > max(HEADER_S, BODY_S, KEEP_ALIVE_S)
-    assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert got[-1] == DONE
+    chunks = got[:-1]
     text = "".join(c["text"] for chunk in chunks for c in chunk.get("choices", []))
     assert text.split() == words.split()
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import AUTH
 from tests.serverproc import running_server
+from tests.sse import DONE, iter_payloads
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +36,9 @@ def test_sigterm_lets_the_open_stream_finish(tmp_path: Path) -> None:
         def read() -> None:
             url = f"{server.url}/v1/completions"
             with httpx.stream("POST", url, json=body, timeout=60, headers=AUTH) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
+                for payload in iter_payloads(r.iter_lines()):
+                    events.append(payload)
+                    first.set()
 
         reader = threading.Thread(target=read)
         reader.start()
@@ -51,7 +51,7 @@ def test_sigterm_lets_the_open_stream_finish(tmp_path: Path) -> None:
         log = server.log.read_text()
     assert "Application shutdown complete." in log
     assert "draining" in log
-    assert events[-1] == "[DONE]"
+    assert events[-1] == DONE
     finish = json.loads(events[-2])["choices"][0]["finish_reason"]
     assert finish == "length"
     assert len(events) > 400  # about one event per token: the stream was not cut short

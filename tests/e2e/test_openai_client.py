@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from itertools import islice
 
 import httpx
 import openai
@@ -15,6 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import AUTH, DEV_KEY, SECRET
 from tests.serverproc import Server
+from tests.sse import iter_payloads
 
 pytestmark = pytest.mark.e2e
 
@@ -152,9 +154,8 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
         http.stream("POST", f"{server.url}/v1/completions", json=body) as r,
     ):
         assert r.status_code == 200
-        lines = r.iter_lines()
-        data = [line for line in (next(lines) for _ in range(12)) if line.startswith("data: ")]
-        assert len(data) >= 3
+        data = list(islice(iter_payloads(r.iter_lines()), 3))
+        assert len(data) == 3
         # Generation runs off the event loop: liveness answers while this stream is open.
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         ready = httpx.get(f"{server.url}/ready", timeout=5, headers=AUTH).json()["models"][0]

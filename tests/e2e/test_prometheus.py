@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import AUTH, ROOT
 from tests.serverproc import Server, free_port, running_process, running_server
+from tests.sse import iter_payloads
 
 pytestmark = [
     pytest.mark.e2e,
@@ -104,9 +105,7 @@ def test_client_disconnect_is_counted(server: Server) -> None:
     body = {"model": "fake-echo", "prompt": "w " * 200, "max_tokens": 200, "stream": True}
     url = f"{server.url}/v1/completions"
     with httpx.stream("POST", url, json=body, timeout=30, headers=AUTH) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break  # leave after the first event
+        next(iter_payloads(r.iter_lines()))  # leave after the first event
     wait_for("the disconnect to be counted", lambda: disconnects() == before + 1)
 
 
