@@ -18,6 +18,7 @@ from tests.conftest import AUTH, DEV_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
+FAKE_MODEL = "fake-echo"
 
 
 @dataclass
@@ -25,6 +26,16 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+
+
+def fake_registry(path: Path, **fields: float) -> Path:
+    """Write a registry file at ``path`` serving one fake model, ``fake-echo`` (flat form);
+    ``fields`` are more keys of its entry (``context_length``, ``parallel``, ``max_queue``,
+    ``fake_token_delay_s``: see :class:`medserve.engines.fake.FakeSpec`). Returns ``path``."""
+    entry = ["[[models]]", f'id = "{FAKE_MODEL}"', 'engine = "fake"']
+    entry += [f"{key} = {value}" for key, value in fields.items()]
+    path.write_text("\n".join(entry) + "\n")
+    return path
 
 
 def free_port() -> int:

@@ -32,17 +32,7 @@ from medserve import bench
 from medserve.audit import RequestFacts, open_store
 from medserve.config import AuditSettings
 from tests.conftest import DEV_KEY
-from tests.serverproc import Server, running_server
-
-FAKE = """
-[[models]]
-id = "fake-echo"
-engine = "fake"
-context_length = 512
-max_queue = 256
-fake_token_delay_s = {delay}
-"""
-
+from tests.serverproc import Server, fake_registry, running_server
 
 # engine -> (model, concurrency, max_tokens)
 LOADS = {"fake": ("fake-echo", 64, 16), "llamacpp": ("smollm2-135m-instruct", 8, 64)}
@@ -142,8 +132,12 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"concurrent_64": [], "one_at_a_time": []}
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp, "fake.toml")
-        config.write_text(FAKE.format(delay=args.token_delay))
+        config = fake_registry(
+            Path(tmp, "fake.toml"),
+            context_length=512,
+            max_queue=256,
+            fake_token_delay_s=args.token_delay,
+        )
         lat: dict[str, list[dict[str, float]]] = {"audit": [], "no_audit": []}
         on = {"MEDSERVE_AUDIT__PATH": str(Path(tmp, "server", "audit.db"))}
         off = {"MEDSERVE_AUDIT__ENABLED": "false"}

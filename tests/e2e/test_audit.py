@@ -20,23 +20,13 @@ import pytest
 
 from medserve import bench
 from tests.conftest import AUTH, DEV_KEY, ROOT, SECRET
-from tests.serverproc import running_server
+from tests.serverproc import fake_registry, running_server
 
 pytestmark = pytest.mark.e2e
 
-FAKE = """
-[[models]]
-id = "fake-echo"
-engine = "fake"
-context_length = 512
-fake_token_delay_s = {delay}
-"""
-
 
 def config(tmp_path: Path, delay: float = 0.0) -> Path:
-    path = tmp_path / "fake.toml"
-    path.write_text(FAKE.format(delay=delay))
-    return path
+    return fake_registry(tmp_path / "fake.toml", context_length=512, fake_token_delay_s=delay)
 
 
 def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:

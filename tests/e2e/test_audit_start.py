@@ -23,11 +23,10 @@ from medserve.audit import EventFacts, open_store
 from medserve.config import AuditSettings
 from tests.conftest import DEV_KEY, ROOT
 from tests.faults import read_only
-from tests.serverproc import free_port
+from tests.serverproc import fake_registry, free_port
 
 pytestmark = pytest.mark.e2e
 
-FAKE = '[[models]]\nid = "fake-echo"\nengine = "fake"\n'
 DEADLINE_S = 120
 
 
@@ -85,7 +84,7 @@ def test_serve_refuses_to_start_on_a_log_it_cannot_write(
     tmp_path: Path, setup: Setup, named: str, says: str
 ) -> None:
     db, fault = setup(tmp_path)
-    (tmp_path / "fake.toml").write_text(FAKE)
+    fake_registry(tmp_path / "fake.toml")
     port = free_port()
     cmd = [sys.executable, "-m", "medserve", "serve", "-c", str(tmp_path / "fake.toml")]
     env = {

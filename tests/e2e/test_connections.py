@@ -20,18 +20,11 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, DEV_KEY, SECRET
-from tests.serverproc import Server, running_server
+from tests.serverproc import Server, fake_registry, running_server
 from tests.sse import DONE, events
 
 pytestmark = pytest.mark.e2e
 
-FAKE = """
-[[models]]
-id = "fake-echo"
-engine = "fake"
-context_length = 512
-fake_token_delay_s = 0.05
-"""
 HEADER_S, BODY_S, KEEP_ALIVE_S = 1.5, 1.5, 1.0
 CUT_WITHIN_S = 20.0  # far above every timeout: a connection still open then was never cut
 MODELS = b"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + DEV_KEY.encode()
@@ -39,8 +32,7 @@ MODELS = b"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + DEV_K
 
 @contextmanager
 def start(tmp_path: Path, **settings: str) -> Iterator[Server]:
-    config = tmp_path / "fake.toml"
-    config.write_text(FAKE)
+    config = fake_registry(tmp_path / "fake.toml", context_length=512, fake_token_delay_s=0.05)
     env = {
         "MEDSERVE_HEADER_TIMEOUT_S": str(HEADER_S),
         "MEDSERVE_BODY_TIMEOUT_S": str(BODY_S),

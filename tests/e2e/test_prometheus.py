@@ -15,7 +15,13 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, ROOT
-from tests.serverproc import Server, free_port, running_process, running_server
+from tests.serverproc import (
+    Server,
+    fake_registry,
+    free_port,
+    running_process,
+    running_server,
+)
 from tests.sse import iter_payloads
 
 pytestmark = [
@@ -28,20 +34,13 @@ pytestmark = [
 ]
 
 DEPLOY = ROOT / "deploy"
-FAKE = """
-[[models]]
-id = "fake-echo"
-engine = "fake"
-context_length = 512
-fake_token_delay_s = 0.005
-"""
 CHAT = {"model": "fake-echo", "messages": [{"role": "user", "content": "one two three"}]}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("prom")
-    (config := tmp / "fake.toml").write_text(FAKE)
+    config = fake_registry(tmp / "fake.toml", context_length=512, fake_token_delay_s=0.005)
     with running_server(tmp / "serve.log", "-c", str(config)) as s:
         for _ in range(3):
             assert (

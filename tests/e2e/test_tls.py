@@ -15,11 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import AUTH, DEV_KEY
-from tests.serverproc import free_port, running_process
+from tests.serverproc import fake_registry, free_port, running_process
 
 pytestmark = pytest.mark.e2e
-
-FAKE = '[[models]]\nid = "fake-echo"\nengine = "fake"\n'
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -55,7 +53,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 def test_https_with_a_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = self_signed(tmp_path)
-    (config := tmp_path / "fake.toml").write_text(FAKE)
+    config = fake_registry(tmp_path / "fake.toml")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts the test certificate
     port = free_port()
     cmd = [sys.executable, "-m", "medserve", "serve", "-c", str(config), "--port", str(port)]
