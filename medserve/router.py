@@ -67,7 +67,8 @@ class Load:
 
 
 class Router:
-    """Holds the served models, starts and stops their engines, and resolves ids."""
+    """Holds the served models, starts and stops their engines, resolves ids and admits
+    requests (:meth:`admit`)."""
 
     def __init__(self, served: list[Served]) -> None:
         self._served = {s.spec.id: s for s in served}

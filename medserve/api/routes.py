@@ -31,7 +31,6 @@ router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 503)
 }
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 
 def get_router(request: Request) -> Router:
@@ -46,7 +45,7 @@ def accepting(request: Request) -> None:
     """New generation requests are refused once the server drains for shutdown."""
     if request.app.state.draining:
         raise UnavailableError(
-            "The server is shutting down; retry on another replica or shortly.",
+            "The server is shutting down; retry on another instance or shortly.",
             code="shutting_down",
             retry_after=int(request.app.state.settings.drain_timeout_s) or 1,
         )

@@ -66,7 +66,7 @@ class GenerationRequest:
     ``request_id`` is the exchange's id (the wire adds ``chatcmpl-``/``cmpl-``).
     ``deadline`` is the time.monotonic() by which the request must be done (504 after): set
     from its arrival, so rendering and waiting count; None: the engine's timeout_s from
-    submission. Only the web layer's validation (and tests) build these.
+    submission. Only the serving entries (:mod:`medserve.api.serving`) and tests build these.
     """
 
     request_id: str
@@ -109,8 +109,8 @@ class EngineInfo:
     owned_by: str = "medserve"
     # The most input bytes one token can stand for (the longest piece of the vocabulary),
     # or None when no such bound holds. A prompt of more than context_length times this
-    # many bytes (or characters, never more than bytes) cannot fit: the web layer refuses
-    # it before rendering or tokenizing anything.
+    # many bytes (or characters, never more than bytes) cannot fit: the engine refuses it
+    # before rendering or tokenizing anything (medserve.engines.prepare.bound_chars).
     max_token_bytes: int | None = None
     # Requests the engine takes at once, generating plus waiting for a slot (llama.cpp:
     # parallel + max_queue), or None for no bound. The router admits no more than this
