@@ -2,7 +2,10 @@
 
 The lazy forms (:func:`iter_payloads`, :func:`iter_events`) read a live stream one event
 at a time, so a test can stop after the first event (a client that leaves), signal another
-thread as events arrive, or time each one; the list forms read a whole body.
+thread as events arrive, or time each one; the list forms read a whole body. A lazy reader
+of an httpx response that is dropped (garbage-collected) before the end closes the
+response's stream, and so the connection: keep it in a name while the connection must
+stay open.
 """
 
 from __future__ import annotations

@@ -154,7 +154,9 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
         http.stream("POST", f"{server.url}/v1/completions", json=body) as r,
     ):
         assert r.status_code == 200
-        data = list(islice(iter_payloads(r.iter_lines()), 3))
+        # Kept in a name: a dropped reader closes httpx's stream, and so the connection.
+        events = iter_payloads(r.iter_lines())
+        data = list(islice(events, 3))
         assert len(data) == 3
         # Generation runs off the event loop: liveness answers while this stream is open.
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
