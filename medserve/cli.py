@@ -18,6 +18,7 @@ from medserve.auth.cli import app as keys_app
 from medserve.config import Settings, load_settings
 from medserve.console import ConfigOpt, err, fail
 from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.engines.vllm import upstream_hosts
 from medserve.errors import ConfigError
 from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.quantize.cli import add as add_model
@@ -87,7 +88,8 @@ def serve(
             tls_certfile=ssl_certfile,
             tls_keyfile=ssl_keyfile,
         )
-        router = Router.from_specs(served_models(settings, model))
+        specs = served_models(settings, model)
+        router = Router.from_specs(specs)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     logs.configure(settings.log_level)
@@ -102,7 +104,9 @@ def serve(
     else:
         err.print("[bold yellow]warning:[/] the audit log is off (audit.enabled = false)")
     # From here on, nothing in this process may reach a non-local address.
-    guard = EgressGuard(settings.egress_allow)
+    # A configured vLLM replica's host is allowed as if it were in egress_allow: the
+    # registry names it as explicitly as that setting would (README, "Serving on GPUs").
+    guard = EgressGuard([*settings.egress_allow, *upstream_hosts(specs)])
     guard.install()
     if dev_key:
         token = "ms-dev_" + secrets.token_urlsafe(32)

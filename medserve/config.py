@@ -98,7 +98,7 @@ class ModelSpec(BaseModel):
     replicas: tuple[EngineSpec, ...] = Field(
         min_length=1,
         description="The engines that run this model, in order; each a table with `engine` "
-        "(llamacpp, fake) and that engine's settings.",
+        "(llamacpp, vllm, fake) and that engine's settings.",
     )
 
     @field_validator("id")

@@ -20,18 +20,21 @@ from pydantic import Field
 from medserve.engines.base import Engine
 from medserve.engines.fake import FakeEngine, FakeSpec
 from medserve.engines.llamacpp import LlamaCppEngine, LlamaCppSpec
+from medserve.engines.vllm import VllmEngine, VllmSpec
 
 if TYPE_CHECKING:
     from medserve.config import ModelSpec
 
-EngineSpec = Annotated[LlamaCppSpec | FakeSpec, Field(discriminator="engine")]
+EngineSpec = Annotated[LlamaCppSpec | VllmSpec | FakeSpec, Field(discriminator="engine")]
 """One replica of a model: the settings of the engine that runs it, tagged by ``engine``."""
 
-ENGINE_KINDS = ("llamacpp", "fake")
+ENGINE_KINDS = ("llamacpp", "vllm", "fake")
 
 
 def create_engine(model: ModelSpec, replica: EngineSpec) -> Engine:
     """Build the engine for one replica of ``model`` (not started yet)."""
     if isinstance(replica, FakeSpec):
         return FakeEngine(model, replica)
+    if isinstance(replica, VllmSpec):
+        return VllmEngine(model, replica)
     return LlamaCppEngine(model, replica)

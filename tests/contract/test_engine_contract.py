@@ -1,14 +1,15 @@
-"""What every engine must do, run on each engine kind (fake; llama.cpp on SmolLM2).
+"""What every engine must do, run on each engine kind (fake; llama.cpp on SmolLM2; vllm on
+the fake OpenAI upstream of tests/fakeupstream.py).
 
 An engine takes a GenerationRequest (messages or prompt text), renders and checks it
 itself, and streams text chunks then exactly one final chunk with the finish reason and
 token counts; errors are typed MedserveErrors; closing the iterator cancels and frees the
-slot. The vLLM engine joins this table next. Real-engine cases use tiny budgets.
+slot. Real-engine cases use tiny budgets.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -16,6 +17,7 @@ from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Me
 from medserve.engines.fake import FakeEngine
 from medserve.errors import ContextLengthError, MedserveError
 from tests.conftest import fake_spec, flat_spec, smollm2_path
+from tests.fakeupstream import FakeUpstream, Knobs, running_upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -24,21 +26,39 @@ CHAT = (Message("user", "Name one symptom of asthma, in one word."),)
 TEXT = "one two three four five six seven eight nine ten eleven twelve"
 
 
-def fake() -> Engine:
+def fake(request: pytest.FixtureRequest) -> Engine:
     return FakeEngine(fake_spec(context_length=CONTEXT))
 
 
-def llamacpp() -> Engine:
+def llamacpp(request: pytest.FixtureRequest) -> Engine:
     from medserve.engines.llamacpp import LlamaCppEngine
 
     spec = flat_spec(id="smollm2", path=smollm2_path(), context_length=CONTEXT, parallel=2)
     return LlamaCppEngine(spec)
 
 
+def vllm(request: pytest.FixtureRequest) -> Engine:
+    """The vllm engine on the fake upstream; its context comes from the upstream's
+    /v1/models (``max_model_len``)."""
+    from medserve.engines.vllm import VllmEngine, VllmSpec
+
+    upstream: FakeUpstream = request.getfixturevalue("upstream")
+    upstream.knobs = Knobs(context=CONTEXT, served="m-upstream")
+    replica = VllmSpec(engine="vllm", url=upstream.url, served_model_name="m-upstream")
+    return VllmEngine(flat_spec(id="m", engine="fake"), replica)
+
+
 FACTORIES = [
     pytest.param(fake, id="fake"),
     pytest.param(llamacpp, id="llamacpp", marks=pytest.mark.engine),
+    pytest.param(vllm, id="vllm"),
 ]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with running_upstream() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +68,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module", params=FACTORIES)
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    factory: Callable[[], Engine] = request.param
-    e = factory()
+    factory: Callable[[pytest.FixtureRequest], Engine] = request.param
+    e = factory(request)
     await e.start()
     yield e
     await e.close()
@@ -87,7 +107,7 @@ async def drain(e: Engine, r: GenerationRequest) -> list[GenerationChunk]:
 
 async def test_info_and_health_after_start(engine: Engine) -> None:
     info = engine.info
-    assert info.kind in ("fake", "llamacpp") and info.context_length == CONTEXT
+    assert info.kind in ("fake", "llamacpp", "vllm") and info.context_length == CONTEXT
     assert info.capacity is None or info.capacity > 0
     h = await engine.health()
     assert (h.ready, h.running, h.waiting) == (True, 0, 0)
@@ -160,9 +180,9 @@ async def test_errors_are_typed(engine: Engine) -> None:
 
 @pytest.mark.parametrize("factory", FACTORIES)
 async def test_close_is_idempotent_and_health_says_not_ready(
-    factory: Callable[[], Engine],
+    factory: Callable[[pytest.FixtureRequest], Engine], request: pytest.FixtureRequest
 ) -> None:
-    e = factory()
+    e = factory(request)
     await e.start()
     await e.close()
     await e.close()

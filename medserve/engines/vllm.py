@@ -1,0 +1,491 @@
+"""A vLLM OpenAI-compatible server as an engine: remote replicas (the GPU path, first step).
+
+medserve is the gateway in front of vLLM's own OpenAI server: keys, audit, metrics and the
+egress guard stay here, vLLM renders, tokenizes and generates. Each :class:`VllmEngine`
+talks to one server (``url``) with one ``httpx.AsyncClient``:
+
+- ``start`` waits (bounded by ``start_timeout_s``) for ``/health`` 200 and the served name
+  in ``/v1/models``, and reads ``max_model_len`` there unless ``context_length`` is set.
+- ``generate`` sends ``/v1/chat/completions`` (messages) or ``/v1/completions`` (prompt),
+  always with ``stream: true`` and ``stream_options.include_usage``, and relays each text
+  delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes). The
+  last chunk carries the finish reason and vLLM's exact usage counts. Closing the iterator,
+  or cancelling the task that awaits it, closes the upstream response at any stage, so
+  vLLM aborts the request.
+- Upstream headers come from an allow-list: ``Content-Type``, ``Accept``, a fresh
+  ``X-Request-Id`` per attempt (vLLM uses it as its engine request id) and the replica's
+  own ``api_key``; never anything of the client's. The client's ``user`` is not sent.
+- Errors are typed and never carry the upstream URL or body (which may echo the prompt):
+  400 about the context window → ContextLengthError naming ``messages``/``prompt`` or the
+  budget field; other 400/413/422 → InvalidRequestError; 429/503 → OverloadedError with
+  the upstream's ``Retry-After``; other statuses → EngineError; connect errors →
+  UnavailableError; timeouts → RequestTimeoutError (504); an error event in the stream →
+  EngineError. Only the status code and the replica name are logged.
+
+The egress guard must let medserve reach the replica: :func:`upstream_hosts` lists the
+hosts of the configured replicas, which ``medserve serve`` allows besides ``egress_allow``.
+Not here yet (issue 15): supervised vLLM processes, failover between candidates, load
+scraping, circuit breaking, GPU→CPU fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncGenerator, Iterable
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from medserve.engines.base import (
+    EngineInfo,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    Health,
+)
+from medserve.engines.sse import SSEError, SSEFramer
+from medserve.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    MedserveError,
+    OverloadedError,
+    RequestTimeoutError,
+    UnavailableError,
+)
+
+if TYPE_CHECKING:
+    from medserve.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+ERROR_BODY_BYTES = 64 * 1024  # most of an upstream error body read (to classify it)
+CLIENT_FAULT = frozenset({400, 413, 422})
+BUSY = frozenset({429, 503})
+TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
+
+
+class VllmSpec(BaseModel):
+    """One remote vLLM replica of a model: where its OpenAI server is and how to talk to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["vllm"] = Field(description="Engine kind: the union's discriminator.")
+    url: str = Field(
+        description="Base URL of one vLLM OpenAI server, http(s)://host:port (no path), "
+        "e.g. http://127.0.0.1:8001. Its host is allowed through the egress guard."
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="The `model` sent upstream (vLLM's --served-model-name); default: "
+        "the medserve model id.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="The replica's own key (vLLM --api-key), sent as Bearer upstream. "
+        "A client's key is never forwarded.",
+    )
+    context_length: int | None = Field(
+        None,
+        ge=16,
+        description="Context window in tokens; default: the upstream's "
+        "max_model_len from /v1/models at start.",
+    )
+    max_outstanding: int = Field(
+        64,
+        ge=1,
+        description="Requests the router sends this replica at once; more get 503 "
+        "+ Retry-After (vLLM queues what it cannot run).",
+    )
+    retry_after_s: int = Field(
+        1, ge=1, description="Retry-After (s) when this replica is full and the upstream gave none."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, le=60, description="TCP/TLS connect timeout.")
+    first_event_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait from sending a request to its first upstream "
+        "event (vLLM queueing plus prefill); the request's own deadline may cut it shorter.",
+    )
+    read_timeout_s: float = Field(
+        120.0, gt=0, description="Longest pause between two upstream reads once streaming."
+    )
+    start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait at start for /health 200 and the served name in /v1/models.",
+    )
+    health_ttl_s: float = Field(
+        2.0, ge=0, description="How long a /health probe result is reused by /ready."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be http(s)://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("url must be http(s)://host[:port] without path, query or user")
+        return value.rstrip("/")
+
+
+def upstream_hosts(specs: Iterable[ModelSpec]) -> list[str]:
+    """Hosts of every configured vLLM replica (for the egress guard's allow-list)."""
+    hosts = {
+        urlsplit(r.url).hostname or ""
+        for spec in specs
+        for r in spec.replicas
+        if isinstance(r, VllmSpec)
+    }
+    return sorted(h for h in hosts if h)
+
+
+class VllmEngine:
+    """One vLLM OpenAI server. ``model`` gives the medserve id; ``spec`` the replica."""
+
+    def __init__(self, model: ModelSpec, spec: VllmSpec) -> None:
+        self._spec = spec
+        self._model = model.id
+        self._served = spec.served_model_name or model.id
+        parts = urlsplit(spec.url)
+        self._info = EngineInfo(
+            name=f"vllm:{model.id}@{parts.hostname}:{parts.port or ''}",
+            kind="vllm",
+            model=model.id,
+            context_length=spec.context_length or 0,
+            owned_by=model.owned_by,
+            capacity=spec.max_outstanding,
+            retry_after_s=spec.retry_after_s,
+        )
+        self._client: httpx.AsyncClient | None = None
+        self._running = 0
+        self._probe: tuple[float, bool] = (float("-inf"), False)
+        self._probe_lock = asyncio.Lock()
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def _new_client(self) -> httpx.AsyncClient:
+        s = self._spec
+        headers = {"Authorization": f"Bearer {s.api_key.get_secret_value()}"} if s.api_key else {}
+        return httpx.AsyncClient(
+            base_url=s.url,
+            headers=headers,
+            # Timeouts of a generation are enforced per stage in generate(); these bound
+            # connecting and the probes.
+            timeout=httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
+            limits=httpx.Limits(max_connections=s.max_outstanding + 4),
+            trust_env=False,  # never an HTTP(S)_PROXY from the environment
+            follow_redirects=False,
+        )
+
+    async def start(self) -> None:
+        """Wait for the server: /health 200 and the served name in /v1/models.
+
+        Raises EngineError (operator-facing: names the replica) when it is not ready within
+        ``start_timeout_s`` or lacks the served name or a context length.
+        """
+        if self._client is None:
+            self._client = self._new_client()
+        deadline = time.monotonic() + self._spec.start_timeout_s
+        problem = "no answer"
+        while True:
+            try:
+                problem = await self._check_ready()
+            except httpx.HTTPError as exc:
+                problem = type(exc).__name__
+            if not problem:
+                break
+            if time.monotonic() > deadline:
+                await self.close()
+                raise EngineError(f"{self._info.name} not ready in time: {problem}")
+            await asyncio.sleep(0.5)
+        self._probe = (time.monotonic(), True)
+        log.info("vllm replica ready", extra={"replica": self._info.name})
+
+    async def _check_ready(self) -> str:
+        """'' when ready, else what is missing (the served name missing is fatal)."""
+        assert self._client is not None
+        timeout = min(10.0, self._spec.start_timeout_s)
+        health = await self._client.get("/health", timeout=timeout)
+        if health.status_code != 200:
+            return f"/health answered {health.status_code}"
+        models = await self._client.get("/v1/models", timeout=timeout)
+        if models.status_code != 200:
+            return f"/v1/models answered {models.status_code}"
+        entry = next(
+            (m for m in models.json().get("data", []) if m.get("id") == self._served), None
+        )
+        if entry is None:
+            await self.close()
+            raise EngineError(
+                f"{self._info.name}: the upstream does not serve {self._served!r} "
+                "(set served_model_name to a name its /v1/models lists)"
+            )
+        context = self._spec.context_length or entry.get("max_model_len")
+        if not isinstance(context, int) or context < 1:
+            await self.close()
+            raise EngineError(f"{self._info.name}: no max_model_len upstream; set context_length")
+        self._info = _replace_context(self._info, context)
+        return ""
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def health(self) -> Health:
+        """Readiness from a /health probe reused for ``health_ttl_s``, plus requests in flight."""
+        if self._client is None:
+            return Health(ready=False, running=self._running)
+        async with self._probe_lock:
+            at, ok = self._probe
+            if time.monotonic() - at >= self._spec.health_ttl_s:
+                try:
+                    r = await self._client.get("/health", timeout=5.0)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self._probe = (time.monotonic(), ok)
+        return Health(ready=ok and self._client is not None, running=self._running)
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        s = request.sampling
+        body: dict[str, Any] = {"model": self._served}
+        if request.messages is not None:
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            path = "/v1/completions"
+            body["prompt"] = request.prompt or ""
+        body |= {
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "frequency_penalty": s.frequency_penalty,
+            "presence_penalty": s.presence_penalty,
+            "seed": s.seed,
+            "min_p": s.min_p,
+            "repetition_penalty": s.repeat_penalty,
+        }
+        if s.top_k > 0:
+            body["top_k"] = s.top_k
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.max_tokens is not None:  # None: the upstream's default, within the context
+            body["max_tokens"] = s.max_tokens
+        return path, body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        client = self._client
+        if client is None:
+            raise UnavailableError("The model is not loaded.", code="model_not_ready")
+        path, body = self._body(request)
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "X-Request-Id": f"{request.request_id}-{secrets.token_hex(4)}",
+        }
+        first_by = time.monotonic() + self._spec.first_event_timeout_s
+        if request.deadline is not None:
+            first_by = min(first_by, request.deadline)
+        first_timeout = first_by - time.monotonic()
+        if first_timeout <= 0:
+            raise RequestTimeoutError()
+        self._running += 1
+        try:
+            req = client.build_request("POST", path, json=body, headers=headers)
+            try:
+                async with asyncio.timeout(first_timeout):
+                    response = await client.send(req, stream=True)
+            except TimeoutError:
+                raise self._timed_out("waiting for its answer") from None
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from None
+            try:
+                if response.status_code != 200:
+                    raise await self._refusal(request, response)
+                async for chunk in self._relay(request, response, first_by):
+                    yield chunk
+            finally:
+                await response.aclose()
+        finally:
+            self._running -= 1
+
+    async def _relay(
+        self, request: GenerationRequest, response: httpx.Response, first_by: float
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """Relay ``response``'s SSE events as chunks: the first by ``first_by`` (monotonic),
+        then at most ``read_timeout_s`` between reads."""
+        framer = SSEFramer()
+        reads = response.aiter_raw()
+        finish: FinishReason | None = None
+        usage: dict[str, Any] | None = None
+        deltas = 0
+        first, stage = True, "waiting for its first event"
+        while True:
+            timeout = first_by - time.monotonic() if first else self._spec.read_timeout_s
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    data = await anext(reads)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise self._timed_out(stage) from None
+            except httpx.HTTPError as exc:
+                raise self._broken(type(exc).__name__) from None
+            try:
+                events = framer.feed(data)
+            except SSEError as exc:
+                raise self._broken(str(exc)) from None
+            for event in events:
+                if event.data.strip() == "[DONE]":
+                    yield self._last(request, finish, usage, deltas)
+                    return
+                chunk = _parse(event.data)
+                if chunk is None or isinstance(chunk.get("error"), dict):
+                    raise self._broken("an error event" if chunk else "an event that is not JSON")
+                first, stage = False, "streaming"
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = _text(choice)
+                    if text:
+                        deltas += 1
+                        yield GenerationChunk(text)
+                    reason = choice.get("finish_reason")
+                    if reason == "abort":
+                        raise self._broken("the upstream aborted the request")
+                    if reason is not None:
+                        finish = "length" if reason == "length" else "stop"
+        if finish is None:
+            raise self._broken("the stream ended before a finish reason")
+        yield self._last(request, finish, usage, deltas)
+
+    def _last(
+        self,
+        request: GenerationRequest,
+        finish: FinishReason | None,
+        usage: dict[str, Any] | None,
+        deltas: int,
+    ) -> GenerationChunk:
+        if finish is None:
+            raise self._broken("[DONE] before a finish reason")
+        if usage is None:  # include_usage was asked: an upstream that ignores it
+            log.warning("vllm replica sent no usage", extra={"replica": self._info.name})
+            return GenerationChunk(
+                "", finish_reason=finish, prompt_tokens=0, completion_tokens=deltas
+            )
+        return GenerationChunk(
+            "",
+            finish_reason=finish,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    async def _refusal(self, request: GenerationRequest, response: httpx.Response) -> MedserveError:
+        """The typed error for a non-200 answer (its body read, bounded, never echoed)."""
+        status = response.status_code
+        log.warning("vllm replica refused", extra={"replica": self._info.name, "status": status})
+        if status in BUSY:
+            retry = response.headers.get("retry-after", "")
+            return OverloadedError(
+                "The model's engine is busy; retry shortly.",
+                retry_after=int(retry) if retry.isdigit() else self._info.retry_after_s,
+            )
+        if status not in CLIENT_FAULT:
+            return EngineError("The model's engine failed to answer.", code="engine_error")
+        message = await _error_message(response)
+        if "maximum context length" in message.lower():
+            return self._context_error(request, message)
+        return InvalidRequestError("The model's engine refused the request as invalid.")
+
+    def _context_error(self, request: GenerationRequest, message: str) -> ContextLengthError:
+        found = TOKENS.search(message)
+        prompt_tokens = int(found.group(1)) if found else None
+        budget = "max_tokens" in message or "max_completion_tokens" in message
+        context = self._info.context_length
+        if prompt_tokens is not None and prompt_tokens >= context:
+            budget = False
+        if budget and request.sampling.max_tokens is not None:
+            s = request.sampling
+            exc = ContextLengthError(
+                f"The prompt ({prompt_tokens if prompt_tokens is not None else '?'} tokens) plus "
+                f"{s.max_tokens_param} ({s.max_tokens}) exceeds this model's context window "
+                f"of {context} tokens.",
+                param=s.max_tokens_param,
+            )
+        else:
+            exc = ContextLengthError(
+                f"The prompt does not fit this model's context window of {context} tokens.",
+                param=request.input_param,
+            )
+        exc.prompt_tokens = prompt_tokens if prompt_tokens is not None else 0
+        return exc
+
+    def _unreachable(self, exc: httpx.HTTPError) -> MedserveError:
+        log.warning(
+            "vllm replica unreachable",
+            extra={"replica": self._info.name, "error": type(exc).__name__},
+        )
+        if isinstance(exc, httpx.TimeoutException):
+            return self._timed_out("connecting")
+        return UnavailableError("The model's engine cannot be reached.", code="engine_unavailable")
+
+    def _timed_out(self, stage: str) -> RequestTimeoutError:
+        log.warning("vllm replica timed out", extra={"replica": self._info.name, "stage": stage})
+        return RequestTimeoutError("The model's engine did not answer in time.")
+
+    def _broken(self, what: str) -> EngineError:
+        log.warning(
+            "vllm replica stream failed", extra={"replica": self._info.name, "problem": what}
+        )
+        return EngineError("The model's engine failed while generating.", code="engine_error")
+
+
+def _replace_context(info: EngineInfo, context: int) -> EngineInfo:
+    from dataclasses import replace
+
+    return replace(info, context_length=context)
+
+
+def _parse(data: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    if value.get("object") == "error":  # vLLM's older error shape, top level
+        return {"error": value}
+    return value
+
+
+def _text(choice: dict[str, Any]) -> str:
+    delta = choice.get("delta")
+    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+async def _error_message(response: httpx.Response) -> str:
+    """The ``message`` of an upstream error body (read up to ERROR_BODY_BYTES); for
+    classification only, never shown to the client or logged."""
+    raw = bytearray()
+    async for piece in response.aiter_raw():
+        raw += piece
+        if len(raw) >= ERROR_BODY_BYTES:
+            break
+    value = _parse(raw.decode("utf-8", "replace"))
+    error = value.get("error") if value else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else ""

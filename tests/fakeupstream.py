@@ -1,0 +1,261 @@
+"""A fake vLLM OpenAI server on 127.0.0.1 with failure knobs (for the vllm engine's tests).
+
+A raw ASGI app under uvicorn on its own thread and event loop. It answers ``/health``,
+``/v1/models`` (with ``max_model_len``), ``/v1/chat/completions`` and ``/v1/completions``
+(streaming only, as medserve always asks). Like the fake engine, one word is one token: the
+prompt (chat: ``role: content`` lines plus ``assistant:``) is echoed word by word, cut by
+``max_tokens`` (finish ``length``) or a stop string (finish ``stop``); a prompt or budget
+that does not fit the context gets vLLM's 400 with its "maximum context length" message.
+
+:class:`Knobs` (set ``upstream.knobs`` before a request) inject what production-stack and
+LiteLLM users hit; :attr:`FakeUpstream.seen` records each generation request's headers and
+body, and sets ``left`` when it saw the client go away before the response ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from tests.serverproc import free_port
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class Knobs:
+    """Behaviour of the next requests. Delays in seconds; counts in tokens (words)."""
+
+    context: int = 256
+    served: str = "m"
+    ttft_s: float = 0.0  # after the response headers, before the first event
+    token_delay_s: float = 0.0
+    stall_before_headers_s: float = 0.0  # before the status line: nothing sent at all
+    status: int = 200  # answer this status (with an error body) instead of generating
+    retry_after: str | None = None
+    error_after: int | None = None  # 200, that many tokens, then an error event
+    stall_after: int | None = None  # that many tokens, then silence until the client leaves
+    drop_after: int | None = None  # that many tokens, then the connection drops
+    split: bool = False  # every event written in 1-3 byte pieces (inside UTF-8 characters)
+    text: str | None = None  # generate these words instead of the echo
+    usage_in_last: bool = False  # usage on the finish chunk, not a choices=[] chunk
+    usage: bool = True  # honour include_usage
+    health: int = 200
+
+
+@dataclass
+class Seen:
+    """One generation request as the upstream received it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    left: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeUpstream:
+    """The ASGI app and its records. Use :func:`running_upstream` to serve it."""
+
+    def __init__(self) -> None:
+        self.knobs = Knobs()
+        self.seen: list[Seen] = []
+        self.url = ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        k = self.knobs
+        if path == "/health":
+            await _json(send, k.health, {})
+        elif path == "/v1/models":
+            data = [{"id": k.served, "object": "model", "max_model_len": k.context}]
+            await _json(send, 200, {"object": "list", "data": data})
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            raw = b""
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            seen = Seen(path, headers, json.loads(raw))
+            self.seen.append(seen)
+            gone = asyncio.Event()
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await self._generate(seen, send, gone)
+            finally:
+                if gone.is_set():
+                    seen.left.set()
+                watcher.cancel()
+        else:
+            await _json(send, 404, {"error": {"message": "not found"}})
+
+    async def _generate(self, seen: Seen, send: Send, gone: asyncio.Event) -> None:
+        k, body = self.knobs, seen.body
+
+        async def pause(seconds: float) -> bool:  # True: the client left meanwhile
+            try:
+                await asyncio.wait_for(gone.wait(), seconds)
+            except TimeoutError:
+                return False
+            return True
+
+        if k.stall_before_headers_s and await pause(k.stall_before_headers_s):
+            return
+        if k.status != 200:
+            extra = {"retry-after": k.retry_after} if k.retry_after else {}
+            await _json(send, k.status, _error(f"upstream says no: {_prompt(body)}"), extra)
+            return
+        chat = "messages" in body
+        prompt = _prompt(body).split()
+        max_tokens = body.get("max_tokens")
+        n = len(prompt)
+        if n >= k.context or (max_tokens is not None and n + max_tokens > k.context):
+            message = (
+                f"This model's maximum context length is {k.context} tokens. However, your "
+                f"request has {n} input tokens. Please reduce the length of the input messages."
+                if n >= k.context
+                else f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. "
+                f"This model's maximum context length is {k.context} tokens and your request "
+                f"has {n} input tokens ({max_tokens} > {k.context} - {n})."
+            )
+            await _json(send, 400, _error(message))
+            return
+        budget = max_tokens if max_tokens is not None else (k.context - n if chat else 16)
+        full = k.text.split() if k.text is not None else prompt
+        words, finish = full[:budget], "length" if len(full) > budget else "stop"
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        text, stops = "".join(pieces), body.get("stop") or []
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            kept, total = [], 0
+            for p in pieces:
+                if total + len(p) > cut:
+                    if cut > total:
+                        kept.append(p[: cut - total])
+                    break
+                kept.append(p)
+                total += len(p)
+            pieces, finish = kept, "stop"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        if k.ttft_s and await pause(k.ttft_s):
+            return
+        rid, usage = "cmpl-fake", {"prompt_tokens": n, "completion_tokens": len(pieces)}
+        usage["total_tokens"] = n + len(pieces)
+
+        def event(payload: object) -> bytes:
+            return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+        def choice(piece: str, reason: str | None) -> dict[str, Any]:
+            if chat:
+                return {"index": 0, "delta": {"content": piece}, "finish_reason": reason}
+            return {"index": 0, "text": piece, "finish_reason": reason}
+
+        async def write(data: bytes) -> None:
+            if not k.split:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                return
+            for i in range(0, len(data), 3):  # 3 bytes: cuts 2- and 4-byte characters
+                await send(
+                    {"type": "http.response.body", "body": data[i : i + 3], "more_body": True}
+                )
+
+        if chat:
+            await write(
+                event({"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            )
+        for i, piece in enumerate(pieces):
+            if i == k.error_after:
+                await write(
+                    event(
+                        {"error": {"message": "boom", "type": "InternalServerError", "code": 500}}
+                    )
+                )
+                return
+            if i == k.stall_after:
+                await gone.wait()
+                return
+            if i == k.drop_after:
+                raise ConnectionResetError("fake upstream drops the connection")
+            if i and k.token_delay_s and await pause(k.token_delay_s):
+                return
+            await write(event({"id": rid, "choices": [choice(piece, None)]}))
+            if gone.is_set():
+                return
+        want_usage = k.usage and (body.get("stream_options") or {}).get("include_usage")
+        last: dict[str, Any] = {"id": rid, "choices": [choice("", finish)]}
+        if want_usage and k.usage_in_last:
+            last["usage"] = usage
+        await write(event(last))
+        if want_usage and not k.usage_in_last:
+            await write(event({"id": rid, "choices": [], "usage": usage}))
+        await write(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        lines = [f"{m['role']}: {m['content']}" for m in body["messages"]]
+        return "\n".join(lines) + "\nassistant:"
+    return str(body.get("prompt", ""))
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+
+
+async def _json(
+    send: Send, status: int, value: object, extra: dict[str, str] | None = None
+) -> None:
+    data = json.dumps(value).encode()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+@contextmanager
+def running_upstream() -> Iterator[FakeUpstream]:
+    """Serve a :class:`FakeUpstream` on a free loopback port (bounded start and stop)."""
+    app = FakeUpstream()
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("fake upstream did not start")
+        time.sleep(0.02)
+    app.url = f"http://127.0.0.1:{port}"
+    try:
+        yield app
+    finally:
+        server.should_exit = True
+        thread.join(10)
