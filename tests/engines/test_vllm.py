@@ -1,0 +1,254 @@
+"""The vllm engine against the fake OpenAI upstream: each failure knob gives the right
+chunks or typed error, usage is exact, cancellation reaches the upstream, headers are the
+allow-list's only, and the SSE framer survives any split of the bytes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
+from medserve.engines.sse import SSEFramer
+from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
+from medserve.errors import (
+    EngineError,
+    InvalidRequestError,
+    MedserveError,
+    OverloadedError,
+    RequestTimeoutError,
+    UnavailableError,
+)
+from tests.conftest import flat_spec
+from tests.fakeupstream import FakeUpstream, Knobs, running_upstream
+from tests.serverproc import free_port
+
+pytestmark = pytest.mark.anyio
+TEXT = "héllo wörld 🙂 ünïcode ok"  # multi-byte characters: 2- and 4-byte UTF-8
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with running_upstream() as server:
+        yield server
+
+
+@pytest.fixture
+async def engine(upstream: FakeUpstream) -> AsyncIterator[VllmEngine]:
+    upstream.knobs = Knobs()
+    spec = VllmSpec(
+        engine="vllm",
+        url=upstream.url,
+        served_model_name="m",
+        api_key="replica-key",  # type: ignore[arg-type]
+        read_timeout_s=2.0,
+        first_event_timeout_s=2.0,
+    )
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    await e.start()
+    yield e
+    await e.close()
+
+
+def req(chat: bool = True, max_tokens: int | None = 8) -> GenerationRequest:
+    s = Sampling(
+        max_tokens=max_tokens,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=7,
+        min_p=0.05,
+        repeat_penalty=1.1,
+        frequency_penalty=0.1,
+        presence_penalty=0.2,
+        seed=3,
+    )
+    if chat:
+        return GenerationRequest("r1", "med", s, messages=(Message("user", "a b c"),))
+    return GenerationRequest("r1", "med", s, prompt="a b c d")
+
+
+async def drain(e: VllmEngine, r: GenerationRequest) -> list[GenerationChunk]:
+    return [c async for c in e.generate(r)]
+
+
+OK = "ok"
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expected"),
+    [
+        (Knobs(text=TEXT), OK),
+        (Knobs(text=TEXT, split=True), OK),
+        (Knobs(text=TEXT, usage_in_last=True), OK),
+        (Knobs(text=TEXT, ttft_s=0.05, token_delay_s=0.01), OK),
+        (Knobs(status=503, retry_after="7"), OverloadedError),
+        (Knobs(status=429), OverloadedError),
+        (Knobs(status=500), EngineError),
+        (Knobs(status=400), InvalidRequestError),
+        (Knobs(status=404), EngineError),  # the served name is the operator's, not the client's
+        (Knobs(status=401), EngineError),  # the replica key is wrong: not the client's fault
+        (Knobs(text=TEXT, error_after=0), EngineError),
+        (Knobs(text=TEXT, error_after=2), EngineError),
+        (Knobs(text=TEXT, drop_after=2), EngineError),
+        (Knobs(text=TEXT, stall_after=2), RequestTimeoutError),
+        (Knobs(text=TEXT, stall_before_headers_s=30), RequestTimeoutError),
+        (Knobs(text=TEXT, ttft_s=30), RequestTimeoutError),
+    ],
+    ids=[
+        "plain",
+        "split-inside-utf8",
+        "usage-on-last-chunk",
+        "ttft-and-delay",
+        "503",
+        "429",
+        "500",
+        "400",
+        "404",
+        "401",
+        "error-event-first",
+        "error-event-mid",
+        "dropped",
+        "stall-mid",
+        "stall-before-headers",
+        "stall-before-first-event",
+    ],
+)
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+async def test_knob_table(
+    engine: VllmEngine, upstream: FakeUpstream, knobs: Knobs, expected: object, chat: bool
+) -> None:
+    upstream.knobs = knobs
+    if expected == OK:
+        chunks = await drain(engine, req(chat))
+        *body, last = chunks
+        assert "".join(c.text for c in chunks) == " ".join(TEXT.split()[:8])
+        assert all(c.finish_reason is None for c in body) and len(body) == len(TEXT.split())
+        assert last.finish_reason == "stop"
+        prompt = 4 if not chat else 5  # "user: a b c\nassistant:" is 5 words
+        assert (last.prompt_tokens, last.completion_tokens) == (prompt, len(TEXT.split()))
+        return
+    assert isinstance(expected, type)
+    with pytest.raises(MedserveError) as info:
+        await drain(engine, req(chat))
+    assert type(info.value) is expected
+    assert upstream.url.split("//")[1] not in info.value.message
+    assert "a b c" not in info.value.message and "upstream says" not in info.value.message
+    if knobs.retry_after:
+        assert info.value.retry_after == int(knobs.retry_after)
+
+
+async def test_length_finish_and_sampling_names_upstream(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    last = (await drain(engine, req(chat=False, max_tokens=2)))[-1]
+    assert (last.finish_reason, last.completion_tokens) == ("length", 2)
+    body = upstream.seen[-1].body
+    assert body["model"] == "m" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    expected = {"temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.05, "seed": 3}
+    expected |= {"repetition_penalty": 1.1, "frequency_penalty": 0.1, "presence_penalty": 0.2}
+    assert {k: body[k] for k in expected} == expected and body["max_tokens"] == 2
+    await drain(engine, req(max_tokens=None))
+    assert "max_tokens" not in upstream.seen[-1].body  # the upstream's default applies
+
+
+async def test_headers_are_the_allow_list_and_request_ids_fresh(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    await drain(engine, req())
+    await drain(engine, req())
+    first, second = (s.headers for s in upstream.seen[-2:])
+    assert first["authorization"] == "Bearer replica-key"
+    assert (
+        first["x-request-id"].startswith("r1-") and first["x-request-id"] != second["x-request-id"]
+    )
+    assert not {h for h in first if h.startswith("x-") and h != "x-request-id"}
+    assert "cookie" not in first
+
+
+@pytest.mark.parametrize("stage", ["before-headers", "first-event", "streaming"])
+async def test_closing_the_iterator_reaches_the_upstream(
+    engine: VllmEngine, upstream: FakeUpstream, stage: str
+) -> None:
+    upstream.knobs = {
+        "before-headers": Knobs(stall_before_headers_s=30),
+        "first-event": Knobs(ttft_s=30),
+        "streaming": Knobs(text=TEXT, stall_after=2),
+    }[stage]
+    stream = engine.generate(req())
+    if stage == "streaming":
+        assert (await anext(stream)).text
+        await stream.aclose()
+    else:
+        with anyio.move_on_after(0.3):  # the client leaves while its first chunk is awaited
+            await anext(stream)
+        await stream.aclose()
+    seen = upstream.seen[-1]
+    assert await anyio.to_thread.run_sync(seen.left.wait, 10)
+    assert (await engine.health()).running == 0
+
+
+async def test_context_overflow_carries_prompt_tokens(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    upstream.knobs = Knobs(context=32)
+    with pytest.raises(MedserveError) as info:
+        await drain(engine, req(max_tokens=30))
+    assert (info.value.param, info.value.prompt_tokens) == ("max_tokens", 5)
+
+
+async def test_start_refuses_a_missing_name_and_an_unreachable_server(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.knobs = Knobs()
+    model = flat_spec(id="med", engine="fake")
+    missing = VllmEngine(model, VllmSpec(engine="vllm", url=upstream.url, start_timeout_s=2))
+    with pytest.raises(EngineError, match="served_model_name"):
+        await missing.start()
+    url = f"http://127.0.0.1:{free_port()}"
+    down = VllmEngine(model, VllmSpec(engine="vllm", url=url, start_timeout_s=1))
+    with pytest.raises(EngineError, match="not ready"):
+        await down.start()
+    with pytest.raises(UnavailableError):
+        await drain(down, req())
+
+
+async def test_health_follows_the_upstream_probe(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    engine._spec = engine._spec.model_copy(update={"health_ttl_s": 0.0})
+    upstream.knobs = Knobs(health=503)
+    assert (await engine.health()).ready is False
+    upstream.knobs = Knobs()
+    assert (await engine.health()).ready is True
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64])
+def test_framer_survives_any_split(size: int) -> None:
+    events = [{"t": "ü🙂é"}, {"t": "a\u00e9"}, {"usage": {"prompt_tokens": 3}}]
+    raw = b": comment\r\n\r\n" + b"".join(
+        b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\r\n\r\n" for e in events
+    )
+    raw += b"data: [DONE]\n\n"
+    framer = SSEFramer()
+    got = [e.data for i in range(0, len(raw), size) for e in framer.feed(raw[i : i + size])]
+    assert [json.loads(d) for d in got[:-1]] == events and got[-1] == "[DONE]"
+
+
+def test_upstream_hosts_are_the_vllm_replicas_hosts() -> None:
+    a = flat_spec(id="a", engine="vllm", url="http://gpu-node-1:8000")
+    b = flat_spec(id="b", engine="fake")
+    assert upstream_hosts([a, b]) == ["gpu-node-1"]
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "http://x/v1", "http://u:p@x", "x:8000"])
+def test_spec_refuses_urls_that_are_not_a_base(url: str) -> None:
+    with pytest.raises(ValueError, match="url"):
+        VllmSpec(engine="vllm", url=url)
