@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
+from pydantic import SecretStr
 
 from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
 from medserve.engines.sse import SSEFramer
@@ -47,7 +48,7 @@ async def engine(upstream: FakeUpstream) -> AsyncIterator[VllmEngine]:
         engine="vllm",
         url=upstream.url,
         served_model_name="m",
-        api_key="replica-key",  # type: ignore[arg-type]
+        api_key=SecretStr("replica-key"),
         read_timeout_s=2.0,
         first_event_timeout_s=2.0,
     )
