@@ -63,8 +63,10 @@ def test_fake_flat_form_keeps_its_token_delay(tmp_path: Path) -> None:
     ("text", "fragment"),
     [
         (f'id = "x"\nthreads = 2\n{NESTED}', "models.x: Value error, give the engine settings"),
-        ('id = "x"\n[[replicas]]\nengine = "vllm"\n', "models.x.replicas[0]: Input tag 'vllm'"),
-        ('id = "x"\nengine = "vllm"\n', "models.x: Input tag 'vllm'"),
+        ('id = "x"\n[[replicas]]\nengine = "tgi"\n', "models.x.replicas[0]: Input tag 'tgi'"),
+        ('id = "x"\nengine = "tgi"\n', "models.x: Input tag 'tgi'"),
+        ('id = "x"\n[[replicas]]\nengine = "vllm"\n', "models.x.replicas[0].url: Field required"),
+        ('id = "x"\nengine = "vllm"\nurl = "x:1"\n', "models.x.url: Value error, url must be"),
         (f'id = "x"\n{NESTED}threads = 0\n', "models.x.replicas[0].threads: Input should be"),
         (f'id = "x"\n{NESTED}{NESTED}colour = 1\n', "models.x.replicas[1].colour: Extra inputs"),
         (
