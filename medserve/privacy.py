@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
@@ -57,20 +58,41 @@ GUARDED = {
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
+def resolve(name: str) -> set[str]:
+    """The addresses ``name`` resolves to now (empty when it does not resolve)."""
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        log.warning("an allowed upstream name does not resolve", extra={"host": name[:255]})
+        return set()
+
+
 class EgressGuard:
     """Refuses non-local destinations. Installed once per process (audit hooks cannot be
-    removed); :meth:`disable` turns it into a no-op, for tests."""
+    removed); :meth:`disable` turns it into a no-op, for tests.
+
+    A connect names an address, not a host name, so :meth:`install` resolves the allowed
+    names (with ``resolver``, default :func:`resolve`) and allows their addresses as of
+    then; a name whose addresses change later needs a restart.
+    """
 
     def __init__(
-        self, allowed: Iterable[str] = (), on_refusal: Callable[[str], object] | None = None
+        self,
+        allowed: Iterable[str] = (),
+        on_refusal: Callable[[str], object] | None = None,
+        resolver: Callable[[str], Iterable[str]] = resolve,
     ) -> None:
         self.allowed = frozenset(a.lower() for a in allowed)
         self.on_refusal = on_refusal
         self.refusals = 0
         self.active = False
+        self._resolver = resolver
 
     def install(self) -> None:
         if not self.active:
+            names = [a for a in self.allowed if not _is_address(a)]
+            addresses = {a.lower() for name in names for a in self._resolver(name)}
+            self.allowed = self.allowed | addresses
             self.active = True
             sys.addaudithook(self._hook)
 
@@ -109,3 +131,11 @@ class EgressGuard:
         if self.on_refusal is not None:
             self.on_refusal(str(target)[:255])
         raise EgressRefused(f"medserve's egress guard refused a connection ({event})")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    return True

@@ -46,6 +46,16 @@ def test_allows(host: object, allowed: bool) -> None:
     assert EgressGuard(["gpu-node-1"]).allows(host) is allowed
 
 
+def test_an_allowed_name_allows_its_addresses_once_installed() -> None:
+    g = EgressGuard(["gpu-node-1", "10.9.9.9"], resolver={"gpu-node-1": ["10.0.0.5"]}.__getitem__)
+    assert not g.allows("10.0.0.5")  # a connect names the address, not the host name
+    g.install()
+    try:
+        assert g.allows("10.0.0.5") and g.allows("10.9.9.9") and not g.allows("10.0.0.6")
+    finally:
+        g.disable()
+
+
 @pytest.fixture
 def guard() -> Iterator[EgressGuard]:
     refused: list[str] = []
