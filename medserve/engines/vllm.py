@@ -201,7 +201,7 @@ class VllmEngine:
         while True:
             try:
                 problem = await self._check_ready()
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:  # unreachable, not JSON
                 problem = type(exc).__name__
             if not problem:
                 break
