@@ -57,7 +57,7 @@ class SamplingDefaults(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p cut; 0 disables it.")
     repeat_penalty: float = Field(
         1.0,
-        ge=0.0,
+        gt=0.0,
         le=2.0,
         description="Multiplicative repetition penalty (1.0 = off). Small models loop without it.",
     )

@@ -18,6 +18,7 @@ patient text, and error bodies end up in client logs.
     ├── MethodNotAllowedError          405 invalid_request_error
     ├── BodyTimeoutError               408 invalid_request_error   code=body_timeout (closes)
     ├── RequestTooLargeError           413 invalid_request_error   code=request_too_large
+    ├── UnsupportedMediaTypeError      415 invalid_request_error   code=unsupported_media_type
     ├── RateLimitError                 429 requests                code=rate_limit_exceeded
     ├── UnavailableError               503 server_error            (Retry-After)
     │   └── OverloadedError            503                         code=overloaded
@@ -158,6 +159,14 @@ class RequestTooLargeError(MedserveError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(MedserveError):
+    """The body is in an encoding medserve does not read (a compressed Content-Encoding)."""
+
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class UnavailableError(MedserveError):

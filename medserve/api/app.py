@@ -166,6 +166,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if _body_not_json(request, exc):
+            return respond(request, InvalidRequestError(NOT_JSON))
         return respond(request, validation_error(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -173,7 +175,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return respond(request, NotFoundError("No such route."))
         if exc.status_code == 405:
-            return respond(request, MethodNotAllowedError("Method not allowed for this route."))
+            response = respond(request, MethodNotAllowedError("Method not allowed for this route."))
+            # RFC 9110: a 405 lists the methods the route has.
+            response.headers.update({k: v for k, v in (exc.headers or {}).items() if k == "Allow"})
+            return response
+        if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8 JSON)
+            return respond(request, InvalidRequestError("The request body is not valid JSON."))
         if exc.status_code < 500:
             return respond(request, InvalidRequestError("The request could not be processed."))
         return respond(request, MedserveError("Internal server error."))
@@ -183,3 +190,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http)
     # Any other exception is answered by RequestContext (medserve.api.middleware), inside
     # which the response still gets its headers and audit record.
+
+
+NOT_JSON = "The request body must be JSON, sent with `Content-Type: application/json`."
+
+
+def _body_not_json(request: Request, exc: RequestValidationError) -> bool:
+    """The body as a whole failed and was not sent as JSON (e.g. ``curl -d``'s form type):
+    name the real problem rather than "must be a JSON object"."""
+    whole = any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return whole and not (kind == "application/json" or kind.endswith("+json"))

@@ -35,6 +35,7 @@ from medserve.errors import (
     InvalidRequestError,
     MedserveError,
     RequestTooLargeError,
+    UnsupportedMediaTypeError,
     envelope,
     headers,
 )
@@ -146,6 +147,12 @@ class RequestContext:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self.max_body_bytes
         for name, value in scope["headers"]:
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # Decoding it is not implemented; read as is, it would be taken for JSON.
+                raise UnsupportedMediaTypeError(
+                    "Compressed request bodies are not supported; send plain JSON "
+                    "(no Content-Encoding)."
+                )
             if name == b"content-length":
                 try:
                     declared = int(value)

@@ -134,7 +134,8 @@ class _Sampling(_Wire):
         None, description="Top-k cut; 0 disables it."
     )
     min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = Field(None, description="Min-p cut.")
-    repeat_penalty: Annotated[Number, Field(ge=0.0, le=2.0)] | None = Field(
+    # > 0: llama.cpp divides logits by it (0 garbles the output).
+    repeat_penalty: Annotated[Number, Field(gt=0.0, le=2.0)] | None = Field(
         None, description="Multiplicative repetition penalty; 1.0 is off."
     )
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 503)
 }
 
 

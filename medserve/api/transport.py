@@ -20,6 +20,9 @@ request once the count is reached, existing connections included.
   one 503 ``overloaded`` (with ``Retry-After`` and ``Connection: close``) for its first
   request, then is closed; the open ones are served as usual.
 
+- **Malformed requests**: what h11 cannot parse gets OpenAI's envelope (400) with the
+  headers every medserve response carries, not uvicorn's plain text.
+
 Neither deadline runs while a request is being handled, so a long stream is never cut.
 """
 
@@ -27,13 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from medserve.errors import OverloadedError, envelope
+from medserve.api.middleware import SECURITY_HEADERS
+from medserve.errors import InvalidRequestError, MedserveError, OverloadedError, envelope
 
 RETRY_AFTER_S = 1
 
@@ -77,6 +83,25 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._watch()
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a bad request line, a NUL in a header, two
+        Content-Length headers...): OpenAI's envelope with the headers every medserve
+        response carries, instead of uvicorn's plain text. It never reaches the app, so it
+        has no audit record; uvicorn logs it. ``msg`` (h11's words) is not sent."""
+        body, headers = _answer(_MALFORMED)
+        self.transport.write(
+            self.conn.send(
+                h11.Response(
+                    status_code=_MALFORMED.status,
+                    headers=headers,
+                    reason=HTTPStatus(_MALFORMED.status).phrase,
+                )
+            )
+        )
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
     def _watch(self) -> None:
         """Arm the deadline of the phase the connection is in, or disarm it."""
         if self.transport is None or self.transport.is_closing():
@@ -119,20 +144,27 @@ def protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
 _REFUSAL = OverloadedError(
     "This server has too many open connections; retry shortly.", retry_after=RETRY_AFTER_S
 )
+_MALFORMED = InvalidRequestError("The HTTP request is malformed.")
+
+
+def _answer(error: MedserveError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Body and headers of an answer given below the app: the envelope, ``Retry-After``
+    where the error has one, a fresh X-Request-Id, the security headers, and
+    ``Connection: close`` (the connection ends after it)."""
+    body = json.dumps(envelope(error)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", uuid.uuid4().hex.encode()),
+        *SECURITY_HEADERS,
+        (b"connection", b"close"),
+    ]
+    if error.retry_after is not None:
+        headers.append((b"retry-after", str(error.retry_after).encode()))
+    return body, headers
 
 
 async def _refuse(scope: Any, receive: Any, send: Any) -> None:
-    body = json.dumps(envelope(_REFUSAL)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": _REFUSAL.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(RETRY_AFTER_S).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    body, headers = _answer(_REFUSAL)
+    await send({"type": "http.response.start", "status": _REFUSAL.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -262,6 +262,10 @@ RANGES: list[tuple[str, str, list[tuple[Any, str | None]], list[Any]]] = [
         [{"0": -101}, {"0": 101}, {"x": 1}, {"1": "5"}, {"1": True}, ["1"], "1"],
     ),
     (CHAT, "user", [("u" * 256, None)], ["u" * 257]),
+    # medserve's extensions (llama.cpp's names): their own ranges, same rule
+    (CHAT, "repeat_penalty", [(0.01, None), (2, None)], [0, -0.5, 2.01]),
+    (CHAT, "min_p", [(0, None), (1, None)], [-0.01, 1.01]),
+    (CHAT, "top_k", [(0, None), (100, None)], [-1]),
 ]
 INSIDE = [
     pytest.param(path, field, value, code, id=f"{path}-{field}={value!r}"[:60])
@@ -525,3 +529,51 @@ def test_too_many_stops_says_the_limit(client: TestClient) -> None:
     r = post(client, CHAT, chat(stop=["a", "b", "c", "d", "e"]))
     assert_error(r, 400, "stop", None)
     assert "at most 4" in r.json()["error"]["message"]
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+# How a body can fail to be JSON that medserve reads: (headers, raw body, status, message
+# fragment). Each names the real problem instead of a generic "could not be processed".
+BODIES = {
+    "curl -d (form type)": (
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        json.dumps(chat()).encode(),
+        400,
+        "Content-Type: application/json",
+    ),
+    "text/plain": (
+        {"Content-Type": "text/plain"},
+        json.dumps(chat()).encode(),
+        400,
+        "Content-Type: application/json",
+    ),
+    "not UTF-8": (
+        JSON_HEADERS,
+        b'{"model": "fake-echo", "messages": [{"role": "user", "content": "Hi \xff\xfe"}]}',
+        400,
+        "not valid JSON",
+    ),
+    "gzip, not decoded": (
+        {**JSON_HEADERS, "Content-Encoding": "gzip"},
+        json.dumps(chat()).encode(),
+        415,
+        "Content-Encoding",
+    ),
+}
+
+
+@pytest.mark.parametrize(("headers", "raw", "status", "says"), BODIES.values(), ids=BODIES.keys())
+def test_a_body_medserve_cannot_read_names_the_problem(
+    client: TestClient, headers: dict[str, str], raw: bytes, status: int, says: str
+) -> None:
+    r = client.post(CHAT, content=raw, headers=headers)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]
+    assert "Hi" not in r.text
+
+
+def test_a_405_lists_the_allowed_methods(client: TestClient) -> None:
+    r = client.delete("/v1/models")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"

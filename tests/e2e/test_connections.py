@@ -200,6 +200,7 @@ def test_beyond_the_cap_new_connections_get_503_while_open_ones_are_served(
         status, _, rest = refused.partition(b"\r\n")
         assert status == b"HTTP/1.1 503 Service Unavailable"
         assert b"retry-after: 1" in rest.lower()
+        assert_medserve_headers(rest)
         assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "overloaded"
         # The open connections are still served as usual.
         for sock in held:
@@ -215,6 +216,44 @@ def test_beyond_the_cap_new_connections_get_503_while_open_ones_are_served(
             if answers[-1] == b"HTTP/1.1 200":
                 break
         assert answers[-1] == b"HTTP/1.1 200", answers
+
+
+def assert_medserve_headers(head: bytes) -> None:
+    """The headers README promises on every response, in a raw response head."""
+    lines = head.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    names = {line.partition(b":")[0] for line in lines}
+    assert {b"x-request-id", b"cache-control", b"x-content-type-options", b"referrer-policy"} <= (
+        names
+    ), names
+    assert b"cache-control: no-store" in lines
+
+
+MALFORMED = {
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "NUL in a header value": b"GET /v1/models HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n",
+    "two Content-Length headers": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+        b"Content-Length: 3\r\n\r\n{}"
+    ),
+    "negative Content-Length": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_request_the_parser_refuses_gets_the_envelope_and_headers(
+    server: Server, raw: bytes
+) -> None:
+    with connect(server) as sock:
+        sock.sendall(raw)
+        answer = read_until_closed(sock)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert_medserve_headers(rest)
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["type"] == "invalid_request_error"
+    served(server)
 
 
 def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(tmp_path: Path) -> None:
