@@ -4,15 +4,17 @@ An unknown model is a 404 ``model_not_found``, never a silent substitute: a clin
 must not get an answer from a model it did not ask for. A model may have several engines
 (replicas); the router counts the requests outstanding on each and admits a request to the
 one with the fewest that has room (``EngineInfo.capacity``), before any response byte: a
-full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not. GPU-first policy
-and health-based fallback arrive with the vLLM engine.
+full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not. A caller that
+fails over before its commit point asks again with the engines already tried excluded
+(``admit(served, exclude=...)``). Health-based ejection and GPU → CPU fallback are not
+here yet.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -102,16 +104,19 @@ class Router:
         return self._load[id(engine)]
 
     @asynccontextmanager
-    async def admit(self, served: Served) -> AsyncIterator[Engine]:
+    async def admit(
+        self, served: Served, exclude: Collection[Engine] = ()
+    ) -> AsyncIterator[Engine]:
         """Take a permit on one of ``served``'s engines for the request's whole life.
 
-        The started engine with the fewest outstanding requests among those below their
+        The started engine not in ``exclude`` (those a failing-over caller already tried)
+        with the fewest outstanding requests among those below their
         ``EngineInfo.capacity`` (None: unbounded); ties go to the earlier engine. The
         permit is returned when the block exits, however it exits (finished, failed,
         client gone). Raises OverloadedError (503 + ``Retry-After``) when every engine is
-        full, before the caller did any work for the request.
+        full, UnavailableError (503) when none is left, before the caller did any work.
         """
-        candidates = [e for e in served.engines if e in self._started]
+        candidates = [e for e in served.engines if e in self._started and e not in exclude]
         if not candidates:
             raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
         room = [e for e in candidates if _has_room(e, self.load(e))]

@@ -117,6 +117,7 @@ class Auditor:
             engine=ex.engine,
             instance=self.instance,
             replica=ex.replica,
+            attempts=ex.attempts or None,
             error=ex.error,
             stream=ex.stream,
             prompt_tokens=ex.prompt_tokens,

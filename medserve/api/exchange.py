@@ -61,6 +61,7 @@ class Exchange:
     model: str | None = None
     engine: str | None = None
     replica: str | None = None  # the engine replica that answers: "KIND:INDEX" (llamacpp:0)
+    attempts: int = 0  # engines asked for this answer (more than 1: failed over)
     user: str | None = None
     key_id: str | None = None
     stream: bool | None = None

@@ -54,11 +54,15 @@ from medserve.api.security import principal, role
 from medserve.audit.record import chat_input
 from medserve.auth import require_model
 from medserve.config import ModelSpec
-from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
+from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Message, Sampling
 from medserve.errors import (
     ContextLengthError,
+    EngineError,
     InvalidRequestError,
     MedserveError,
+    OverloadedError,
+    RequestTimeoutError,
+    UnavailableError,
     UnsupportedParameterError,
     envelope,
 )
@@ -299,37 +303,91 @@ async def _serve(job: Job, served: Served, http: Request) -> Response:
     """Admit, generate up to the commit point, answer; the permit lives with the response."""
     ex = exchange(http)
     ex.prompt_hmac = http.app.state.auditor.hash_text(job.audit_input)
-    router: Router = http.app.state.router
-    held = AsyncExitStack()
-    handed = False  # to the streaming response, which then closes ``held``
     try:
-        engine = await held.enter_async_context(router.admit(served))
-        ex.replica = served.replica_name(engine)
-        ex.engine = ex.replica.partition(":")[0]
-        chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
+        attempt = await _commit(job, served, http)
+        if attempt is None:
+            return Response(status_code=CLIENT_CLOSED)
+        held, chunks, first = attempt
         if job.stream:
-            gone, first = await _watching(http, anext(chunks, None))
-            if not gone:
-                # The response owns the permit and the stream from here on.
-                grace = http.app.state.settings.drain_timeout_s
-                events = stream(job, first, chunks, http)
-                response = _HeldStream(events, held, sep="\n", shutdown_grace_period=grace)
-                handed = True
-                return response
-            result = None
-        else:
-            gone, result = await _watching(http, complete(job, chunks, http))
+            # The response owns the permit and the stream from here on.
+            grace = http.app.state.settings.drain_timeout_s
+            events = stream(job, first, chunks, http)
+            return _HeldStream(events, held, sep="\n", shutdown_grace_period=grace)
+        try:
+            gone, result = await _watching(http, complete(job, first, chunks, http))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await held.aclose()
     except MedserveError as exc:
         if exc.prompt_tokens is not None:  # rendering was work: charged to the key
             http.app.state.security.charge(principal(http), exc.prompt_tokens)
         raise
-    finally:
-        if not handed:
-            with anyio.CancelScope(shield=True):
-                await held.aclose()
-    if result is None:
+    if gone or result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result.model_dump())
+
+
+Attempt = tuple[AsyncExitStack, AsyncIterator[GenerationChunk], GenerationChunk | None]
+
+
+async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
+    """Take a permit and pull the engine's first chunk: (the permit and engine stream to
+    close when done, the stream, its first chunk), or None if the client left first.
+
+    Before that first chunk nothing was sent, so a replica fault (:data:`FAILOVER`: full,
+    failed, unreachable, no first event in time) releases that replica and tries the next
+    one the router offers: at most one attempt per engine, none after the request's
+    deadline. When no attempt is left the last fault is the answer. Client errors (400)
+    and client disconnects never fail over. ``ex.attempts`` counts the engines asked.
+    """
+    ex = exchange(http)
+    router: Router = http.app.state.router
+    tried: list[Engine] = []
+    fault: MedserveError | None = None  # the last replica fault
+    while True:
+        held = AsyncExitStack()
+        try:
+            engine = await held.enter_async_context(router.admit(served, exclude=tried))
+        except MedserveError:
+            if fault is None:
+                raise
+            raise fault from None  # the rest are full or gone: answer what the last said
+        try:
+            tried.append(engine)
+            ex.attempts = len(tried)
+            ex.replica = served.replica_name(engine)
+            ex.engine = ex.replica.partition(":")[0]
+            chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
+            gone, first = await _watching(http, anext(chunks, None))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await held.aclose()
+            if not isinstance(exc, FAILOVER) or not _may_retry(job, served, tried):
+                raise
+            fault = exc
+            log.warning(
+                "replica failed before the first chunk; failing over",
+                extra={"request_id": job.request.request_id, "replica": ex.replica},
+            )
+            continue
+        if gone:
+            with anyio.CancelScope(shield=True):
+                await held.aclose()
+            return None
+        return held, chunks, first
+
+
+# Replica faults before the commit point: another replica may answer. InvalidRequestError
+# (the client's fault) is deliberately absent, and so is a client that left (cancelled).
+FAILOVER = (OverloadedError, EngineError, UnavailableError, RequestTimeoutError)
+
+
+def _may_retry(job: Job, served: Served, tried: list[Engine]) -> bool:
+    """Whether another engine of ``served`` is left to ask and the deadline is not past."""
+    deadline = job.request.deadline
+    if deadline is not None and time.monotonic() >= deadline:
+        return False
+    return len(tried) < len(served.engines)
 
 
 class _HeldStream(EventSourceResponse):
@@ -368,17 +426,23 @@ async def _cancel_on_disconnect(http: Request, scope: anyio.CancelScope) -> None
 
 
 async def complete(
-    job: Job, chunks: AsyncIterator[GenerationChunk], http: Request
+    job: Job,
+    first: GenerationChunk | None,
+    chunks: AsyncIterator[GenerationChunk],
+    http: Request,
 ) -> ChatCompletion | Completion | None:
-    """Drain the engine's stream into one response; None if it ended without a last chunk."""
+    """Drain the engine's stream (``first``, pulled at the commit point, then ``chunks``)
+    into one response; None if it ended without a last chunk."""
     parts: list[str] = []
     last: GenerationChunk | None = None
     ex = exchange(http)
-    async for chunk in chunks:
+    chunk = first
+    while chunk is not None:
         if chunk.text:
             ex.token()
         parts.append(chunk.text)
         last = chunk
+        chunk = await anext(chunks, None)
     if last is None or last.finish_reason is None:
         return None
     usage = _finished(http, last)

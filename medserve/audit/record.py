@@ -42,6 +42,7 @@ class RequestFacts:
     # before `instance` existed have `replica` naming the gateway instead.
     replica: str | None = None
     instance: str | None = None  # the gateway that wrote the record (Settings.instance)
+    attempts: int | None = None  # engines asked (2+: failed over); absent in older records
     error: str | None = None
     stream: bool | None = None
     prompt_tokens: int | None = None
