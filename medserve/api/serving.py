@@ -355,8 +355,8 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
         try:
             tried.append(engine)
             ex.attempts = len(tried)
-            ex.replica = served.replica_name(engine)
-            ex.engine = ex.replica.partition(":")[0]
+            index = served.engines.index(engine)
+            ex.engine, ex.replica = served.replica_kind(index), served.replica_name(engine)
             chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
             gone, first = await _watching(http, anext(chunks, None))
         except BaseException as exc:
