@@ -20,6 +20,21 @@ from typing import Any
 NAME = "manifest.json"
 FORMAT = "medserve-artifact/1"
 CHUNK = 1 << 20
+# The files of a checkpoint (or LoRA adapter) that make the model: its weights, its
+# config and its tokenizer. READMEs, training logs and other litter beside them differ
+# between copies of one checkpoint and are left out of its identity (:func:`identity_of`).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_FILES = frozenset({"config.json", "adapter_config.json", *TOKENIZER_FILES})
 
 
 class ManifestError(Exception):
@@ -118,3 +133,67 @@ def check_tree(directory: Path) -> list[str]:
         elif sha256_file(path) != entry.get("sha256"):
             problems.append(f"{rel}: sha256 differs")
     return problems
+
+
+def model_files(files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The entries of a checkpoint's file table that make the model: top-level
+    ``*.safetensors`` weights, ``config.json``/``adapter_config.json`` and the tokenizer
+    files (:data:`MODEL_FILES`)."""
+    return {
+        name: meta
+        for name, meta in files.items()
+        if "/" not in name and (name.endswith(".safetensors") or name in MODEL_FILES)
+    }
+
+
+def identity_of(source: dict[str, Any], adapter: dict[str, Any] | None = None) -> str | None:
+    """The source checkpoint's identity: 64 hex digits, or None when it cannot be told.
+
+    ``source`` (and ``adapter``, a LoRA merged into it) are fingerprints as ``medserve
+    quantize`` records them (``{"files": {name: {"sha256": ...}}, ...}``). The identity is
+    the sha256 over ``checkpoint <digest>`` (and ``adapter <digest>``) lines, where each
+    digest is :func:`tree_digest` of the :func:`model_files` only, so two copies of one
+    checkpoint that differ in a README have the same identity and a GGUF and a GPTQ
+    artifact quantized from them can be recognised as the same model. None when a file
+    table is missing or holds no ``*.safetensors`` weights.
+    """
+    lines = []
+    for role, fingerprint in (("checkpoint", source), ("adapter", adapter)):
+        if fingerprint is None and role == "adapter":
+            continue
+        files = fingerprint.get("files") if isinstance(fingerprint, dict) else None
+        if not isinstance(files, dict):
+            return None
+        kept = model_files(files)
+        if not any(name.endswith(".safetensors") for name in kept):
+            return None
+        if not all(isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in kept.values()):
+            return None
+        lines.append(f"{role} {tree_digest(kept)}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def source_identity(manifest: dict[str, Any]) -> str | None:
+    """The identity (:func:`identity_of`) of the checkpoint a loaded manifest's artifact was
+    quantized from, recomputed from its ``source`` and ``adapter`` file tables; None for a
+    manifest that does not record them (written by hand, or by an older tool)."""
+    source = manifest.get("source")
+    adapter = manifest.get("adapter")
+    if not isinstance(source, dict) or not (adapter is None or isinstance(adapter, dict)):
+        return None
+    return identity_of(source, adapter)
+
+
+def artifact_digest(manifest: dict[str, Any]) -> str:
+    """One sha256 for a whole artifact directory: :func:`tree_digest` of the manifest's
+    file table. The weights identity of an artifact served as a directory (a GPTQ
+    checkpoint read by vLLM: safetensors, config and tokenizer together)."""
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    return tree_digest(files)
+
+
+def declared_digest(path: Path) -> str:
+    """:func:`artifact_digest` of the manifest at ``path`` (file or directory); raises
+    ManifestError when it is missing or unreadable. Reads the manifest only: the files
+    themselves are not hashed (a remote vLLM server's are not even visible here)."""
+    return artifact_digest(load(path))

@@ -204,6 +204,9 @@ def add(
         f"{manifest['report']['eval_text']['file']}. The weights must match the manifest's",
         "sha256 or the model refuses to load.",
     ]
+    identity = mf.source_identity(manifest)
+    if identity is not None:
+        notes.append(f"Source checkpoint {identity}: fallback needs artifacts of the same one.")
     try:
         target = register_gguf(
             models_dir,

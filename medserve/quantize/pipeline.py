@@ -33,7 +33,6 @@ from medserve.quantize import QuantizeError, prequant, require
 from medserve.quantize import evaluate as ev
 from medserve.quantize.progress import Reporter
 from medserve.quantize.source import (
-    TOKENIZER_FILES,
     check_adapter,
     check_checkpoint,
     dtype_of,
@@ -190,6 +189,10 @@ def _build(
     with reporter.stage("hash inputs"):
         source = fingerprint(opts.source)
         adapter = fingerprint(opts.lora) if opts.lora is not None else None
+    # The checkpoint's identity, for people and other tools: which artifacts were made
+    # from the same model (GGUF and GPTQ of one fine-tune). The server recomputes it from
+    # the file tables (manifest.source_identity) before it allows GPU -> CPU fallback.
+    source["identity"] = mf.identity_of(source, adapter)
     if plan.action != "none":
         source["quantization"] = plan.recorded()
     model_dir = _prepare(opts, config, plan, work, reporter)
@@ -380,7 +383,7 @@ def _gptq_write(
         seconds = time.perf_counter() - t0
     with reporter.stage("write"):
         model.save_pretrained(partial, save_compressed=True)
-        for file in TOKENIZER_FILES:
+        for file in mf.TOKENIZER_FILES:
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, partial / file)
     weights = sorted(partial.glob("*.safetensors"))

@@ -11,21 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medserve.manifest import tree_digest, tree_files
+from medserve.manifest import TOKENIZER_FILES, tree_digest, tree_files
 from medserve.quantize import QuantizeError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:

@@ -42,6 +42,11 @@ def test_gguf_with_lora_writes_evaluated_artifacts_and_manifest(
     assert manifest["kind"] == "gguf"
     assert manifest["adapter"]["sha256"] == mf.tree_digest(mf.tree_files(tiny_lora))
     assert manifest["source"]["sha256"] == mf.tree_digest(mf.tree_files(tiny_llama))
+    # The merged model's identity: the checkpoint's and the adapter's, not the plain one's.
+    plain = {"files": mf.tree_files(tiny_llama)}
+    merged = mf.identity_of(plain, {"files": mf.tree_files(tiny_lora)})
+    assert manifest["source"]["identity"] == mf.source_identity(manifest) == merged
+    assert merged != mf.identity_of(plain)
     assert manifest["tools"]["llama-cpp-python"] and manifest["tools"]["converter"]["sha256"]
     assert manifest["options"]["types"] == ["q4_0", "f16", "q8_0"]
     report = manifest["report"]
@@ -102,6 +107,10 @@ def test_gptq_writes_compressed_tensors_that_load_back(tiny_llama: Path, tmp_pat
     assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (4, 128, "group")
     assert (out / "tokenizer.model").is_file()
     assert mf.check_tree(out) == []
+    # Recognisable as an artifact of tiny_llama, as a GGUF of it is (see the --force test).
+    identity = mf.identity_of({"files": mf.tree_files(tiny_llama)})
+    manifest = manifest_of(done)
+    assert manifest["source"]["identity"] == mf.source_identity(manifest) == identity
 
 
 def test_group_size_that_does_not_divide_is_refused_before_calibration(
@@ -180,6 +189,9 @@ def test_force_replaces_an_existing_artifact_only_when_asked(
     assert refused.returncode == 2 and "--force" in refused.stderr
     quantize(*args, "--force")
     assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
+    # The same source identity as the GPTQ test's artifact of tiny_llama.
+    identity = mf.identity_of({"files": mf.tree_files(tiny_llama)})
+    assert mf.source_identity(mf.load(out)) == identity is not None
     assert partials(tmp_path) == []
 
 
