@@ -38,6 +38,15 @@ def create(
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
     expires: Annotated[str | None, typer.Option(help="Expiry date (ISO 8601, UTC).")] = None,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback/--no-fallback",
+            help="Whether a model's fallback engines (other weights of the same checkpoint, "
+            "e.g. the CPU GGUF of a GPU model) may answer; --no-fallback gets the replicas' "
+            "503 instead.",
+        ),
+    ] = True,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
@@ -51,14 +60,17 @@ def create(
         raise fail("--expires must be an ISO 8601 date, e.g. 2027-06-30") from None
     chosen: Role = next(r for r in ROLES if r == role)
     try:
-        key, token = _store(config).create(name, chosen, scope, rpm, tpm, until)
+        key, token = _store(config).create(name, chosen, scope, rpm, tpm, until, fallback)
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps({**key.as_dict(), "key": token}) + "\n")
         return
     out = Console()
-    out.print(f"created key [bold]{key.id}[/] ({key.name}, role {key.role})", highlight=False)
+    policy = "" if key.fallback else ", no fallback"
+    out.print(
+        f"created key [bold]{key.id}[/] ({key.name}, role {key.role}{policy})", highlight=False
+    )
     out.print("secret, shown once — store it in the application's secret store:")
     out.print(token, highlight=False, soft_wrap=True)
 
@@ -73,7 +85,7 @@ def list_keys(
     if as_json:
         sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
         return
-    table = Table("id", "name", "role", "models", "rpm", "tpm", "expires", "state")
+    table = Table("id", "name", "role", "models", "rpm", "tpm", "expires", "fallback", "state")
     for k in keys:
         state = "revoked" if k.revoked else "expired" if k.expired() else "active"
         table.add_row(
@@ -84,6 +96,7 @@ def list_keys(
             str(k.rpm or "-"),
             str(k.tpm or "-"),
             k.expires or "-",
+            "yes" if k.fallback else "no",
             state,
         )
     Console().print(table)

@@ -4,8 +4,9 @@ A key reads ``ms-<id>_<secret>``: the id (12 hex digits) finds the row, the secr
 random bytes, base64url) is checked against its SHA-256 with a constant-time comparison.
 A 256-bit random secret needs no slow hash: there is nothing to brute-force. The database
 (SQLite, WAL, beside the audit log but not part of its chain) holds ids, names, roles,
-model scopes, limits, expiry and revocation, plus a journal of changes that each server
-copies into its audit log as events.
+model scopes, limits, expiry, revocation and whether fallback engines may answer, plus a
+journal of changes that each server copies into its audit log as events. A database made
+before a column existed gets it on first open (:data:`ADDED_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS keys (
     expires TEXT,
     created TEXT NOT NULL,
     revoked TEXT,
-    secret_sha256 BLOB NOT NULL
+    secret_sha256 BLOB NOT NULL,
+    fallback INTEGER NOT NULL DEFAULT 1
 ) STRICT;
 CREATE TABLE IF NOT EXISTS journal (
     n INTEGER PRIMARY KEY,
@@ -52,6 +54,10 @@ CREATE TABLE IF NOT EXISTS audited (replica TEXT PRIMARY KEY, last INTEGER NOT N
 -- `audited.replica` holds the gateway instance name (Settings.instance); the column keeps
 -- its old name because renaming it would need a migration of existing key databases.
 """
+# Columns added after the first release, with their definitions: a database made before
+# one of them gets it on first open (:meth:`KeyStore._connect`), existing keys the default.
+ADDED_COLUMNS = {"fallback": "INTEGER NOT NULL DEFAULT 1"}
+COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
 
 
 class KeyStoreError(Exception):
@@ -71,6 +77,9 @@ class Key:
     expires: str | None = None
     created: str = ""
     revoked: str | None = None
+    # Whether a model's fallback engines (other weights of the same checkpoint, e.g. the
+    # CPU GGUF of a GPU model) may answer this key's requests (medserve.fallback).
+    fallback: bool = True
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -89,6 +98,7 @@ class Key:
             "expires": self.expires,
             "created": self.created,
             "revoked": self.revoked,
+            "fallback": self.fallback,
         }
 
 
@@ -145,6 +155,17 @@ class KeyStore:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
+        if _missing_columns(conn):
+            # Another process may be migrating too: decide again inside the write lock.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for name in _missing_columns(conn):
+                    conn.execute(f"ALTER TABLE keys ADD COLUMN {name} {ADDED_COLUMNS[name]}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                conn.close()
+                raise
         return conn
 
     def create(
@@ -155,19 +176,25 @@ class KeyStore:
         rpm: int | None = None,
         tpm: int | None = None,
         expires: str | None = None,
+        fallback: bool = True,
     ) -> tuple[Key, str]:
-        """A new key and its full token, which is shown once and never stored."""
+        """A new key and its full token, which is shown once and never stored.
+
+        ``fallback`` false: no fallback engine ever answers this key (see :class:`Key`).
+        """
         if role not in ROLES:
             raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
         if not name.strip() or len(name) > 100:
             raise KeyStoreError("a key needs a name of 1-100 characters")
         key_id, secret = new_secret()
-        key = Key(key_id, name, role, tuple(models) or ("*",), rpm, tpm, expires, now())
+        key = Key(
+            key_id, name, role, tuple(models) or ("*",), rpm, tpm, expires, now(), None, fallback
+        )
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(
-                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                f"INSERT INTO keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     key.id,
                     key.name,
@@ -178,6 +205,7 @@ class KeyStore:
                     expires,
                     key.created,
                     digest(secret),
+                    int(fallback),
                 ),
             )
             self._journal(conn, "key.created", key)
@@ -205,7 +233,7 @@ class KeyStore:
     def all(self) -> list[Key]:
         conn = self._connect()
         try:
-            rows = conn.execute("SELECT * FROM keys ORDER BY created").fetchall()
+            rows = conn.execute(f"SELECT {COLUMNS} FROM keys ORDER BY created").fetchall()
         finally:
             conn.close()
         return [_key(row) for row in rows]
@@ -244,20 +272,31 @@ class KeyStore:
 
     @staticmethod
     def _get(conn: sqlite3.Connection, key_id: str) -> tuple[Key, bytes] | None:
-        row = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+        row = conn.execute(f"SELECT {COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else (_key(row), bytes(row[9]))
 
     @staticmethod
     def _journal(conn: sqlite3.Connection, action: str, key: Key) -> None:
-        details = {"name": key.name, "role": key.role, "models": list(key.models)}
+        details = {
+            "name": key.name,
+            "role": key.role,
+            "models": list(key.models),
+            "fallback": key.fallback,
+        }
         conn.execute(
             "INSERT INTO journal (ts, action, key_id, details) VALUES (?, ?, ?, ?)",
             (now(), action, key.id, json.dumps(details)),
         )
 
 
+def _missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """:data:`ADDED_COLUMNS` the ``keys`` table of ``conn`` lacks (an older database)."""
+    have = {str(row[1]) for row in conn.execute("PRAGMA table_info(keys)")}
+    return [name for name in ADDED_COLUMNS if name not in have]
+
+
 def _key(row: tuple[object, ...]) -> Key:
-    key_id, name, role, models, rpm, tpm, expires, created, revoked, _ = row
+    key_id, name, role, models, rpm, tpm, expires, created, revoked, _, fallback = row
     return Key(
         id=str(key_id),
         name=str(name),
@@ -268,6 +307,7 @@ def _key(row: tuple[object, ...]) -> Key:
         expires=str(expires) if expires else None,
         created=str(created),
         revoked=str(revoked) if revoked else None,
+        fallback=fallback != 0,
     )
 
 
