@@ -168,7 +168,9 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
         raise fail(str(exc)) from None
     table = Table("id", "engine", "context", "weights")
     for spec in specs:
-        for replica in spec.replicas:  # one row per replica
+        fallback = [(f"{e.engine} (fallback)", e) for e in spec.engine_specs[len(spec.replicas) :]]
+        # One row per replica, then per fallback engine.
+        for kind, replica in [*((e.engine, e) for e in spec.replicas), *fallback]:
             where = "(none)"
             if isinstance(replica, LlamaCppSpec):
                 try:
@@ -176,7 +178,7 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
                 except ConfigError as exc:
                     where = f"[red]{exc}[/]"
             context = str(replica.context_length or "model")
-            table.add_row(spec.id, replica.engine, context, where)
+            table.add_row(spec.id, kind, context, where)
     Console().print(table)
 
 

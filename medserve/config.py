@@ -69,12 +69,15 @@ class SamplingDefaults(BaseModel):
 class ModelSpec(BaseModel):
     """One served model: its id, model-level policy and defaults, and its engine replicas.
 
-    ``replicas`` lists the engines that can answer for the model, in order (today the
-    first one answers). Each entry is one engine's own spec, chosen by its ``engine`` key
-    (:data:`medserve.engines.EngineSpec`). The flat form of one file per model, engine keys
-    beside ``id`` (``engine``, ``path``, ``package``/``file``, ``threads``, ``parallel``,
-    ``context_length``, ``fake_token_delay_s`` ...), still loads: it is one replica, and
-    ``engine`` defaults to ``llamacpp`` there as before.
+    ``replicas`` lists the engines that can answer for the model; the router admits a
+    request to the least loaded one with room (:mod:`medserve.router`). ``fallback`` lists
+    engines of other weights from the same source checkpoint, asked only when no replica
+    can take a request (:mod:`medserve.fallback`). Each entry is one engine's own spec,
+    chosen by its ``engine`` key (:data:`medserve.engines.EngineSpec`). The flat form of
+    one file per model, engine keys beside ``id`` (``engine``, ``path``,
+    ``package``/``file``, ``threads``, ``parallel``, ``context_length``,
+    ``fake_token_delay_s`` ...), still loads: it is one replica, and ``engine`` defaults to
+    ``llamacpp`` there as before.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -100,6 +103,24 @@ class ModelSpec(BaseModel):
         description="The engines that run this model, in order; each a table with `engine` "
         "(llamacpp, vllm, fake) and that engine's settings.",
     )
+    replica_failover: bool = Field(
+        True,
+        description="A replica fault before the first chunk (full, 5xx, unreachable, no first "
+        "event in time) moves the request to another of `replicas`. Off: the fault is the "
+        "answer, unless a fallback engine may take it.",
+    )
+    fallback: tuple[EngineSpec, ...] = Field(
+        (),
+        description="Engines with other weights of the same model (e.g. the GGUF of the "
+        "checkpoint the GPU replicas' GPTQ came from), asked only when no replica can take "
+        "the request. Every replica and fallback needs a `manifest`, and all of them must "
+        "name the same source checkpoint; checked at start.",
+    )
+    fallback_enabled: bool = Field(
+        True,
+        description="Use `fallback`. Off: the entry is kept but its engines are not started "
+        "and never answer.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -124,6 +145,12 @@ class ModelSpec(BaseModel):
             return data
         model = {key: value for key, value in data.items() if key in MODEL_FIELDS}
         return {**model, "replicas": [{"engine": "llamacpp", **flat}]}
+
+    @property
+    def engine_specs(self) -> tuple[EngineSpec, ...]:
+        """The engines the model runs, in order: ``replicas``, then ``fallback`` when
+        ``fallback_enabled`` (one engine each; see :class:`medserve.router.Served`)."""
+        return self.replicas + (self.fallback if self.fallback_enabled else ())
 
 
 MODEL_FIELDS = frozenset(ModelSpec.model_fields)
@@ -370,7 +397,8 @@ class _ConfigFile(TomlConfigSettingsSource):
             data["models_dir"] = base / data["models_dir"]
         for model in data.get("models") or []:
             if isinstance(model, dict):
-                for entry in [model, *(model.get("replicas") or [])]:
+                engines = [*(model.get("replicas") or []), *(model.get("fallback") or [])]
+                for entry in [model, *engines]:
                     for name in REPLICA_PATHS:
                         if isinstance(entry, dict) and isinstance(entry.get(name), str):
                             entry[name] = base / entry[name]
@@ -391,6 +419,8 @@ class _ConfigFile(TomlConfigSettingsSource):
 AUDIT_PATHS = ("path", "key_file", "signing_key_file", "checkpoint_file", "capture_key_file")
 # Replica fields that are files: relative ones are relative to the file that names them.
 REPLICA_PATHS = ("path", "manifest")
+# ModelSpec fields that hold engine tables (the union's tag sits in their locations).
+ENGINE_LISTS = ("replicas", "fallback")
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -431,7 +461,7 @@ def describe(exc: ValidationError, prefix: str = "", flat: bool = False) -> str:
             loc = loc[2:] if len(loc) < 3 or loc[2] not in ENGINE_KINDS else loc[3:]
         name = prefix
         for i, part in enumerate(loc):
-            tag = i >= 2 and loc[i - 2] == "replicas" and isinstance(loc[i - 1], int)
+            tag = i >= 2 and loc[i - 2] in ENGINE_LISTS and isinstance(loc[i - 1], int)
             if isinstance(part, int):
                 name += f"[{part}]"
             elif not (tag and part in ENGINE_KINDS):

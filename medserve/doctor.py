@@ -17,6 +17,7 @@ from medserve.auth.keys import KeyStore
 from medserve.config import ModelSpec, Settings
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.errors import ConfigError
+from medserve.fallback import check as check_fallback
 from medserve.manifest import ManifestError, check_file, sha256_file
 from medserve.privacy import OFFLINE_ENV
 
@@ -101,6 +102,7 @@ def checks(
     yield from _audit(settings)
     for spec in models:
         yield from _models(spec, hash_models)
+        yield from _fallback(spec, hash_models)
 
 
 def _connections(settings: Settings) -> Iterator[Check]:
@@ -164,6 +166,30 @@ def _models(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
             yield _weights(name, spec.id, replica, hash_models)
         else:
             yield Check(name, "warn", f"{replica.engine} engine (tests and demos only)")
+
+
+def _fallback(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
+    """A model with fallback engines: each one's weights, and whether fallback is allowed
+    (every manifest names the same source checkpoint: :func:`medserve.fallback.check`)."""
+    if not spec.fallback:
+        return
+    if not spec.fallback_enabled:
+        yield Check(f"model {spec.id} fallback", "ok", "off (fallback_enabled = false)")
+        return
+    for i, engine in enumerate(spec.fallback):
+        if isinstance(engine, LlamaCppSpec):
+            yield _weights(f"model {spec.id} fallback {i}", spec.id, engine, hash_models)
+    try:
+        identity = check_fallback(spec)
+    except ConfigError as exc:
+        yield Check(f"model {spec.id} fallback", "danger", str(exc))
+        return
+    yield Check(
+        f"model {spec.id} fallback",
+        "ok",
+        f"{len(spec.fallback)} fallback engine(s), same source checkpoint as the replicas "
+        f"({str(identity)[:16]}...); answers say so in X-Medserve-Fallback and the audit log",
+    )
 
 
 def _weights(name: str, model: str, spec: LlamaCppSpec, hash_models: bool) -> Check:

@@ -1,8 +1,9 @@
 """The model registry on disk: reading ``models/*.toml``, ``--model`` flags, registering.
 
 One TOML file per served model (:class:`medserve.config.ModelSpec`): either the flat form,
-engine keys beside ``id`` (one replica), or ``[[replicas]]`` tables, one per engine replica.
-Relative file paths in an entry are relative to the file. ``medserve models add`` writes
+engine keys beside ``id`` (one replica), or ``[[replicas]]`` tables, one per engine replica;
+``[[fallback]]`` tables, one per fallback engine, go with either. Relative file paths in an
+entry are relative to the file. ``medserve models add`` writes
 entries here too (:func:`register_gguf`).
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from medserve.config import REPLICA_PATHS, ModelSpec, Settings, describe
+from medserve.config import ENGINE_LISTS, REPLICA_PATHS, ModelSpec, Settings, describe
+from medserve.engines import EngineSpec
 from medserve.errors import ConfigError
 
 
@@ -44,16 +46,20 @@ def load_registry(directory: Path) -> list[ModelSpec]:
 
 
 def rebase(spec: ModelSpec, base: Path) -> ModelSpec:
-    """``spec`` with its replicas' relative file paths made relative to ``base``."""
-    replicas = []
-    for replica in spec.replicas:
-        update = {}
-        for name in REPLICA_PATHS:
-            value = getattr(replica, name, None)
-            if isinstance(value, Path) and not value.is_absolute():
-                update[name] = base / value
-        replicas.append(replica.model_copy(update=update) if update else replica)
-    return spec.model_copy(update={"replicas": tuple(replicas)})
+    """``spec`` with the relative file paths of its replicas and fallback engines made
+    relative to ``base``."""
+    update: dict[str, tuple[EngineSpec, ...]] = {}
+    for field in ENGINE_LISTS:
+        engines = []
+        for engine in getattr(spec, field):
+            paths = {}
+            for name in REPLICA_PATHS:
+                value = getattr(engine, name, None)
+                if isinstance(value, Path) and not value.is_absolute():
+                    paths[name] = base / value
+            engines.append(engine.model_copy(update=paths) if paths else engine)
+        update[field] = tuple(engines)
+    return spec.model_copy(update=update)
 
 
 def spec_from_cli(value: str) -> ModelSpec:

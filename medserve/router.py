@@ -6,8 +6,10 @@ must not get an answer from a model it did not ask for. A model may have several
 one with the fewest that has room (``EngineInfo.capacity``), before any response byte: a
 full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not. A caller that
 fails over before its commit point asks again with the engines already tried excluded
-(``admit(served, exclude=...)``). Health-based ejection and GPU → CPU fallback are not
-here yet.
+(``admit(served, exclude=...)``). A model's fallback engines (other weights of the same
+checkpoint, :mod:`medserve.fallback`) are a second tier, offered only when no replica can
+take the request and the caller allows it (``admit(..., fallback=True)``). Health-based
+ejection is not here yet.
 """
 
 from __future__ import annotations
@@ -22,21 +24,24 @@ from medserve.config import ModelSpec
 from medserve.engines import create_engine
 from medserve.engines.base import Engine, Health
 from medserve.errors import ModelNotFoundError, OverloadedError, UnavailableError
+from medserve.fallback import check as check_fallback
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """A served model: its registry entry and one engine per replica, in ``spec.replicas``
-    order (``engines[i]`` runs ``spec.replicas[i]``)."""
+    """A served model: its registry entry and one engine per entry of
+    ``spec.engine_specs`` (``spec.replicas``, then ``spec.fallback`` when enabled), in that
+    order: ``engines[i]`` runs ``spec.engine_specs[i]``. The first ``len(spec.replicas)``
+    are the primary replicas, the rest fallback engines (:meth:`is_fallback`)."""
 
     spec: ModelSpec
     engines: tuple[Engine, ...]
 
     def __post_init__(self) -> None:
-        if len(self.engines) != len(self.spec.replicas):
-            raise ValueError(f"model {self.spec.id!r}: one engine per replica")
+        if len(self.engines) != len(self.spec.engine_specs):
+            raise ValueError(f"model {self.spec.id!r}: one engine per replica and fallback")
 
     @property
     def engine(self) -> Engine:
@@ -52,12 +57,21 @@ class Served:
 
     def replica_kind(self, index: int) -> str:
         """Engine kind of ``engines[index]``, as its replica spec names it."""
-        return self.spec.replicas[index].engine
+        return self.spec.engine_specs[index].engine
+
+    def is_fallback(self, engine: Engine) -> bool:
+        """Whether ``engine`` (one of :attr:`engines`) is a fallback engine, not a replica."""
+        return self.engines.index(engine) >= len(self.spec.replicas)
 
     def replica_name(self, engine: Engine) -> str:
         """``kind:index`` of one of this model's engines, for audit records and logs."""
         index = self.engines.index(engine)
         return f"{self.replica_kind(index)}:{index}"
+
+    @property
+    def primaries(self) -> tuple[Engine, ...]:
+        """The engines of ``spec.replicas``."""
+        return self.engines[: len(self.spec.replicas)]
 
 
 @dataclass(slots=True)
@@ -73,6 +87,10 @@ class Router:
     requests (:meth:`admit`)."""
 
     def __init__(self, served: list[Served]) -> None:
+        """Raises ConfigError when a model's fallback is not allowed
+        (:func:`medserve.fallback.check`)."""
+        for s in served:
+            check_fallback(s.spec)
         self._served = {s.spec.id: s for s in served}
         self._started: list[Engine] = []
         self._load: dict[int, Load] = {id(e): Load() for s in served for e in s.engines}
@@ -82,7 +100,7 @@ class Router:
     def from_specs(cls, specs: list[ModelSpec]) -> Router:
         return cls(
             [
-                Served(spec, tuple(create_engine(spec, replica) for replica in spec.replicas))
+                Served(spec, tuple(create_engine(spec, e) for e in spec.engine_specs))
                 for spec in specs
             ]
         )
@@ -105,35 +123,60 @@ class Router:
 
     @asynccontextmanager
     async def admit(
-        self, served: Served, exclude: Collection[Engine] = ()
+        self, served: Served, exclude: Collection[Engine] = (), fallback: bool = True
     ) -> AsyncIterator[Engine]:
         """Take a permit on one of ``served``'s engines for the request's whole life.
 
-        The started engine not in ``exclude`` (those a failing-over caller already tried)
-        with the fewest outstanding requests among those below their
-        ``EngineInfo.capacity`` (None: unbounded); ties go to the earlier engine. The
-        permit is returned when the block exits, however it exits (finished, failed,
-        client gone). Raises OverloadedError (503 + ``Retry-After``) when every engine is
-        full, UnavailableError (503) when none is left, before the caller did any work.
+        Candidates are the started engines not in ``exclude`` (those a failing-over caller
+        already tried), in tiers (:meth:`_tiers`): the primary replicas, then, only when
+        ``fallback`` is true and no primary candidate has room, the fallback engines. In
+        the first tier with room, the engine with the fewest outstanding requests among
+        those below their ``EngineInfo.capacity`` (None: unbounded); ties go to the earlier
+        engine. The permit is returned when the block exits, however it exits (finished,
+        failed, client gone). Raises OverloadedError (503 + ``Retry-After``) when every
+        candidate is full, UnavailableError (503) when none is left, before the caller did
+        any work.
         """
         candidates = [e for e in served.engines if e in self._started and e not in exclude]
-        if not candidates:
+        offered: list[Engine] = []
+        room: list[Engine] = []
+        for tier in self._tiers(served, candidates, fallback):
+            offered += tier
+            room = [e for e in tier if _has_room(e, self.load(e))]
+            if room:
+                break
+        if not offered:
             raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
-        room = [e for e in candidates if _has_room(e, self.load(e))]
         if not room:
-            first = candidates[0]
+            first = offered[0]
             self.load(first).rejected += 1
             raise OverloadedError(
                 "Every slot of this model is busy and its queue is full; retry shortly.",
-                retry_after=min(e.info.retry_after_s for e in candidates),
+                retry_after=min(e.info.retry_after_s for e in offered),
             )
         engine = min(room, key=lambda e: self.load(e).outstanding)
+        if served.is_fallback(engine):
+            log.info(
+                "fallback engine admitted",
+                extra={"model": served.spec.id, "replica": served.replica_name(engine)},
+            )
         load = self.load(engine)
         load.outstanding += 1
         try:
             yield engine
         finally:
             load.outstanding -= 1
+
+    @staticmethod
+    def _tiers(
+        served: Served, candidates: list[Engine], fallback: bool
+    ) -> tuple[list[Engine], ...]:
+        """``candidates`` split into the tiers :meth:`admit` tries in order: the primary
+        replicas, then the fallback engines when ``fallback`` allows them."""
+        primary = [e for e in candidates if not served.is_fallback(e)]
+        if not fallback:
+            return (primary,)
+        return primary, [e for e in candidates if served.is_fallback(e)]
 
     async def health(self, served: Served) -> Health:
         """The model's health: its engines' added up, with the router's refusals."""

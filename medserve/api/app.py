@@ -37,10 +37,11 @@ from medserve.errors import (
     envelope,
     headers,
 )
+from medserve.fallback import ENGINE_HEADER, FALLBACK_HEADER
 from medserve.metrics import Metrics
 from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.registry import served_models
-from medserve.router import Router
+from medserve.router import Router, Served
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
+            # Readable by the page's script: which engine answered, and whether it was a
+            # fallback engine (other weights), which a clinical app may want to show.
+            expose_headers=[ENGINE_HEADER, FALLBACK_HEADER],
         )
     _add_error_handlers(app)
     return app
@@ -139,7 +143,7 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
-        "models": [{"id": s.spec.id, "engine": s.kind} for s in router],
+        "models": [_model_posture(s) for s in router],
         "audit_on_failure": conf.on_failure,
         "audit_capture": conf.capture,
         "auth": settings.auth.enabled,
@@ -148,6 +152,16 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
         "egress_allow": settings.egress_allow,
         "max_body_bytes": settings.max_body_bytes,
     }
+
+
+def _model_posture(served: Served) -> dict[str, Any]:
+    """A model in the ``config.loaded`` event: id, engine kind, and its fallback engines
+    (replica names) when it has any started."""
+    posture: dict[str, Any] = {"id": served.spec.id, "engine": served.kind}
+    fallback = [served.replica_name(e) for e in served.engines if served.is_fallback(e)]
+    if fallback:
+        posture["fallback"] = fallback
+    return posture
 
 
 def error_response(exc: MedserveError) -> JSONResponse:

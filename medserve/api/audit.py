@@ -118,6 +118,8 @@ class Auditor:
             instance=self.instance,
             replica=ex.replica,
             attempts=ex.attempts or None,
+            fallback=ex.fallback,
+            weights_sha256=ex.weights_sha256,
             error=ex.error,
             stream=ex.stream,
             prompt_tokens=ex.prompt_tokens,

@@ -62,6 +62,8 @@ class Exchange:
     engine: str | None = None
     replica: str | None = None  # the engine replica that answers: "KIND:INDEX" (llamacpp:0)
     attempts: int = 0  # engines asked for this answer (more than 1: failed over)
+    fallback: bool | None = None  # whether that engine is a fallback engine (other weights)
+    weights_sha256: str | None = None  # its weights' sha256 (EngineInfo), when known
     user: str | None = None
     key_id: str | None = None
     stream: bool | None = None

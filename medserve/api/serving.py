@@ -33,7 +33,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from medserve.api.exchange import exchange
+from medserve.api.exchange import Exchange, exchange
 from medserve.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -66,6 +66,7 @@ from medserve.errors import (
     UnsupportedParameterError,
     envelope,
 )
+from medserve.fallback import ENGINE_HEADER, FALLBACK_HEADER
 from medserve.router import Router, Served
 
 log = logging.getLogger(__name__)
@@ -308,11 +309,14 @@ async def _serve(job: Job, served: Served, http: Request) -> Response:
         if attempt is None:
             return Response(status_code=CLIENT_CLOSED)
         held, chunks, first = attempt
+        announce = _announce(ex)
         if job.stream:
             # The response owns the permit and the stream from here on.
             grace = http.app.state.settings.drain_timeout_s
             events = stream(job, first, chunks, http)
-            return _HeldStream(events, held, sep="\n", shutdown_grace_period=grace)
+            return _HeldStream(
+                events, held, sep="\n", shutdown_grace_period=grace, headers=announce
+            )
         try:
             gone, result = await _watching(http, complete(job, first, chunks, http))
         finally:
@@ -324,7 +328,17 @@ async def _serve(job: Job, served: Served, http: Request) -> Response:
         raise
     if gone or result is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(result.model_dump())
+    return JSONResponse(result.model_dump(), headers=announce)
+
+
+def _announce(ex: Exchange) -> dict[str, str]:
+    """The headers that say which engine answered: ``X-Medserve-Engine`` (its replica name,
+    ``KIND:INDEX`` as in the audit record) always, ``X-Medserve-Fallback`` (its engine
+    kind) when it is a fallback engine, whose weights differ from the replicas'."""
+    headers = {ENGINE_HEADER: ex.replica or ""}
+    if ex.fallback:
+        headers[FALLBACK_HEADER] = ex.engine or ""
+    return headers
 
 
 Attempt = tuple[AsyncExitStack, AsyncIterator[GenerationChunk], GenerationChunk | None]
@@ -337,17 +351,24 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
     Before that first chunk nothing was sent, so a replica fault (:data:`FAILOVER`: full,
     failed, unreachable, no first event in time) releases that replica and tries the next
     one the router offers: at most one attempt per engine, none after the request's
-    deadline. When no attempt is left the last fault is the answer. Client errors (400)
-    and client disconnects never fail over. ``ex.attempts`` counts the engines asked.
+    deadline; with the model's ``replica_failover`` off, no other engine of the same tier
+    (replica or fallback). The router offers fallback engines only when the key allows
+    it (``Key.fallback``) and no replica can take the request. When no attempt is left
+    the last fault is the answer. Client errors (400) and client disconnects never fail
+    over. ``ex.attempts`` counts the engines asked; ``ex.fallback`` and
+    ``ex.weights_sha256`` describe the one that answers.
     """
     ex = exchange(http)
     router: Router = http.app.state.router
+    allow_fallback = principal(http).fallback
     tried: list[Engine] = []
     fault: MedserveError | None = None  # the last replica fault
     while True:
         held = AsyncExitStack()
         try:
-            engine = await held.enter_async_context(router.admit(served, exclude=tried))
+            engine = await held.enter_async_context(
+                router.admit(served, exclude=_excluded(served, tried), fallback=allow_fallback)
+            )
         except MedserveError:
             if fault is None:
                 raise
@@ -357,6 +378,7 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
             ex.attempts = len(tried)
             index = served.engines.index(engine)
             ex.engine, ex.replica = served.replica_kind(index), served.replica_name(engine)
+            ex.fallback, ex.weights_sha256 = served.is_fallback(engine), engine.info.weights_sha256
             chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
             gone, first = await _watching(http, anext(chunks, None))
         except BaseException as exc:
@@ -380,6 +402,16 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
 # Replica faults before the commit point: another replica may answer. InvalidRequestError
 # (the client's fault) is deliberately absent, and so is a client that left (cancelled).
 FAILOVER = (OverloadedError, EngineError, UnavailableError, RequestTimeoutError)
+
+
+def _excluded(served: Served, tried: list[Engine]) -> list[Engine]:
+    """The engines a failing-over request may not ask: those it tried and, when the
+    model's ``replica_failover`` is off, every engine of a tier (replicas, fallback
+    engines) where one already failed."""
+    if served.spec.replica_failover:
+        return tried
+    tiers = {served.is_fallback(e) for e in tried}
+    return [e for e in served.engines if served.is_fallback(e) in tiers]
 
 
 def _may_retry(job: Job, served: Served, tried: list[Engine]) -> bool:

@@ -43,6 +43,12 @@ class RequestFacts:
     replica: str | None = None
     instance: str | None = None  # the gateway that wrote the record (Settings.instance)
     attempts: int | None = None  # engines asked (2+: failed over); absent in older records
+    # Whether the engine asked last (the one that answered) is a fallback engine, with
+    # other weights than the model's replicas; and those weights' sha256 (EngineInfo.
+    # weights_sha256: from the artifact manifest, None without one). Null on records of
+    # requests that reached no engine; absent in older records.
+    fallback: bool | None = None
+    weights_sha256: str | None = None
     error: str | None = None
     stream: bool | None = None
     prompt_tokens: int | None = None

@@ -117,6 +117,11 @@ class EngineInfo:
     # and answers 503 ``overloaded`` with ``Retry-After: retry_after_s`` beyond it.
     capacity: int | None = None
     retry_after_s: int = 1
+    # sha256 of the weights this engine answers with, from its artifact manifest, or None
+    # without one: llama.cpp the GGUF file's (verified against the file at start); an
+    # engine that reads a whole artifact directory (vLLM, fake) the digest of the
+    # manifest's file table (medserve.manifest.artifact_digest), as the manifest declares.
+    weights_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

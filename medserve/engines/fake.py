@@ -22,6 +22,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -36,7 +37,8 @@ from medserve.engines.base import (
 )
 from medserve.engines.prepare import bound_chars, budget, in_time
 from medserve.engines.stops import StopMatcher
-from medserve.errors import EngineError, UnavailableError
+from medserve.errors import ConfigError, EngineError, UnavailableError
+from medserve.manifest import ManifestError, declared_digest
 
 if TYPE_CHECKING:
     from medserve.config import ModelSpec
@@ -105,6 +107,11 @@ class FakeSpec(BaseModel):
         validation_alias=AliasChoices("token_delay_s", "fake_token_delay_s"),
         description="Pause per generated token (`fake_token_delay_s` in the flat form).",
     )
+    manifest: Path | None = Field(
+        None,
+        description="An artifact manifest this replica stands in for (tests of weights "
+        "identity and fallback): read at start, as a vLLM replica's.",
+    )
 
 
 class FakeEngine:
@@ -167,6 +174,12 @@ class FakeEngine:
         self._scripts.append(steps)
 
     async def start(self) -> None:
+        if self._spec.manifest is not None:
+            try:
+                digest = declared_digest(self._spec.manifest)
+            except ManifestError as exc:
+                raise ConfigError(f"model {self.settings.model!r}: {exc}") from None
+            self._info = dataclasses.replace(self._info, weights_sha256=digest)
         self._started = True
 
     async def close(self) -> None:

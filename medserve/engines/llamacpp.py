@@ -134,15 +134,20 @@ class LlamaCppSpec(BaseModel):
 
         Hashes the whole file (seconds per GB): called once, when the engine loads it.
         """
-        path = self.weights(model)
-        if self.manifest is not None:
-            from medserve.manifest import ManifestError, check_file
+        return self.checked_weights(model)[0]
 
-            try:
-                check_file(self.manifest, path)
-            except ManifestError as exc:
-                raise ConfigError(f"model {model!r}: {exc}") from None
-        return path
+    def checked_weights(self, model: str) -> tuple[Path, str | None]:
+        """:meth:`verified_weights` and the file's sha256 (None without a manifest, where
+        the file is not hashed)."""
+        path = self.weights(model)
+        if self.manifest is None:
+            return path, None
+        from medserve.manifest import ManifestError, check_file
+
+        try:
+            return path, check_file(self.manifest, path)
+        except ManifestError as exc:
+            raise ConfigError(f"model {model!r}: {exc}") from None
 
 
 class LlamaCppEngine:
@@ -187,8 +192,9 @@ class LlamaCppEngine:
 
     async def start(self) -> None:
         # Off the event loop: with a manifest this hashes the whole weights file.
-        path = await asyncio.to_thread(self._spec.verified_weights, self._model.id)
+        path, digest = await asyncio.to_thread(self._spec.checked_weights, self._model.id)
         self._llama, scheduler = await asyncio.to_thread(self._load, str(path))
+        self._info = dataclasses.replace(self.info, weights_sha256=digest)
         self._scheduler = scheduler
         self._thread = threading.Thread(
             target=scheduler.run, name=f"llamacpp-{self._model.id}", daemon=True

@@ -24,8 +24,7 @@ talks to one server (``url``) with one ``httpx.AsyncClient``:
 
 The egress guard must let medserve reach the replica: :func:`upstream_hosts` lists the
 hosts of the configured replicas, which ``medserve serve`` allows besides ``egress_allow``.
-Not here yet (issue 15): supervised vLLM processes, failover between candidates, load
-scraping, circuit breaking, GPU→CPU fallback.
+Not here yet (issue 15): supervised vLLM processes, load scraping, circuit breaking.
 """
 
 from __future__ import annotations
@@ -37,6 +36,8 @@ import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -52,6 +53,7 @@ from medserve.engines.base import (
 )
 from medserve.engines.sse import SSEError, SSEFramer
 from medserve.errors import (
+    ConfigError,
     ContextLengthError,
     EngineError,
     InvalidRequestError,
@@ -60,6 +62,7 @@ from medserve.errors import (
     RequestTimeoutError,
     UnavailableError,
 )
+from medserve.manifest import ManifestError, declared_digest
 
 if TYPE_CHECKING:
     from medserve.config import ModelSpec
@@ -125,6 +128,13 @@ class VllmSpec(BaseModel):
     health_ttl_s: float = Field(
         2.0, ge=0, description="How long a /health probe result is reused by /ready."
     )
+    manifest: Path | None = Field(
+        None,
+        description="manifest.json of the `medserve quantize` artifact this replica serves "
+        "(e.g. the GPTQ directory): its weights' identity for the audit log and GPU -> CPU "
+        "fallback. Read at start; the remote server's files cannot be checked from here. "
+        "Relative to the registry file.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -138,11 +148,12 @@ class VllmSpec(BaseModel):
 
 
 def upstream_hosts(specs: Iterable[ModelSpec]) -> list[str]:
-    """Hosts of every configured vLLM replica (for the egress guard's allow-list)."""
+    """Hosts of every configured vLLM replica and fallback engine (for the egress guard's
+    allow-list)."""
     hosts = {
         urlsplit(r.url).hostname or ""
         for spec in specs
-        for r in spec.replicas
+        for r in spec.engine_specs
         if isinstance(r, VllmSpec)
     }
     return sorted(h for h in hosts if h)
@@ -194,6 +205,12 @@ class VllmEngine:
         Raises EngineError (operator-facing: names the replica) when it is not ready within
         ``start_timeout_s`` or lacks the served name or a context length.
         """
+        if self._spec.manifest is not None:
+            try:
+                digest = await asyncio.to_thread(declared_digest, self._spec.manifest)
+            except ManifestError as exc:
+                raise ConfigError(f"model {self._model!r}: {exc}") from None
+            self._info = replace(self._info, weights_sha256=digest)
         if self._client is None:
             self._client = self._new_client()
         deadline = time.monotonic() + self._spec.start_timeout_s
@@ -454,8 +471,6 @@ class VllmEngine:
 
 
 def _replace_context(info: EngineInfo, context: int) -> EngineInfo:
-    from dataclasses import replace
-
     return replace(info, context_length=context)
 
 

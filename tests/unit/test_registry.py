@@ -114,6 +114,7 @@ ORDER = [
     "medserve.config",
     "medserve.registry",
     "medserve.router",
+    "medserve.fallback",
     "medserve.quantize.cli",
     "medserve.doctor",
 ]
