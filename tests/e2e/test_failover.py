@@ -26,8 +26,15 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "symptom?"}], "
 WAIT_S = 30.0  # bound on polling the audit log
 
 
-def config(path: Path, first: FakeUpstream | str, second: FakeUpstream) -> Path:
-    """Two replicas of MODEL: ``first`` (gives up on a first event after 1 s), ``second``."""
+# The first replica is asked first when both are idle (``ordered``), and the faults these
+# tests inject one after the other never open its breaker nor mark it busy: each test
+# starts from the same routing state. The breaker itself is tested in test_breaker.py.
+ROUTING = 'balance = "ordered"\nbreaker_faults = 1000\nbusy_s = 0\n'
+
+
+def config(path: Path, first: FakeUpstream | str, second: FakeUpstream, extra: str = "") -> Path:
+    """Two replicas of MODEL: ``first`` (gives up on a first event after 1 s), ``second``;
+    ``extra``: more TOML after them."""
     url = first if isinstance(first, str) else first.url
     replica = '[[models.replicas]]\nengine = "vllm"\nurl = "{}"\nserved_model_name = "m"\n'
     path.write_text(
@@ -36,6 +43,8 @@ def config(path: Path, first: FakeUpstream | str, second: FakeUpstream) -> Path:
         + "first_event_timeout_s = 1\n"
         + replica.format(second.url)
         + "first_event_timeout_s = 60\n"
+        + f"[models.routing]\n{ROUTING}"
+        + extra
     )
     return path
 
