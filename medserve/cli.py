@@ -279,6 +279,9 @@ def doctor(
     model: ModelOpt = None,
     host: Annotated[str | None, typer.Option(help="Check this bind address instead.")] = None,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the weights' sha256.")] = False,
+    no_probe: Annotated[
+        bool, typer.Option("--no-probe", help="Do not ask remote vLLM replicas for /health.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Print the privacy and safety posture; exit 1 on a dangerous setting."""
@@ -291,7 +294,7 @@ def doctor(
         specs = served_models(settings, model)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    found = list(checks(settings, specs, hash_models=not no_hash))
+    found = list(checks(settings, specs, hash_models=not no_hash, probe=not no_probe))
     if as_json:
         print(json.dumps([c.__dict__ for c in found], indent=2))
     else:

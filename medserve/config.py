@@ -66,15 +66,88 @@ class SamplingDefaults(BaseModel):
     )
 
 
+class RoutingPolicy(BaseModel):
+    """How the router spreads one model's requests over its replicas and takes failing
+    ones out (:mod:`medserve.health`). Defaults follow the research note's recommendations
+    (shared/research/gpu-path-and-scale-out.md §16 and §Replica selection): the numbers
+    there are other gateways' defaults (Envoy, the vLLM Router README), not measurements."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    health_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between two active health checks of each replica (vLLM: "
+        "GET /health, never a generation request).",
+    )
+    health_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait for one health check; a slower answer is a failure. At "
+        "least 5 s in production: a busy vLLM answers /health late (ray#54070).",
+    )
+    eject_after: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed health checks that eject a replica (a refused "
+        "connection ejects at once); the first passing check readmits it.",
+    )
+    breaker_faults: int = Field(
+        5,
+        ge=1,
+        description="Consecutive replica faults of real requests (5xx, unreachable, error "
+        "event, no first event in time; never 4xx or client cancels) that open the "
+        "replica's circuit breaker.",
+    )
+    breaker_open_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds an open breaker refuses the replica; then one trial request "
+        "is let through (half-open): its success closes the breaker, its fault re-opens it.",
+    )
+    busy_s: float = Field(
+        1.0,
+        ge=0,
+        description="After a replica refuses a request as full (503/429), other replicas "
+        "are preferred for this long (it is not a fault); 0: no such preference.",
+    )
+    scrape_interval_s: float = Field(
+        1.5,
+        gt=0,
+        description="Seconds between two reads of a vLLM replica's /metrics (waiting "
+        "requests, KV-cache usage). A value older than three intervals is unknown.",
+    )
+    waiting_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Each request waiting in a replica's own queue (vllm:num_requests_"
+        "waiting) counts as this many outstanding requests when choosing a replica.",
+    )
+    kv_weight: float = Field(
+        4.0,
+        ge=0,
+        description="A replica's KV-cache usage (0 to 1) times this counts as outstanding "
+        "requests when choosing (a full cache: 4 requests more, by default).",
+    )
+    balance: Literal["random", "ordered"] = Field(
+        "random",
+        description="random: the least loaded replica, ties broken at random, and with "
+        "more than two candidates the better of two picked at random (power of two "
+        "choices); ordered: the least loaded, ties to the earlier replica (a preference "
+        "order, e.g. the local GPU first).",
+    )
+
+
 class ModelSpec(BaseModel):
     """One served model: its id, model-level policy and defaults, and its engine replicas.
 
     ``replicas`` lists the engines that can answer for the model; the router admits a
     request to the least loaded one with room (:mod:`medserve.router`). ``fallback`` lists
     engines of other weights from the same source checkpoint, asked only when no replica
-    can take a request (:mod:`medserve.fallback`). Each entry is one engine's own spec,
-    chosen by its ``engine`` key (:data:`medserve.engines.EngineSpec`). The flat form of
-    one file per model, engine keys beside ``id`` (``engine``, ``path``,
+    can take a request (:mod:`medserve.fallback`). ``routing`` says how a replica is
+    picked and when one is out of service (:class:`RoutingPolicy`). Each entry is one
+    engine's own spec, chosen by its ``engine`` key (:data:`medserve.engines.EngineSpec`).
+    The flat form of one file per model, engine keys beside ``id`` (``engine``, ``path``,
     ``package``/``file``, ``threads``, ``parallel``, ``context_length``,
     ``fake_token_delay_s`` ...), still loads: it is one replica, and ``engine`` defaults to
     ``llamacpp`` there as before.
@@ -120,6 +193,10 @@ class ModelSpec(BaseModel):
         True,
         description="Use `fallback`. Off: the entry is kept but its engines are not started "
         "and never answer.",
+    )
+    routing: RoutingPolicy = Field(
+        default_factory=RoutingPolicy,
+        description="Replica choice, health checks and circuit breaker ([models.routing]).",
     )
 
     @field_validator("id")

@@ -3,6 +3,13 @@
 Each check is ``ok``, ``warn`` or ``danger``; any ``danger`` makes the command exit 1, so
 a deployment pipeline can refuse a configuration that would expose patient data (for
 example a non-loopback bind without authentication or without TLS).
+
+Each replica is one check named ``model ID replica KIND:INDEX`` (just ``model ID`` for a
+single replica). A remote vLLM replica is probed once, unless ``probe`` is off: its
+``/health`` (ready, or ``warn``: the router would eject it) and its ``/metrics`` (waiting,
+running, KV-cache usage, or unknown). The router's own state of a replica (ejected by
+failed checks, circuit breaker, requests outstanding) exists only in a running server:
+its ``/ready`` lists it.
 """
 
 from __future__ import annotations
@@ -13,15 +20,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import httpx
+
 from medserve.auth.keys import KeyStore
 from medserve.config import ModelSpec, Settings
+from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.engines.vllm import VllmSpec, parse_load
 from medserve.errors import ConfigError
 from medserve.fallback import check as check_fallback
 from medserve.manifest import ManifestError, check_file, sha256_file
 from medserve.privacy import OFFLINE_ENV
 
 Level = Literal["ok", "warn", "danger"]
+PROBE_TIMEOUT_S = 5.0  # per request of a replica probe (the router's health timeout)
 
 
 @dataclass(frozen=True)
@@ -41,8 +53,10 @@ def loopback(host: str) -> bool:
 
 
 def checks(
-    settings: Settings, models: list[ModelSpec], hash_models: bool = True
+    settings: Settings, models: list[ModelSpec], hash_models: bool = True, probe: bool = True
 ) -> Iterator[Check]:
+    """Every check, in order; ``hash_models``: hash weights files; ``probe``: ask each
+    remote vLLM replica for its health and load."""
     local = loopback(settings.host)
     auth = settings.auth
     tls = settings.tls_certfile is not None and settings.tls_keyfile is not None
@@ -101,7 +115,7 @@ def checks(
     )
     yield from _audit(settings)
     for spec in models:
-        yield from _models(spec, hash_models)
+        yield from _models(spec, hash_models, probe)
         yield from _fallback(spec, hash_models)
 
 
@@ -158,12 +172,16 @@ def _audit(settings: Settings) -> Iterator[Check]:
         yield Check("content capture", "warn", "on: prompts and completions kept, encrypted")
 
 
-def _models(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
+def _models(spec: ModelSpec, hash_models: bool, probe: bool) -> Iterator[Check]:
     """One check per replica; a single-replica model keeps its plain name."""
     for i, replica in enumerate(spec.replicas):
-        name = f"model {spec.id}" + (f" replica {i}" if len(spec.replicas) > 1 else "")
+        name = f"model {spec.id}"
+        if len(spec.replicas) > 1:
+            name += f" replica {replica.engine}:{i}"
         if isinstance(replica, LlamaCppSpec):
             yield _weights(name, spec.id, replica, hash_models)
+        elif isinstance(replica, VllmSpec):
+            yield _vllm(name, replica, probe)
         else:
             yield Check(name, "warn", f"{replica.engine} engine (tests and demos only)")
 
@@ -190,6 +208,38 @@ def _fallback(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
         f"{len(spec.fallback)} fallback engine(s), same source checkpoint as the replicas "
         f"({str(identity)[:16]}...); answers say so in X-Medserve-Fallback and the audit log",
     )
+
+
+def _vllm(name: str, spec: VllmSpec, probe: bool) -> Check:
+    """A remote vLLM replica: its /health and scraped load, asked once."""
+    where = f"vllm at {spec.url}"
+    if not probe:
+        return Check(name, "ok", f"{where} (not probed)")
+    key = spec.api_key
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    try:
+        with httpx.Client(
+            base_url=spec.url, headers=headers, timeout=PROBE_TIMEOUT_S, trust_env=False
+        ) as client:
+            status = client.get("/health").status_code
+            if status != 200:
+                return Check(name, "warn", f"{where}: /health answered {status} (not ready)")
+            metrics = client.get("/metrics")
+    except httpx.HTTPError as exc:
+        return Check(name, "warn", f"{where}: unreachable ({type(exc).__name__})")
+    load = parse_load(metrics.text) if metrics.status_code == 200 else LoadStats()
+    return Check(name, "ok", f"{where}: ready; {describe_load(load)}")
+
+
+def describe_load(load: LoadStats) -> str:
+    """``waiting 2, running 5, kv cache 41%``, ``unknown`` for what is not known."""
+
+    def known(value: object) -> str:
+        return "unknown" if value is None else str(value)
+
+    kv = load.kv_cache_usage
+    usage = "unknown" if kv is None else f"{kv:.0%}"
+    return f"waiting {known(load.waiting)}, running {known(load.running)}, kv cache {usage}"
 
 
 def _weights(name: str, model: str, spec: LlamaCppSpec, hash_models: bool) -> Check:

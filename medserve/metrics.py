@@ -3,8 +3,9 @@
 Labels only ever take values from sets the operator controls: ``model`` is a served model
 id (or "" when the request named none that exists, however long and random the name it
 sent), ``endpoint`` a route template or "unmatched", ``status`` one of the HTTP statuses
-medserve itself answers, ``engine``/``instance`` from the configuration. Never a prompt, a
-user, a key or a raw path.
+medserve itself answers, ``engine``/``instance`` from the configuration, ``replica`` an
+engine replica as ``kind:index`` (never its URL), ``outcome``/``state`` from fixed sets.
+Never a prompt, a user, a key, a request id or a raw path.
 
 Request metrics are observed once per request from its :class:`Exchange`; engine load,
 readiness and audit counters are read at scrape time from the objects that own them, so
@@ -26,6 +27,11 @@ from medserve import __version__
 from medserve.audit.store import StoreStats
 from medserve.auth import AUTH_REASONS
 from medserve.engines.base import Health
+from medserve.health import BREAKER_STATES, STATUSES, ReplicaView
+
+# What one attempt on a replica came to (serving's classification): the replica answered
+# (ok), failed (fault), refused as full (busy); or the client erred or left.
+ATTEMPT_OUTCOMES = ("ok", "fault", "busy", "client_error", "cancelled")
 
 # Seconds. Wide enough for a 135M model on two CPU cores and an 8B model on an H100.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -142,6 +148,14 @@ class Metrics:
             buckets=AUDIT_BUCKETS,
             registry=r,
         )
+        self.attempts = Counter(
+            "medserve_replica_attempts",
+            "Attempts to answer a request on one replica (several per request when it "
+            "failed over), by model, engine kind, replica (kind:index) and outcome: ok, "
+            "fault, busy, client_error, cancelled.",
+            ["model", "engine", "replica", "outcome"],
+            registry=r,
+        )
         info = Gauge(
             "medserve_build_info",
             "Always 1; labels say which medserve and Python run here.",
@@ -150,6 +164,7 @@ class Metrics:
         )
         info.labels(__version__, platform.python_version(), instance).set(1)
         self._engines: list[EngineState] = []
+        self._replicas: list[ReplicaView] = []
         self._audit: Callable[[], StoreStats | None] = lambda: None
         r.register(_Snapshot(self))
 
@@ -160,6 +175,16 @@ class Metrics:
                 family.labels(model)
             for histogram in (self.e2e, self.queue, self.ttft, self.itl):
                 histogram.labels(model)
+
+    def declare_replicas(self, replicas: Iterable[ReplicaView]) -> None:
+        """Create each replica's attempt series at zero, one per outcome."""
+        for r in replicas:
+            for outcome in ATTEMPT_OUTCOMES:
+                self.attempts.labels(r.model, r.kind, r.name, outcome)
+
+    def attempt(self, model: str, engine: str, replica: str, outcome: str) -> None:
+        """Count one attempt (``outcome`` one of ATTEMPT_OUTCOMES)."""
+        self.attempts.labels(model, engine, replica, outcome).inc()
 
     def observe(self, o: RequestObservation) -> None:
         self.requests.labels(o.model, o.endpoint, str(o.status)).inc()
@@ -186,6 +211,10 @@ class Metrics:
     def set_engines(self, states: Iterable[EngineState]) -> None:
         """Engine health as of this scrape (called by the /metrics route)."""
         self._engines = list(states)
+
+    def set_replicas(self, replicas: Iterable[ReplicaView]) -> None:
+        """Replica states as of this scrape (called by the /metrics route)."""
+        self._replicas = list(replicas)
 
     def watch_audit(self, read: Callable[[], StoreStats | None]) -> None:
         """Where the audit counters come from: the store's stats, or None when audit is off."""
@@ -232,6 +261,7 @@ class _Snapshot(Collector):
             if e.load_seconds is not None:
                 load.add_metric([e.model], e.load_seconds)
         yield from (up, ready, running, waiting, rejected, load)
+        yield from _replica_families(m._replicas)
         audit = m._audit()
         enabled = GaugeMetricFamily("medserve_audit_enabled", "1 if requests are audited.")
         enabled.add_metric([], 0.0 if audit is None else 1.0)
@@ -253,3 +283,33 @@ class _Snapshot(Collector):
         )
         checkpoints.add_metric([], stats.checkpoints)
         yield from (written, failures, last, checkpoints)
+
+
+def _replica_families(replicas: list[ReplicaView]) -> Iterator[GaugeMetricFamily]:
+    """Per-replica state (one series per state, 1 for the current one), breaker state and
+    requests outstanding, labelled model, engine kind and replica (kind:index)."""
+    labels = ["model", "engine", "replica"]
+    state = GaugeMetricFamily(
+        "medserve_replica_state",
+        "1 for the replica's current state: ready, ejected (failing health checks) or down "
+        "(not started).",
+        labels=[*labels, "state"],
+    )
+    breaker = GaugeMetricFamily(
+        "medserve_replica_breaker",
+        "1 for the state of the replica's circuit breaker: closed, open or half_open.",
+        labels=[*labels, "state"],
+    )
+    outstanding = GaugeMetricFamily(
+        "medserve_replica_outstanding",
+        "Requests this gateway admitted to the replica and not finished.",
+        labels=labels,
+    )
+    for r in replicas:
+        key = [r.model, r.kind, r.name]
+        for status in STATUSES:
+            state.add_metric([*key, status], 1.0 if r.status == status else 0.0)
+        for position in BREAKER_STATES:
+            breaker.add_metric([*key, position], 1.0 if r.breaker == position else 0.0)
+        outstanding.add_metric(key, r.outstanding)
+    yield from (state, breaker, outstanding)

@@ -2,21 +2,27 @@
 
 An unknown model is a 404 ``model_not_found``, never a silent substitute: a clinical app
 must not get an answer from a model it did not ask for. A model may have several engines
-(replicas); the router counts the requests outstanding on each and admits a request to the
-one with the fewest that has room (``EngineInfo.capacity``), before any response byte: a
-full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not. A caller that
-fails over before its commit point asks again with the engines already tried excluded
-(``admit(served, exclude=...)``). A model's fallback engines (other weights of the same
-checkpoint, :mod:`medserve.fallback`) are a second tier, offered only when no replica can
-take the request and the caller allows it (``admit(..., fallback=True)``). Health-based
-ejection is not here yet.
+(replicas). The router admits a request, before any response byte, to a replica that is
+started, healthy (:mod:`medserve.health`: not ejected by its health checks, its circuit
+breaker not open) and below its ``EngineInfo.capacity``; among those, to the least loaded:
+requests outstanding here plus a penalty from the replica's own scraped queue and KV-cache
+usage, ties broken at random, the better of two random ones with more than two (power of
+two choices), or in replica order when the model's ``routing.balance`` is ``ordered``. A
+full model is a 503 ``overloaded`` with ``Retry-After``, streaming or not; a model with no
+healthy replica a 503 ``no_healthy_replica``. A caller that fails over before its commit
+point asks again with the engines already tried excluded (``admit(served, exclude=...)``)
+and reports each attempt's outcome (:meth:`Router.report`). A model's fallback engines
+(other weights of the same checkpoint, :mod:`medserve.fallback`) are a second tier, chosen
+the same way but offered only when no replica can take the request and the caller allows
+it (``admit(..., fallback=True)``).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -25,6 +31,7 @@ from medserve.engines import create_engine
 from medserve.engines.base import Engine, Health
 from medserve.errors import ModelNotFoundError, OverloadedError, UnavailableError
 from medserve.fallback import check as check_fallback
+from medserve.health import Clock, Monitor, Outcome, ReplicaState, ReplicaView
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +90,20 @@ class Load:
 
 
 class Router:
-    """Holds the served models, starts and stops their engines, resolves ids and admits
-    requests (:meth:`admit`)."""
+    """Holds the served models, starts and stops their engines (and the health monitor),
+    resolves ids, admits requests (:meth:`admit`) and takes their outcomes (:meth:`report`).
 
-    def __init__(self, served: list[Served]) -> None:
+    ``rng`` makes the random choices reproducible (tests); ``clock`` (seconds,
+    monotonic) times breakers and scraped values.
+    """
+
+    def __init__(
+        self,
+        served: list[Served],
+        *,
+        rng: random.Random | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         """Raises ConfigError when a model's fallback is not allowed
         (:func:`medserve.fallback.check`)."""
         for s in served:
@@ -94,6 +111,13 @@ class Router:
         self._served = {s.spec.id: s for s in served}
         self._started: list[Engine] = []
         self._load: dict[int, Load] = {id(e): Load() for s in served for e in s.engines}
+        self._states = {
+            id(e): ReplicaState(e, s.spec.id, s.replica_name(e), s.spec.routing, clock)
+            for s in served
+            for e in s.engines
+        }
+        self._rng = rng or random.Random()
+        self.monitor = Monitor(self._states.values(), self._start_replica)
         self.load_seconds: dict[str, float] = {}
 
     @classmethod
@@ -109,17 +133,35 @@ class Router:
         return iter(self._served.values())
 
     def get(self, model: str) -> Served:
-        """The served model named ``model``; 404 if unknown, 503 if not started."""
+        """The served model named ``model``; 404 if unknown, 503 if no replica started."""
         served = self._served.get(model)
         if served is None:
             raise ModelNotFoundError(model)
-        if not any(e in self._started for e in served.engines):
+        if not self.started(served):
             raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
         return served
+
+    def started(self, served: Served) -> tuple[Engine, ...]:
+        """``served``'s engines that started, in replica order (healthy or not)."""
+        return tuple(e for e in served.engines if self.state(e).started)
 
     def load(self, engine: Engine) -> Load:
         """The router's counts for ``engine`` (one of the served engines)."""
         return self._load[id(engine)]
+
+    def state(self, engine: Engine) -> ReplicaState:
+        """Health, breaker and scraped load of ``engine`` (one of the served engines)."""
+        return self._states[id(engine)]
+
+    def report(self, engine: Engine, outcome: Outcome) -> None:
+        """One attempt's outcome on ``engine``: ``ok`` (its first chunk came), ``fault``
+        (5xx, unreachable, error event, no first event in time) or ``busy`` (503/429
+        admission refusal). Client errors and client cancels are not reported."""
+        self.state(engine).report(outcome)
+
+    def replicas(self) -> list[ReplicaView]:
+        """Every replica of every model as /ready and /metrics show it."""
+        return [self.state(e).view(self.load(e).outstanding) for s in self for e in s.engines]
 
     @asynccontextmanager
     async def admit(
@@ -127,88 +169,143 @@ class Router:
     ) -> AsyncIterator[Engine]:
         """Take a permit on one of ``served``'s engines for the request's whole life.
 
-        Candidates are the started engines not in ``exclude`` (those a failing-over caller
-        already tried), in tiers (:meth:`_tiers`): the primary replicas, then, only when
-        ``fallback`` is true and no primary candidate has room, the fallback engines. In
-        the first tier with room, the engine with the fewest outstanding requests among
-        those below their ``EngineInfo.capacity`` (None: unbounded); ties go to the earlier
-        engine. The permit is returned when the block exits, however it exits (finished,
-        failed, client gone). Raises OverloadedError (503 + ``Retry-After``) when every
-        candidate is full, UnavailableError (503) when none is left, before the caller did
-        any work.
+        The engine is chosen by :meth:`_select` among those not in ``exclude`` (the ones a
+        failing-over caller already tried), first among the primary replicas and then,
+        only when ``fallback`` is true and no replica can take the request, among the
+        fallback engines. The permit is returned when the block exits, however it exits
+        (finished, failed, client gone); a half-open breaker's trial that reported no
+        outcome is given back with it. Raises, before the caller did any work (the primary
+        tier's reason when no tier has an engine): UnavailableError (503) when no replica
+        is started or none is healthy, OverloadedError (503 + ``Retry-After``) when every
+        healthy one is full.
         """
-        candidates = [e for e in served.engines if e in self._started and e not in exclude]
-        offered: list[Engine] = []
-        room: list[Engine] = []
-        for tier in self._tiers(served, candidates, fallback):
-            offered += tier
-            room = [e for e in tier if _has_room(e, self.load(e))]
-            if room:
+        tiers = [served.primaries]
+        if fallback:
+            tiers.append(served.engines[len(served.primaries) :])
+        engine: Engine | None = None
+        refusal: UnavailableError | OverloadedError | None = None
+        for tier in tiers:
+            try:
+                engine = self._select(tier, exclude)
                 break
-        if not offered:
-            raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
-        if not room:
-            first = offered[0]
-            self.load(first).rejected += 1
-            raise OverloadedError(
-                "Every slot of this model is busy and its queue is full; retry shortly.",
-                retry_after=min(e.info.retry_after_s for e in offered),
-            )
-        engine = min(room, key=lambda e: self.load(e).outstanding)
-        if served.is_fallback(engine):
+            except (UnavailableError, OverloadedError) as exc:
+                refusal = refusal or exc
+        if engine is None:
+            assert refusal is not None
+            if isinstance(refusal, OverloadedError):
+                self.load(served.engines[0]).rejected += 1
+            raise refusal
+        if refusal is not None and served.is_fallback(engine):
             log.info(
                 "fallback engine admitted",
                 extra={"model": served.spec.id, "replica": served.replica_name(engine)},
             )
-        load = self.load(engine)
+        state, load = self.state(engine), self.load(engine)
+        trial = state.admitted()
         load.outstanding += 1
         try:
             yield engine
         finally:
             load.outstanding -= 1
+            state.released(trial)
 
-    @staticmethod
-    def _tiers(
-        served: Served, candidates: list[Engine], fallback: bool
-    ) -> tuple[list[Engine], ...]:
-        """``candidates`` split into the tiers :meth:`admit` tries in order: the primary
-        replicas, then the fallback engines when ``fallback`` allows them."""
-        primary = [e for e in candidates if not served.is_fallback(e)]
-        if not fallback:
-            return (primary,)
-        return primary, [e for e in candidates if served.is_fallback(e)]
+    def _select(self, engines: Sequence[Engine], exclude: Collection[Engine]) -> Engine:
+        """The engine for the next request among ``engines`` (see the module docstring)."""
+        alive = [e for e in engines if self.state(e).started and e not in exclude]
+        if not alive:
+            raise UnavailableError("The model is not loaded yet.", code="model_not_ready")
+        healthy = [e for e in alive if self.state(e).admissible()]
+        if not healthy:
+            raise UnavailableError(
+                "No replica of this model is healthy now; retry shortly.",
+                code="no_healthy_replica",
+                retry_after=min(self.state(e).retry_after() for e in alive),
+            )
+        room = [e for e in healthy if _has_room(e, self.load(e))]
+        if not room:  # counted in Load.rejected by admit, when no tier has room
+            raise OverloadedError(
+                "Every slot of this model is busy and its queue is full; retry shortly.",
+                retry_after=min(e.info.retry_after_s for e in healthy),
+            )
+        return self._choose(room)
+
+    def _choose(self, room: list[Engine]) -> Engine:
+        """The least loaded of ``room``: a replica that refused as busy lately last, then
+        outstanding requests plus the scraped penalty. ``random`` balance: two random
+        candidates compared when there are more than two, ties broken at random;
+        ``ordered``: every candidate compared, ties to the earlier replica."""
+
+        def key(engine: Engine) -> tuple[bool, float]:
+            state = self.state(engine)
+            return state.busy(), self.load(engine).outstanding + state.penalty()
+
+        ordered = self.state(room[0]).policy.balance == "ordered"
+        if not ordered and len(room) > 2:
+            room = self._rng.sample(room, 2)
+        best = min(key(e) for e in room)
+        ties = [e for e in room if key(e) == best]
+        return ties[0] if ordered else self._rng.choice(ties)
 
     async def health(self, served: Served) -> Health:
-        """The model's health: its engines' added up, with the router's refusals."""
+        """The model's health: its engines' added up, with the router's refusals. Ready
+        when one replica is ready by its own health and admissible by the router's."""
         parts = [await e.health() for e in served.engines]
         return replace(
             parts[0],
-            ready=any(h.ready for h in parts),
+            ready=any(
+                h.ready and self.state(e).admissible()
+                for e, h in zip(served.engines, parts, strict=True)
+            ),
             running=sum(h.running for h in parts),
             waiting=sum(h.waiting for h in parts),
             rejected=sum(self.load(e).rejected for e in served.engines),
+            unreachable=all(h.unreachable for h in parts),
         )
 
     async def start(self) -> None:
-        """Load every engine of every model; on a failure, unload what was loaded and re-raise.
+        """Start every engine of every model, then the health monitor.
 
-        ``load_seconds[model]`` is the time to load all of the model's replicas.
+        A replica that fails to start while another replica of its model started is
+        left ``down`` and started again in the background (:class:`Monitor`); a model
+        none of whose replicas starts unloads everything loaded and re-raises its first
+        replica's error. ``load_seconds[model]`` is the time to start its replicas.
         """
         for served in self._served.values():
             began = time.perf_counter()
-            for index, engine in enumerate(served.engines):
+            failed: list[BaseException] = []
+            for engine in served.engines:
                 try:
-                    await engine.start()
+                    await self._start_replica(self.state(engine))
+                except Exception as exc:
+                    failed.append(exc)
+                    extra = {"model": served.spec.id, "replica": served.replica_name(engine)}
+                    log.warning("replica failed to start", extra=extra)
                 except BaseException:
                     await self.close()
                     raise
-                self._started.append(engine)
-                log.info("engine started", extra={"model": served.spec.id, "replica": index})
+            if len(failed) == len(served.engines):
+                await self.close()
+                raise failed[0]
             self.load_seconds[served.spec.id] = time.perf_counter() - began
+        self.monitor.start()
+
+    async def _start_replica(self, state: ReplicaState) -> None:
+        await state.engine.start()
+        state.started = True
+        self._started.append(state.engine)
+        log.info("engine started", extra={"model": state.model, "replica": state.name})
 
     async def close(self) -> None:
+        """Stop the monitor, then close every engine, the last started first (and those
+        that never started, which may hold a half-open connection)."""
+        await self.monitor.stop()
+        never = [s.engine for s in self._states.values() if not s.started]
         while self._started:
-            await self._started.pop().close()
+            engine = self._started.pop()
+            self.state(engine).started = False
+            await engine.close()
+        for engine in never:
+            await engine.close()
 
 
 def _has_room(engine: Engine, load: Load) -> bool:

@@ -1,8 +1,9 @@
 """A fake vLLM OpenAI server on 127.0.0.1 with failure knobs (for the vllm engine's tests).
 
 A raw ASGI app under uvicorn on its own thread and event loop. It answers ``/health``,
-``/v1/models`` (with ``max_model_len``), ``/v1/chat/completions`` and ``/v1/completions``
-(streaming only, as medserve always asks). Like the fake engine, one word is one token: the
+``/v1/models`` (with ``max_model_len``), ``/metrics`` (vLLM's load gauges under their real
+names, :func:`metrics_text`), ``/v1/chat/completions`` and ``/v1/completions`` (streaming
+only, as medserve always asks). Like the fake engine, one word is one token: the
 prompt (chat: ``role: content`` lines plus ``assistant:``) is echoed word by word, cut by
 ``max_tokens`` (finish ``length``) or a stop string (finish ``stop``); a prompt or budget
 that does not fit the context gets vLLM's 400 with its "maximum context length" message.
@@ -52,6 +53,13 @@ class Knobs:
     usage_in_last: bool = False  # usage on the finish chunk, not a choices=[] chunk
     usage: bool = True  # honour include_usage
     health: int = 200
+    # /metrics: vllm:num_requests_waiting, the KV-cache usage (None: left out), under its
+    # old name (vllm:gpu_cache_usage_perc, before vLLM 0.10) when ``old_kv_name``; running
+    # is the requests in flight here. ``metrics`` other than 200: that status, no body.
+    waiting: int | None = 0
+    kv_usage: float | None = 0.0
+    old_kv_name: bool = False
+    metrics: int = 200
 
 
 @dataclass
@@ -71,6 +79,8 @@ class FakeUpstream:
         self.knobs = Knobs()
         self.seen: list[Seen] = []
         self.url = ""
+        self.running = 0  # generation requests in flight
+        self.health_checks = 0  # GET /health answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +88,13 @@ class FakeUpstream:
         path = scope["path"]
         k = self.knobs
         if path == "/health":
+            self.health_checks += 1
             await _json(send, k.health, {})
+        elif path == "/metrics":
+            body = metrics_text(k, self.running).encode() if k.metrics == 200 else b""
+            kind = [(b"content-type", b"text/plain; version=0.0.4")]
+            await send({"type": "http.response.start", "status": k.metrics, "headers": kind})
+            await send({"type": "http.response.body", "body": body})
         elif path == "/v1/models":
             data = [{"id": k.served, "object": "model", "max_model_len": k.context}]
             await _json(send, 200, {"object": "list", "data": data})
@@ -100,9 +116,11 @@ class FakeUpstream:
                 gone.set()
 
             watcher = asyncio.create_task(watch())
+            self.running += 1
             try:
                 await self._generate(seen, send, gone)
             finally:
+                self.running -= 1
                 if gone.is_set():
                     seen.left.set()
                 watcher.cancel()
@@ -216,6 +234,37 @@ class FakeUpstream:
             await write(event({"id": rid, "choices": [], "usage": usage}))
         await write(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def metrics_text(k: Knobs, running: int) -> str:
+    """A vLLM ``/metrics`` body: the load gauges medserve reads, as vLLM names and labels
+    them (``engine``, ``model_name``), among other families it exports."""
+    labels = f'{{engine="0",model_name="{k.served}"}}'
+    kv = "vllm:gpu_cache_usage_perc" if k.old_kv_name else "vllm:kv_cache_usage_perc"
+    gauges: list[tuple[str, str, float]] = [
+        ("vllm:num_requests_running", "Number of requests in model execution batches.", running)
+    ]
+    if k.waiting is not None:
+        gauges.append(("vllm:num_requests_waiting", "Number of requests waiting.", k.waiting))
+    if k.kv_usage is not None:
+        gauges.append((kv, "KV-cache usage. 1 means 100 percent usage.", k.kv_usage))
+    ttft = "vllm:time_to_first_token_seconds"
+    lines = [
+        "# HELP python_gc_objects_collected_total Objects collected during gc",
+        "# TYPE python_gc_objects_collected_total counter",
+        'python_gc_objects_collected_total{generation="0"} 1234.0',
+    ]
+    for name, text, value in gauges:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name}{labels} {value}"]
+    lines += [
+        "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        f'{ttft}_bucket{{engine="0",le="0.001",model_name="{k.served}"}} 0.0',
+        f'{ttft}_bucket{{engine="0",le="+Inf",model_name="{k.served}"}} 3.0',
+        f"{ttft}_count{labels} 3.0",
+        f"{ttft}_sum{labels} 0.25",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _prompt(body: dict[str, Any]) -> str:

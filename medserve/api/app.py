@@ -63,6 +63,7 @@ def create_app(
     metrics = Metrics(settings.instance)
     security = Security(settings.auth)
     metrics.declare(s.spec.id for s in router)
+    metrics.declare_replicas(router.replicas())
     if guard is not None:
 
         def refused(host: str) -> None:

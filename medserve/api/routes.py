@@ -22,6 +22,7 @@ from medserve.api.protocol import (
 from medserve.api.security import principal, role
 from medserve.auth import require_model
 from medserve.errors import UnavailableError
+from medserve.health import ReplicaView
 from medserve.metrics import EngineState, Metrics
 from medserve.router import Router, Served
 
@@ -77,14 +78,17 @@ async def metrics(models: RouterDep, request: Request) -> Response:
             )
         )
     registry.set_engines(states)
+    registry.set_replicas(models.replicas())
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ready", include_in_schema=False)
 async def ready(models: RouterDep, request: Request) -> JSONResponse:
-    """Readiness: every model is loaded and accepting requests, and the audit log is
-    writable (or the server is configured to fail open)."""
+    """Readiness: every model has a replica that accepts requests, and the audit log is
+    writable (or the server is configured to fail open). Each model lists its replicas'
+    states (:func:`replica_report`); one replica down leaves its model ready."""
     report = []
+    views = models.replicas()
     for served in models:
         h = await models.health(served)
         report.append(
@@ -94,6 +98,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
                 "running": h.running,
                 "waiting": h.waiting,
                 "rejected": h.rejected,
+                "replicas": [replica_report(v) for v in views if v.model == served.spec.id],
             }
         )
     draining = bool(request.app.state.draining)
@@ -107,8 +112,26 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     )
 
 
-def _card(served: Served) -> ModelCard:
-    info = served.engine.info
+def replica_report(view: ReplicaView) -> dict[str, object]:
+    """One replica in /ready: ``name`` (kind:index), ``status`` (ready, ejected, down),
+    ``breaker`` (closed, open, half_open), ``outstanding`` and ``faults`` (consecutive),
+    and its last scraped ``waiting``/``running``/``kv_cache_usage`` (null: unknown)."""
+    return {
+        "name": view.name,
+        "status": view.status,
+        "breaker": view.breaker,
+        "outstanding": view.outstanding,
+        "faults": view.faults,
+        "waiting": view.waiting,
+        "running": view.running,
+        "kv_cache_usage": view.kv_cache_usage,
+    }
+
+
+def _card(models: Router, served: Served) -> ModelCard:
+    """The model as /v1/models shows it: its first started replica's context window (a
+    replica that is down does not know its own)."""
+    info = models.started(served)[0].info
     return ModelCard(
         id=served.spec.id,
         created=0,
@@ -122,13 +145,14 @@ def _card(served: Served) -> ModelCard:
 async def list_models(models: RouterDep, request: Request) -> ModelList:
     """The models this key may use."""
     key = principal(request)
-    return ModelList(data=[_card(models.get(s.spec.id)) for s in models if key.may_use(s.spec.id)])
+    cards = [_card(models, models.get(s.spec.id)) for s in models if key.may_use(s.spec.id)]
+    return ModelList(data=cards)
 
 
 @router.get("/v1/models/{model_id:path}", responses=ERRORS)
 async def get_model(model_id: str, models: RouterDep, request: Request) -> ModelCard:
     require_model(principal(request), model_id)
-    return _card(models.get(model_id))
+    return _card(models, models.get(model_id))
 
 
 @router.post("/admin/drain", status_code=202, include_in_schema=False)

@@ -67,6 +67,7 @@ from medserve.errors import (
     envelope,
 )
 from medserve.fallback import ENGINE_HEADER, FALLBACK_HEADER
+from medserve.health import Outcome
 from medserve.router import Router, Served
 
 log = logging.getLogger(__name__)
@@ -353,10 +354,12 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
     one the router offers: at most one attempt per engine, none after the request's
     deadline; with the model's ``replica_failover`` off, no other engine of the same tier
     (replica or fallback). The router offers fallback engines only when the key allows
-    it (``Key.fallback``) and no replica can take the request. When no attempt is left
-    the last fault is the answer. Client errors (400) and client disconnects never fail
-    over. ``ex.attempts`` counts the engines asked; ``ex.fallback`` and
-    ``ex.weights_sha256`` describe the one that answers.
+    it (``Key.fallback``) and no replica can take the request. When no attempt is left, or
+    the router refuses another (the rest full, unhealthy or gone), the last fault is the
+    answer. Client errors (400) and client disconnects never fail over. ``ex.attempts``
+    counts the engines asked; each attempt's outcome goes to the router (:func:`_outcome`:
+    never a client's error or cancel) and to the metrics; ``ex.fallback`` and
+    ``ex.weights_sha256`` describe the engine that answers.
     """
     ex = exchange(http)
     router: Router = http.app.state.router
@@ -382,6 +385,9 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
             chunks = await held.enter_async_context(aclosing(engine.generate(job.request)))
             gone, first = await _watching(http, anext(chunks, None))
         except BaseException as exc:
+            # Reported while the permit is held, so that a half-open breaker's trial is
+            # settled by its outcome before the permit gives the trial back.
+            _attempted(http, served, engine, _outcome(exc))
             with anyio.CancelScope(shield=True):
                 await held.aclose()
             if not isinstance(exc, FAILOVER) or not _may_retry(job, served, tried):
@@ -392,6 +398,8 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
                 extra={"request_id": job.request.request_id, "replica": ex.replica},
             )
             continue
+        # An engine stream that ends without a single chunk broke the engine contract.
+        _attempted(http, served, engine, "cancelled" if gone else "ok" if first else "fault")
         if gone:
             with anyio.CancelScope(shield=True):
                 await held.aclose()
@@ -402,6 +410,38 @@ async def _commit(job: Job, served: Served, http: Request) -> Attempt | None:
 # Replica faults before the commit point: another replica may answer. InvalidRequestError
 # (the client's fault) is deliberately absent, and so is a client that left (cancelled).
 FAILOVER = (OverloadedError, EngineError, UnavailableError, RequestTimeoutError)
+# What one attempt came to, for the router and the metrics (bounded label values).
+AttemptOutcome = Literal["ok", "fault", "busy", "client_error", "cancelled"]
+REPORTED: dict[AttemptOutcome, Outcome] = {"ok": "ok", "fault": "fault", "busy": "busy"}
+
+
+def _outcome(exc: BaseException) -> AttemptOutcome:
+    """What an attempt that raised ``exc`` before its first chunk says about its replica.
+
+    A full replica (503/429) is ``busy``; a 4xx is the client's (``client_error``); any
+    other error is a replica ``fault`` (5xx, unreachable, an error event, no first event
+    in time: a timeout counts even when the request's own deadline cut it short, since a
+    replica that never answers must open its breaker); a cancellation (the client left,
+    the server stops) is ``cancelled``.
+    """
+    if isinstance(exc, OverloadedError):
+        return "busy"
+    if isinstance(exc, MedserveError):
+        return "client_error" if exc.status < 500 else "fault"
+    return "fault" if isinstance(exc, Exception) else "cancelled"
+
+
+def _attempted(http: Request, served: Served, engine: Engine, outcome: AttemptOutcome) -> None:
+    """Count one attempt in the metrics and tell the router what it says about the
+    replica: only ok, fault and busy are the replica's doing."""
+    index = served.engines.index(engine)
+    http.app.state.metrics.attempt(
+        served.spec.id, served.replica_kind(index), served.replica_name(engine), outcome
+    )
+    reported = REPORTED.get(outcome)
+    if reported is not None:
+        router: Router = http.app.state.router
+        router.report(engine, reported)
 
 
 def _excluded(served: Served, tried: list[Engine]) -> list[Engine]:

@@ -134,6 +134,23 @@ class Health:
     # Requests refused since start because the engine was full: counted by the router
     # (which admits), filled in by :meth:`medserve.router.Router.health`.
     rejected: int = 0
+    # The engine could not be reached at all (connection refused): the router's health
+    # checks eject it at once rather than after several failures.
+    unreachable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStats:
+    """A replica's own view of its load (vLLM: its ``/metrics``), for choosing replicas.
+
+    ``waiting``/``running``: requests queued in / running on the replica (all clients, not
+    only this gateway's); ``kv_cache_usage``: the fraction (0 to 1) of its KV cache in use.
+    None means unknown (not exported, unreadable), never 0.
+    """
+
+    waiting: int | None = None
+    running: int | None = None
+    kv_cache_usage: float | None = None
 
 
 @runtime_checkable
@@ -165,4 +182,14 @@ class Engine(Protocol):
 
     async def health(self) -> Health:
         """Readiness and load."""
+        ...
+
+
+@runtime_checkable
+class LoadReporter(Protocol):
+    """An optional engine capability: engines that can read their server's own load
+    (vLLM) have it; the router checks with ``isinstance`` and scrapes those only."""
+
+    async def load_stats(self) -> LoadStats | None:
+        """The server's load now, or None when it could not be read (never raises)."""
         ...

@@ -24,7 +24,10 @@ talks to one server (``url``) with one ``httpx.AsyncClient``:
 
 The egress guard must let medserve reach the replica: :func:`upstream_hosts` lists the
 hosts of the configured replicas, which ``medserve serve`` allows besides ``egress_allow``.
-Not here yet (issue 15): supervised vLLM processes, load scraping, circuit breaking.
+For the router (:mod:`medserve.health`), ``health`` tells a refused connection apart
+(``Health.unreachable``) and ``load_stats`` reads the server's ``/metrics``
+(:func:`parse_load`: waiting and running requests, KV-cache usage; old metric names too).
+Not here yet (issue 15): supervised vLLM processes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -42,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from medserve.engines.base import (
@@ -50,6 +55,7 @@ from medserve.engines.base import (
     GenerationChunk,
     GenerationRequest,
     Health,
+    LoadStats,
 )
 from medserve.engines.sse import SSEError, SSEFramer
 from medserve.errors import (
@@ -72,6 +78,12 @@ log = logging.getLogger(__name__)
 ERROR_BODY_BYTES = 64 * 1024  # most of an upstream error body read (to classify it)
 CLIENT_FAULT = frozenset({400, 413, 422})
 BUSY = frozenset({429, 503})
+METRICS_BYTES = 4 * 1024 * 1024  # most of a /metrics body read (vLLM's: about 100 kB)
+WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
+# KV-cache usage (a fraction, 0 to 1, despite the name): the current name first, then the
+# name vLLM used before 0.10, still exported by older servers.
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+LOAD_METRICS = (WAITING, RUNNING, *KV_USAGE)
 TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
 
 
@@ -179,6 +191,7 @@ class VllmEngine:
         self._client: httpx.AsyncClient | None = None
         self._running = 0
         self._probe: tuple[float, bool] = (float("-inf"), False)
+        self._refused = False
         self._probe_lock = asyncio.Lock()
 
     @property
@@ -261,19 +274,43 @@ class VllmEngine:
             await client.aclose()
 
     async def health(self) -> Health:
-        """Readiness from a /health probe reused for ``health_ttl_s``, plus requests in flight."""
+        """Readiness from a /health probe reused for ``health_ttl_s``, plus requests in
+        flight; ``unreachable`` when the last probe's connection was refused."""
         if self._client is None:
             return Health(ready=False, running=self._running)
         async with self._probe_lock:
             at, ok = self._probe
             if time.monotonic() - at >= self._spec.health_ttl_s:
+                self._refused = False
                 try:
                     r = await self._client.get("/health", timeout=5.0)
                     ok = r.status_code == 200
+                except httpx.ConnectError:
+                    ok, self._refused = False, True
                 except httpx.HTTPError:
                     ok = False
                 self._probe = (time.monotonic(), ok)
-        return Health(ready=ok and self._client is not None, running=self._running)
+        ready = ok and self._client is not None
+        return Health(ready=ready, running=self._running, unreachable=self._refused)
+
+    async def load_stats(self) -> LoadStats | None:
+        """The server's own load from its ``/metrics`` (:func:`parse_load`), or None when
+        it could not be read (not started, unreachable, not 200, over METRICS_BYTES)."""
+        client = self._client
+        if client is None:
+            return None
+        try:
+            async with client.stream("GET", "/metrics", timeout=5.0) as r:
+                if r.status_code != 200:
+                    return None
+                body = bytearray()
+                async for piece in r.aiter_raw():
+                    body += piece
+                    if len(body) > METRICS_BYTES:
+                        return None
+        except httpx.HTTPError:
+            return None
+        return parse_load(body.decode("utf-8", "replace"))
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
@@ -468,6 +505,33 @@ class VllmEngine:
             "vllm replica stream failed", extra={"replica": self._info.name, "problem": what}
         )
         return EngineError("The model's engine failed while generating.", code="engine_error")
+
+
+def parse_load(text: str) -> LoadStats:
+    """Waiting and running requests and KV-cache usage from a vLLM ``/metrics`` body.
+
+    Samples of one metric are added up over their labels (a data-parallel server exports
+    one per engine); KV-cache usage is their mean, under the current name or else the old
+    one (:data:`KV_USAGE`). A metric that is absent, not a finite number, or a body the
+    Prometheus text parser refuses reads as None (unknown), never 0. Only the lines of
+    :data:`LOAD_METRICS` are parsed: a vLLM body is mostly histograms.
+    """
+    wanted = [line for line in text.splitlines() if line.startswith(LOAD_METRICS)]
+    values: dict[str, list[float]] = {}
+    try:
+        for family in text_string_to_metric_families("\n".join(wanted) + "\n"):
+            for sample in family.samples:
+                if sample.name in LOAD_METRICS and math.isfinite(sample.value):
+                    values.setdefault(sample.name, []).append(float(sample.value))
+    except ValueError:  # the parser's one error type for a malformed line
+        return LoadStats()
+    kv = next((values[name] for name in KV_USAGE if name in values), None)
+    waiting, running = values.get(WAITING), values.get(RUNNING)
+    return LoadStats(
+        waiting=None if waiting is None else round(sum(waiting)),
+        running=None if running is None else round(sum(running)),
+        kv_cache_usage=None if kv is None else sum(kv) / len(kv),
+    )
 
 
 def _replace_context(info: EngineInfo, context: int) -> EngineInfo:

@@ -225,7 +225,13 @@ def test_replica_failover_switch(
 ) -> None:
     """Two replicas and a fallback; the first replica faults. With replica failover on the
     second replica answers; off, the fallback engine does (its own tier)."""
-    with serve(manifests, audit_path, replicas=2, replica_failover=failover) as s:
+    with serve(
+        manifests,
+        audit_path,
+        replicas=2,
+        replica_failover=failover,
+        routing={"balance": "ordered"},  # the first replica is asked first
+    ) as s:
         s.replicas[0].script(EngineError("failed", code="engine_error"))
         r = post(s, False)
         assert r.status_code == 200

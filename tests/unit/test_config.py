@@ -115,3 +115,45 @@ def test_served_models_empty_registry(tmp_path: Path) -> None:
 def test_tls_needs_both_files() -> None:
     with pytest.raises(ConfigError, match="tls_certfile and tls_keyfile"):
         load_settings(tls_certfile=Path("cert.pem"))
+
+
+# (a registry file's text, the routing it gives, or the error that names the field)
+ROUTING = [
+    pytest.param('id = "a"\npath = "a.gguf"\n', (5.0, 3, "random"), id="defaults"),
+    pytest.param(
+        'id = "a"\npath = "a.gguf"\n[routing]\nhealth_interval_s = 1\neject_after = 2\n',
+        (1.0, 2, "random"),
+        id="flat form",
+    ),
+    pytest.param(
+        'id = "a"\n[[replicas]]\nengine = "fake"\n[routing]\nbalance = "ordered"\n',
+        (5.0, 3, "ordered"),
+        id="general form",
+    ),
+    pytest.param(
+        'id = "a"\npath = "a.gguf"\n[routing]\neject_after = 0\n',
+        "routing.eject_after",
+        id="out of range",
+    ),
+    pytest.param(
+        'id = "a"\npath = "a.gguf"\n[routing]\nbalance = "round-robin"\n',
+        "routing.balance",
+        id="unknown balance",
+    ),
+    pytest.param(
+        'id = "a"\npath = "a.gguf"\n[routing]\nretries = 3\n', "routing.retries", id="unknown key"
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), ROUTING)
+def test_routing_policy_per_model(
+    tmp_path: Path, text: str, expected: tuple[float, int, str] | str
+) -> None:
+    (tmp_path / "a.toml").write_text(text)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            load_registry(tmp_path)
+        return
+    r = load_registry(tmp_path)[0].routing
+    assert (r.health_interval_s, r.eject_after, r.balance) == expected

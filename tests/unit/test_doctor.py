@@ -104,3 +104,31 @@ def test_trusted_proxies_must_be_addresses() -> None:
 
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_settings(trusted_proxies=["proxy.example"])
+
+
+def test_each_vllm_replica_is_probed_for_health_and_load() -> None:
+    """Named kind:index; ready with its scraped load (unknown when not exported), a
+    failing /health or a closed port a warning (the server still starts without it)."""
+    from medserve.config import ModelSpec
+    from tests.fakeupstream import Knobs, running_upstream
+
+    with running_upstream() as gone:
+        closed = gone.url  # stopped on leaving: its port refuses connections
+    with running_upstream() as up, running_upstream() as sick:
+        up.knobs = Knobs(waiting=2, kv_usage=0.25)
+        sick.knobs = Knobs(health=503)
+        replicas = [{"engine": "vllm", "url": u} for u in (up.url, sick.url, closed)]
+        spec = ModelSpec.model_validate({"id": "med", "replicas": replicas})
+        found = {c.name: c for c in checks(Settings(), [spec], hash_models=False)}
+        unprobed = {c.name: c for c in checks(Settings(), [spec], probe=False)}
+        up.knobs = Knobs(waiting=None, kv_usage=None)
+        unknown = {c.name: c for c in checks(Settings(), [spec], hash_models=False)}
+    ready, failing, down = (found[f"model med replica vllm:{i}"] for i in range(3))
+    assert (ready.level, failing.level, down.level) == ("ok", "warn", "warn")
+    assert ready.detail.endswith(": ready; waiting 2, running 0, kv cache 25%")
+    assert failing.detail.endswith("/health answered 503 (not ready)")
+    assert down.detail.endswith("unreachable (ConnectError)")
+    assert unknown["model med replica vllm:0"].detail.endswith(
+        "ready; waiting unknown, running 0, kv cache unknown"
+    )
+    assert all(c.detail.endswith("(not probed)") for n, c in unprobed.items() if "vllm" in n)
