@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from medserve.config import REPLICA_PATHS, ModelSpec, Settings, describe
+from medserve.engines.vllm import VllmSpec
 from medserve.errors import ConfigError
 
 
@@ -47,12 +48,26 @@ def rebase(spec: ModelSpec, base: Path) -> ModelSpec:
     """``spec`` with its replicas' relative file paths made relative to ``base``."""
     replicas = []
     for replica in spec.replicas:
-        update = {}
+        update: dict[str, object] = {}
         for name in REPLICA_PATHS:
             value = getattr(replica, name, None)
             if isinstance(value, Path) and not value.is_absolute():
                 update[name] = base / value
+        if isinstance(replica, VllmSpec) and replica.launch is not None:
+            update["launch"] = replica.launch.rebased(base)
         replicas.append(replica.model_copy(update=update) if update else replica)
+    return spec.model_copy(update={"replicas": tuple(replicas)})
+
+
+def with_state_dir(spec: ModelSpec, state_dir: Path) -> ModelSpec:
+    """``spec`` with ``state_dir`` as the state directory of its supervised vLLM replicas
+    that name none of their own."""
+    replicas = []
+    for replica in spec.replicas:
+        if isinstance(replica, VllmSpec) and replica.launch and replica.launch.state_dir is None:
+            launch = replica.launch.model_copy(update={"state_dir": state_dir})
+            replica = replica.model_copy(update={"launch": launch})
+        replicas.append(replica)
     return spec.model_copy(update={"replicas": tuple(replicas)})
 
 
@@ -70,7 +85,8 @@ def spec_from_cli(value: str) -> ModelSpec:
 
 
 def served_models(settings: Settings, cli_models: list[str] | None = None) -> list[ModelSpec]:
-    """The models to serve: ``--model`` flags, else inline ``models``, else the registry."""
+    """The models to serve: ``--model`` flags, else inline ``models``, else the registry;
+    supervised vLLM replicas get the server's ``state_dir`` unless they name their own."""
     if cli_models:
         specs = [spec_from_cli(value) for value in cli_models]
     elif settings.models:
@@ -81,6 +97,7 @@ def served_models(settings: Settings, cli_models: list[str] | None = None) -> li
         raise ConfigError(
             f"no models to serve: add a TOML file to {settings.models_dir} or pass --model"
         )
+    specs = [with_state_dir(spec, settings.state_dir) for spec in specs]
     ids = [spec.id for spec in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

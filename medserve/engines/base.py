@@ -129,6 +129,9 @@ class Health:
     # Requests refused since start because the engine was full: counted by the router
     # (which admits), filled in by :meth:`medserve.router.Router.health`.
     rejected: int = 0
+    # Why the engine is not ready, for the operator (e.g. a supervised vLLM restarting or
+    # crash-looping); None when ready or when the engine has nothing to say.
+    detail: str | None = None
 
 
 @runtime_checkable
