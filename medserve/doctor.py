@@ -16,8 +16,10 @@ from typing import Literal
 from medserve.auth.keys import KeyStore
 from medserve.config import ModelSpec, Settings
 from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
+from medserve.engines.vllm import VllmSpec
 from medserve.errors import ConfigError
-from medserve.manifest import ManifestError, check_file, sha256_file
+from medserve.manifest import ManifestError, check_file, check_tree, sha256_file
 from medserve.privacy import OFFLINE_ENV
 
 Level = Literal["ok", "warn", "danger"]
@@ -162,8 +164,43 @@ def _models(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
         name = f"model {spec.id}" + (f" replica {i}" if len(spec.replicas) > 1 else "")
         if isinstance(replica, LlamaCppSpec):
             yield _weights(name, spec.id, replica, hash_models)
+        elif isinstance(replica, VllmSpec):
+            yield from _vllm(name, spec.id, replica, hash_models)
         else:
             yield Check(name, "warn", f"{replica.engine} engine (tests and demos only)")
+
+
+def _vllm(name: str, model: str, spec: VllmSpec, hash_models: bool) -> Iterator[Check]:
+    """A remote replica: where it is. A supervised one: its interpreter, weights (against
+    the manifest) and the state its supervisor last recorded, with the log's tail when
+    that run never became ready (it never saw a request, so its log holds no patient data).
+    """
+    launch = spec.launch
+    if launch is None:
+        yield Check(name, "ok", f"vLLM at {spec.url} (remote)")
+        return
+    problems = []
+    if launch.python is not None and not os.access(launch.python, os.X_OK):
+        problems.append(f"launch.python {launch.python} is not an executable file")
+    if launch.python is not None and not launch.model.is_dir():
+        problems.append(f"launch.model {launch.model} is not a directory")
+    elif spec.manifest is not None and hash_models:
+        try:
+            problems += [f"{p} (against {spec.manifest})" for p in check_tree(launch.model)]
+        except ManifestError as exc:
+            problems.append(str(exc))
+    how = f"{launch.python} -m {VLLM_MODULE}" if launch.python else " ".join(launch.command or ())
+    detail = f"supervised vLLM on 127.0.0.1: {how} --model {launch.model}"
+    yield Check(name, "danger" if problems else "ok", "; ".join(problems) or detail)
+    for root, status in read_status(launch.state_dir or DEFAULT_STATE_DIR, model):
+        state = str(status.get("state"))
+        down = state in ("failed", "crash_loop") or bool(status.get("log_shown"))
+        level: Level = "warn" if down else "ok"
+        text = f"{root.name}: {state}" + (f" ({status['reason']})" if status.get("reason") else "")
+        if status.get("log_shown"):
+            shown = tail(root / "vllm.log", 3).replace("\n", " | ")
+            text += f"; log tail: {shown}" if shown else ""
+        yield Check(f"{name} last run", level, text)
 
 
 def _weights(name: str, model: str, spec: LlamaCppSpec, hash_models: bool) -> Check:

@@ -3,7 +3,7 @@
 One TOML file per served model (:class:`medserve.config.ModelSpec`): either the flat form,
 engine keys beside ``id`` (one replica), or ``[[replicas]]`` tables, one per engine replica.
 Relative file paths in an entry are relative to the file. ``medserve models add`` writes
-entries here too (:func:`register_gguf`).
+entries here too (:func:`register_gguf`, :func:`register_vllm`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,43 @@ def register_gguf(
         "repeat_penalty = 1.1",
         "",
     ]
-    text = "\n".join(lines)
+    return _write_entry(models_dir, model_id, "\n".join(lines), force)
+
+
+def register_vllm(
+    models_dir: Path,
+    model_id: str,
+    weights: Path,
+    python: Path,
+    args: list[str],
+    notes: list[str],
+    force: bool = False,
+) -> Path:
+    """Write a registry file for one vLLM artifact directory (``medserve quantize --to
+    gptq``): one supervised vLLM replica that runs ``python -m
+    vllm.entrypoints.openai.api_server --model WEIGHTS ARGS``, with the directory's
+    manifest checked before every start. Same checks and errors as :func:`register_gguf`.
+    """
+    lines = [
+        *(f"# {note}" for note in notes),
+        f"id = {json.dumps(model_id)}",
+        "",
+        "[[replicas]]",
+        'engine = "vllm"',
+        f"manifest = {json.dumps(str(weights / 'manifest.json'))}",
+        "",
+        "[replicas.launch]",
+        f"python = {json.dumps(str(python))}",
+        f"model = {json.dumps(str(weights))}",
+        f"args = {json.dumps(args)}",
+        "# startup_timeout_s = 900  # GPU compile and CUDA-graph capture take minutes",
+        "",
+    ]
+    return _write_entry(models_dir, model_id, "\n".join(lines), force)
+
+
+def _write_entry(models_dir: Path, model_id: str, text: str, force: bool) -> Path:
+    """Check ``text`` as a ModelSpec, then write it as ``models_dir/ID.toml``."""
     try:
         ModelSpec.model_validate(tomllib.loads(text))
     except ValidationError as exc:

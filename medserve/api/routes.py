@@ -94,6 +94,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
                 "running": h.running,
                 "waiting": h.waiting,
                 "rejected": h.rejected,
+                **({"detail": h.detail} if h.detail else {}),
             }
         )
     draining = bool(request.app.state.draining)

@@ -434,7 +434,8 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Stop for good: SIGTERM, wait, SIGKILL; nothing of the instance left; the run
-        directory (IPC sockets) removed. Idempotent."""
+        directory (IPC sockets) removed. Idempotent. A ``failed`` or ``crash_loop`` state
+        stays (with its reason, for ``medserve doctor``); others become ``stopped``."""
         self._stop.set()
         task, self._task = self._task, None
         if task is not None:
@@ -443,8 +444,9 @@ class Supervisor:
             await self._terminate(self._process)  # only after a failure of the task itself
         if self._dirs is not None:
             await asyncio.to_thread(shutil.rmtree, self._dirs.run, True)
-        if self._dirs is not None or self._state != "stopped":
-            self._set("stopped", "stopped")
+        if self._state not in ("stopped", "failed", "crash_loop"):  # those keep their reason
+            before = f" ({self._reason})" if self._state != "ready" else ""
+            self._set("stopped", f"stopped{before}")
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None

@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from medserve.engines.base import GenerationRequest, Message, Sampling
+from medserve.api.app import create_app
+from medserve.config import ModelSpec, Settings
+from medserve.doctor import checks
+from medserve.engines.base import GenerationRequest, Health, Message, Sampling
+from medserve.engines.fake import FakeEngine
 from medserve.engines.supervisor import LaunchSpec, Supervisor
 from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
 from medserve.errors import EngineError, UnavailableError
 from medserve.privacy import OFFLINE_ENV
-from tests.conftest import flat_spec
+from medserve.router import Router, Served
+from tests.conftest import AUTH, fake_spec, flat_spec
 from tests.fakevllm import FAKE, instance_processes, starts
 
 pytestmark = pytest.mark.anyio
@@ -85,8 +91,9 @@ class Setup:
             "restart_backoff_s": 0.05,
             "restart_backoff_max_s": 0.2,
         }
-        spec = VllmSpec(engine="vllm", launch=LaunchSpec(**(fields | launch)))
-        e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+        replica = VllmSpec(engine="vllm", launch=LaunchSpec(**(fields | launch)))
+        self.spec = ModelSpec(id="med", replicas=(replica,))
+        e = VllmEngine(self.spec, replica)
         self.engines.append(e)
         return e
 
@@ -231,7 +238,8 @@ async def test_a_start_that_cannot_succeed_fails_with_the_log(
     assert in_log in runs.read_text()
     if "command" not in launch:  # no restart beyond the policy
         assert len(starts(setup.model)) == launch.get("crash_loop_failures", 1)
-    assert setup.supervisor(e).state == "stopped"  # start's failure stopped it
+    state = "failed" if "crash_loop_failures" not in launch else "crash_loop"
+    assert setup.supervisor(e).state == state  # kept, with its reason, after the stop
 
 
 async def test_a_start_past_its_timeout_is_stopped(setup: Setup) -> None:
@@ -240,6 +248,8 @@ async def test_a_start_past_its_timeout_is_stopped(setup: Setup) -> None:
     with pytest.raises(EngineError, match="not ready within 1 s"):
         await e.start()
     assert instance_processes(setup.model) == {}
+    sup = setup.supervisor(e)
+    assert sup.state in ("stopped", "crash_loop") and "not ready within 1 s" in sup.reason
 
 
 async def test_stop_kills_a_tree_that_ignores_sigterm(setup: Setup) -> None:
@@ -260,6 +270,38 @@ async def test_two_replicas_get_their_own_instance_directories(setup: Setup) -> 
     dirs = [setup.supervisor(x).dirs for x in (a, b)]
     assert {d.root.name for d in dirs if d} == {"med.0", "med.1"}
     assert await chat(a) == await chat(b)
+
+
+async def test_doctor_shows_why_a_replica_is_down_with_its_log(setup: Setup) -> None:
+    e = setup.engine(args=("--bogus",))
+    with pytest.raises(EngineError):
+        await e.start()
+    found = {c.name: c for c in checks(Settings(), [setup.spec], hash_models=False)}
+    assert found["model med"].level == "ok" and "supervised vLLM" in found["model med"].detail
+    last = found["model med last run"]
+    assert last.level == "warn" and "med.0: failed (exited with code 2" in last.detail
+    assert "unrecognized arguments: --bogus" in last.detail  # the run never got ready
+
+    gone = ModelSpec(
+        id="gone",
+        replicas=({"engine": "vllm", "launch": launch(python=str(setup.model / "nope"))},),
+    )
+    found = {c.name: c for c in checks(Settings(), [gone], hash_models=False)}
+    assert (
+        found["model gone"].level == "danger" and "not an executable" in found["model gone"].detail
+    )
+
+
+def test_ready_says_why_a_replica_is_down() -> None:
+    class Down(FakeEngine):
+        async def health(self) -> Health:
+            return Health(ready=False, detail="crash loop: 5 failed runs within 600 s")
+
+    app = create_app(Settings(), Router([Served(fake_spec(), (Down(fake_spec()),))]))
+    with TestClient(app, headers=AUTH) as client:
+        ready = client.get("/ready")
+    assert ready.status_code == 503
+    assert ready.json()["models"][0]["detail"] == "crash loop: 5 failed runs within 600 s"
 
 
 def launch(**fields: Any) -> dict[str, Any]:
