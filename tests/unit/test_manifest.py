@@ -161,7 +161,7 @@ def gptq_artifact(directory: Path) -> Path:
     (directory / "model.safetensors").write_bytes(bytes(range(256)) * 16)
     (directory / "config.json").write_text('{"quantization_config": {"quant_method": "x"}}')
     (directory / "tokenizer.json").write_text("{}")
-    art = {"type": "w4a16-g64", "file": ["model.safetensors"], "format": "gptq"}
+    art: dict[str, Any] = {"type": "w4a16-g64", "file": ["model.safetensors"], "format": "gptq"}
     art |= {"perplexity": 30.1, "perplexity_change_pct": 32.9}
     report = {"eval_text": {"file": "eval.txt"}, "artifacts": [art]}
     mf.write(
