@@ -2,26 +2,28 @@
 
 Usage (the supervisor builds it; standard library only, run by path with ``python -I``)::
 
-    python -I shim.py --parent PID --term-timeout S --log FILE -- ARGV...
+    python -I shim.py --parent PID --term-timeout S --log FILE [--run-dir DIR] -- ARGV...
 
 Why a process of its own: vLLM is a tree (API server, ``VLLM::EngineCore``,
 ``VLLM::Worker_*``), and a SIGKILL of its API server leaves the engine processes alive,
 holding the GPU (vllm#55510). medserve itself can be SIGKILLed at any time, and then runs
 no cleanup. The shim, started by medserve in a session of its own:
 
-- asks the kernel for SIGTERM when medserve dies (``PR_SET_PDEATHSIG``; also checked each
+- asks the kernel for SIGHUP when medserve dies (``PR_SET_PDEATHSIG``; also checked each
   second with ``getppid``, for the window before the call) and becomes a *child
   subreaper* (``PR_SET_CHILD_SUBREAPER``): processes orphaned inside the vLLM tree are
   re-parented to it instead of to init, so it can still find and kill them;
 - runs ARGV as its child in a new process group, with SIGKILL as that child's own
   parent-death signal, stdin from /dev/null and stdout+stderr into FILE, rotated at
   :data:`LOG_BYTES` with :data:`LOG_BACKUPS` old files kept (``FILE.1`` is the newest);
-- on SIGTERM/SIGINT/SIGHUP or the parent's death: SIGTERM to the child's process group
+- on SIGTERM/SIGINT (stop) or SIGHUP (medserve died): SIGTERM to the child's process group
   and to every other process of the instance (:func:`instance_pids`), waits up to
   ``--term-timeout`` seconds for them to exit, then SIGKILLs whatever is left, reaps, and
   exits;
 - when the child exits by itself: the same clean-up of what it left behind, then exits
-  with the child's code (128 + N when signal N killed it).
+  with the child's code (128 + N when signal N killed it);
+- when medserve died, it also removes ``--run-dir`` (vLLM's IPC sockets and TMPDIR), which
+  no supervisor is left to remove.
 
 Its own exit codes: :data:`EXIT_USAGE` (125) for bad shim arguments or a failed set-up,
 126 when ARGV[0] cannot be executed, 127 when it does not exist (the shell's codes), each
@@ -39,6 +41,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +60,11 @@ EXIT_NOT_FOUND = 127
 LOG_BYTES = 10 * 1024 * 1024  # vLLM logs a few kB per start and a line per 10 s of stats
 LOG_BACKUPS = 3
 KILL_WAIT_S = 10.0  # after SIGKILL: how long to reap before giving up (a process in D state)
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# The parent-death signal: not SIGTERM, which is the supervisor's "stop". Its sender
+# cannot tell them apart: the kernel signals when the forking *thread* dies, and while the
+# rest of a multi-threaded medserve is still exiting getppid() still names it.
+PARENT_DIED = signal.SIGHUP
+SIGNALS = {signal.SIGTERM, signal.SIGINT, PARENT_DIED, signal.SIGCHLD}
 
 
 @functools.cache
@@ -217,8 +224,11 @@ def note(log: Path, line: str) -> None:
 class Shim:
     """The running shim: its child, the reaping, the clean-up."""
 
-    def __init__(self, parent: int, term_timeout: float, log: Path) -> None:
+    def __init__(
+        self, parent: int, term_timeout: float, log: Path, run_dir: Path | None = None
+    ) -> None:
         self.parent, self.term_timeout, self.log = parent, term_timeout, log
+        self.run_dir = run_dir
         self.me = os.getpid()
         self.child: int | None = None
         self.status: int | None = None  # the child's exit code (128 + N for signal N)
@@ -303,17 +313,22 @@ class Shim:
         self.child = process.pid
         pump = LogPump(read_end, self.log)
         pump.start()
+        orphaned = False
         while self.status is None:
             info = signal.sigtimedwait(SIGNALS, 1.0)
             if info is None:
                 if os.getppid() != self.parent:
+                    orphaned = True
                     break
             elif info.si_signo == signal.SIGCHLD:
                 self.reap()
             else:
+                orphaned = info.si_signo == PARENT_DIED
                 break
         self.clean_up()
         pump.join(5.0)  # EOF once every holder of the pipe is gone
+        if orphaned and self.run_dir is not None:  # no supervisor left to remove it
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         process.returncode = self.status  # reaped here, not by Popen
         return self.status if self.status is not None else 128 + signal.SIGTERM
 
@@ -323,6 +338,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--term-timeout", type=float, required=True)
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path)
     parser.add_argument("argv", nargs="+")
     try:
         opts = parser.parse_args(args)
@@ -332,14 +348,14 @@ def main(args: list[str] | None = None) -> int:
     # Block the signals we wait for before anything can deliver them (the child unblocks).
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, PARENT_DIED)
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError as exc:
         note(opts.log, f"prctl failed: {exc}")
         return EXIT_USAGE
     if os.getppid() != opts.parent:  # medserve died before PR_SET_PDEATHSIG took hold
         return 128 + signal.SIGTERM
-    return Shim(opts.parent, opts.term_timeout, opts.log).run(opts.argv)
+    return Shim(opts.parent, opts.term_timeout, opts.log, opts.run_dir).run(opts.argv)
 
 
 if __name__ == "__main__":

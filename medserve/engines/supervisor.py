@@ -519,6 +519,8 @@ class Supervisor:
             str(self._spec.shutdown_timeout_s),
             "--log",
             str(dirs.log),
+            "--run-dir",
+            str(dirs.run),
             "--",
             *vllm_argv(self._spec, self._served, port),
         ]

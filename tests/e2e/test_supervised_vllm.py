@@ -65,11 +65,15 @@ def test_medserve_dying_leaves_no_vllm_process(tmp_path: Path, sig: signal.Signa
         assert {run["pid"], run["engine"]} <= set(alive)
         assert "medserve-shim" in alive.values()
         assert alive[run["engine"]].startswith("VLLM::")
-        assert (tmp_path / "state" / "vllm" / f"{MODEL}.0" / "vllm.log").is_file()
+        instance = tmp_path / "state" / "vllm" / f"{MODEL}.0"
+        assert (instance / "vllm.log").is_file()
+        ipc = Path(run["env"]["VLLM_RPC_BASE_PATH"])
+        assert ipc.is_dir()
 
         os.kill(server.process.pid, sig)
         server.process.wait(timeout=60)
         assert wait_gone(model) == {}
+        assert not ipc.exists()  # the shim removes it when medserve could not
 
     env_seen = run["env"]
     assert not [k for k in env_seen if k.startswith("MEDSERVE_") or k == "HF_TOKEN"]
