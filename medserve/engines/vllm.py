@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from medserve import manifest as mf
 from medserve.engines.base import (
     EngineInfo,
     FinishReason,
@@ -289,8 +290,6 @@ class VllmEngine:
 
     def _check_manifest(self, model: Path, manifest: Path) -> None:
         """Every file of the weights directory matches its manifest (sha256), or EngineError."""
-        from medserve import manifest as mf
-
         if manifest.resolve().parent != model.resolve():
             raise EngineError(
                 f"{self._info.name}: manifest {manifest} does not describe launch.model {model}"

@@ -194,6 +194,9 @@ async def test_a_crash_loop_stops_restarting_and_says_so(setup: Setup) -> None:
     health = await e.health()
     assert not health.ready and health.detail is not None
     assert "crash loop: 3 failed runs" in health.detail and "exited with code 1" in health.detail
+    # The last run never got ready: its own lines may be shown, the serving run's not.
+    shown = sup.log_tail()
+    assert "start 3" in shown and "start 2" not in shown and "start 1" not in shown
     with pytest.raises(UnavailableError):
         await chat(e)
     status = json.loads((setup.state / "vllm" / "med.0" / "status.json").read_text())
