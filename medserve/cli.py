@@ -18,7 +18,7 @@ from medserve.auth.cli import app as keys_app
 from medserve.config import Settings, load_settings
 from medserve.console import ConfigOpt, err, fail
 from medserve.engines.llamacpp import LlamaCppSpec
-from medserve.engines.vllm import upstream_hosts
+from medserve.engines.vllm import VllmSpec, upstream_hosts
 from medserve.errors import ConfigError
 from medserve.privacy import EgressGuard, apply_offline_env
 from medserve.quantize.cli import add as add_model
@@ -177,6 +177,9 @@ def list_models(config: ConfigOpt = None, model: ModelOpt = None) -> None:
                     where = str(replica.weights(spec.id))
                 except ConfigError as exc:
                     where = f"[red]{exc}[/]"
+            elif isinstance(replica, VllmSpec):
+                launch = replica.launch
+                where = f"{launch.model} (supervised)" if launch else f"{replica.url} (remote)"
             context = str(replica.context_length or "model")
             table.add_row(spec.id, kind, context, where)
     Console().print(table)

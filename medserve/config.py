@@ -343,6 +343,12 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         Path("models"), description="Registry directory: one TOML file per model."
     )
+    state_dir: Path = Field(
+        Path("var/state"),
+        description="Working state of engines medserve runs itself: one directory per "
+        "supervised vLLM instance (its log, caches, IPC sockets, status) under `vllm/` "
+        "(production: /var/lib/medserve/state).",
+    )
     models: list[ModelSpec] = Field(
         default_factory=list,
         description="Models declared inline ([[models]] in the config file); "
@@ -470,8 +476,9 @@ class _ConfigFile(TomlConfigSettingsSource):
         if not isinstance(file, Path):
             return data
         base = file.parent
-        if isinstance(data.get("models_dir"), str):
-            data["models_dir"] = base / data["models_dir"]
+        for name in ("models_dir", "state_dir"):
+            if isinstance(data.get(name), str):
+                data[name] = base / data[name]
         for model in data.get("models") or []:
             if isinstance(model, dict):
                 engines = [*(model.get("replicas") or []), *(model.get("fallback") or [])]
@@ -479,6 +486,12 @@ class _ConfigFile(TomlConfigSettingsSource):
                     for name in REPLICA_PATHS:
                         if isinstance(entry, dict) and isinstance(entry.get(name), str):
                             entry[name] = base / entry[name]
+                    launch = entry.get("launch") if isinstance(entry, dict) else None
+                    if isinstance(launch, dict) and isinstance(launch.get("python"), str):
+                        # With `command`, `model` is the container's path: left as written.
+                        for name in ("python", "model"):
+                            if isinstance(launch.get(name), str):
+                                launch[name] = base / launch[name]
         audit = data.get("audit")
         if isinstance(audit, dict):
             for name in AUDIT_PATHS:

@@ -26,10 +26,11 @@ from medserve.auth.keys import KeyStore
 from medserve.config import ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
+from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
 from medserve.engines.vllm import VllmSpec, parse_load
 from medserve.errors import ConfigError
 from medserve.fallback import check as check_fallback
-from medserve.manifest import ManifestError, check_file, sha256_file
+from medserve.manifest import ManifestError, check_file, check_tree, sha256_file
 from medserve.privacy import OFFLINE_ENV
 
 Level = Literal["ok", "warn", "danger"]
@@ -181,7 +182,7 @@ def _models(spec: ModelSpec, hash_models: bool, probe: bool) -> Iterator[Check]:
         if isinstance(replica, LlamaCppSpec):
             yield _weights(name, spec.id, replica, hash_models)
         elif isinstance(replica, VllmSpec):
-            yield _vllm(name, replica, probe)
+            yield from _vllm(name, spec.id, replica, hash_models, probe)
         else:
             yield Check(name, "warn", f"{replica.engine} engine (tests and demos only)")
 
@@ -210,10 +211,45 @@ def _fallback(spec: ModelSpec, hash_models: bool) -> Iterator[Check]:
     )
 
 
-def _vllm(name: str, spec: VllmSpec, probe: bool) -> Check:
+def _vllm(name: str, model: str, spec: VllmSpec, hash_models: bool, probe: bool) -> Iterator[Check]:
+    """A remote replica: where it is. A supervised one: its interpreter, weights (against
+    the manifest) and the state its supervisor last recorded, with the log's tail when
+    that run never became ready (it never saw a request, so its log holds no patient data).
+    """
+    launch = spec.launch
+    if launch is None:
+        yield _probe(name, spec, probe)
+        return
+    problems = []
+    if launch.python is not None and not os.access(launch.python, os.X_OK):
+        problems.append(f"launch.python {launch.python} is not an executable file")
+    if launch.python is not None and not launch.model.is_dir():
+        problems.append(f"launch.model {launch.model} is not a directory")
+    elif spec.manifest is not None and hash_models:
+        try:
+            problems += [f"{p} (against {spec.manifest})" for p in check_tree(launch.model)]
+        except ManifestError as exc:
+            problems.append(str(exc))
+    how = f"{launch.python} -m {VLLM_MODULE}" if launch.python else " ".join(launch.command or ())
+    detail = f"supervised vLLM on 127.0.0.1: {how} --model {launch.model}"
+    yield Check(name, "danger" if problems else "ok", "; ".join(problems) or detail)
+    for root, status in read_status(launch.state_dir or DEFAULT_STATE_DIR, model):
+        state = str(status.get("state"))
+        down = state in ("failed", "crash_loop") or bool(status.get("log_shown"))
+        level: Level = "warn" if down else "ok"
+        text = f"{root.name}: {state}" + (f" ({status['reason']})" if status.get("reason") else "")
+        if status.get("log_shown"):
+            since = status.get("log_start")
+            shown = tail(root / "vllm.log", 3, since if isinstance(since, int) else 0)
+            shown = shown.replace("\n", " | ")
+            text += f"; log tail: {shown}" if shown else ""
+        yield Check(f"{name} last run", level, text)
+
+
+def _probe(name: str, spec: VllmSpec, probe: bool) -> Check:
     """A remote vLLM replica: its /health and scraped load, asked once."""
     where = f"vllm at {spec.url}"
-    if not probe:
+    if not probe or spec.url is None:
         return Check(name, "ok", f"{where} (not probed)")
     key = spec.api_key
     headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}

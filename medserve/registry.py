@@ -3,8 +3,8 @@
 One TOML file per served model (:class:`medserve.config.ModelSpec`): either the flat form,
 engine keys beside ``id`` (one replica), or ``[[replicas]]`` tables, one per engine replica;
 ``[[fallback]]`` tables, one per fallback engine, go with either. Relative file paths in an
-entry are relative to the file. ``medserve models add`` writes
-entries here too (:func:`register_gguf`).
+entry are relative to the file. ``medserve models add`` writes entries here too
+(:func:`register_gguf`, :func:`register_vllm`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from medserve.config import ENGINE_LISTS, REPLICA_PATHS, ModelSpec, Settings, describe
 from medserve.engines import EngineSpec
+from medserve.engines.vllm import VllmSpec
 from medserve.errors import ConfigError
 
 
@@ -46,18 +47,35 @@ def load_registry(directory: Path) -> list[ModelSpec]:
 
 
 def rebase(spec: ModelSpec, base: Path) -> ModelSpec:
-    """``spec`` with the relative file paths of its replicas and fallback engines made
-    relative to ``base``."""
+    """``spec`` with the relative file paths of its replicas and fallback engines (and of
+    supervised vLLM ``launch`` tables) made relative to ``base``."""
     update: dict[str, tuple[EngineSpec, ...]] = {}
     for field in ENGINE_LISTS:
         engines = []
         for engine in getattr(spec, field):
-            paths = {}
+            paths: dict[str, object] = {}
             for name in REPLICA_PATHS:
                 value = getattr(engine, name, None)
                 if isinstance(value, Path) and not value.is_absolute():
                     paths[name] = base / value
+            if isinstance(engine, VllmSpec) and engine.launch is not None:
+                paths["launch"] = engine.launch.rebased(base)
             engines.append(engine.model_copy(update=paths) if paths else engine)
+        update[field] = tuple(engines)
+    return spec.model_copy(update=update)
+
+
+def with_state_dir(spec: ModelSpec, state_dir: Path) -> ModelSpec:
+    """``spec`` with ``state_dir`` as the state directory of its supervised vLLM replicas
+    that name none of their own (replicas and fallback engines)."""
+    update: dict[str, tuple[EngineSpec, ...]] = {}
+    for field in ENGINE_LISTS:
+        engines = []
+        for engine in getattr(spec, field):
+            if isinstance(engine, VllmSpec) and engine.launch and engine.launch.state_dir is None:
+                launch = engine.launch.model_copy(update={"state_dir": state_dir})
+                engine = engine.model_copy(update={"launch": launch})
+            engines.append(engine)
         update[field] = tuple(engines)
     return spec.model_copy(update=update)
 
@@ -76,7 +94,8 @@ def spec_from_cli(value: str) -> ModelSpec:
 
 
 def served_models(settings: Settings, cli_models: list[str] | None = None) -> list[ModelSpec]:
-    """The models to serve: ``--model`` flags, else inline ``models``, else the registry."""
+    """The models to serve: ``--model`` flags, else inline ``models``, else the registry;
+    supervised vLLM replicas get the server's ``state_dir`` unless they name their own."""
     if cli_models:
         specs = [spec_from_cli(value) for value in cli_models]
     elif settings.models:
@@ -87,6 +106,7 @@ def served_models(settings: Settings, cli_models: list[str] | None = None) -> li
         raise ConfigError(
             f"no models to serve: add a TOML file to {settings.models_dir} or pass --model"
         )
+    specs = [with_state_dir(spec, settings.state_dir) for spec in specs]
     ids = [spec.id for spec in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -123,7 +143,43 @@ def register_gguf(
         "repeat_penalty = 1.1",
         "",
     ]
-    text = "\n".join(lines)
+    return _write_entry(models_dir, model_id, "\n".join(lines), force)
+
+
+def register_vllm(
+    models_dir: Path,
+    model_id: str,
+    weights: Path,
+    python: Path,
+    args: list[str],
+    notes: list[str],
+    force: bool = False,
+) -> Path:
+    """Write a registry file for one vLLM artifact directory (``medserve quantize --to
+    gptq``): one supervised vLLM replica that runs ``python -m
+    vllm.entrypoints.openai.api_server --model WEIGHTS ARGS``, with the directory's
+    manifest checked before every start. Same checks and errors as :func:`register_gguf`.
+    """
+    lines = [
+        *(f"# {note}" for note in notes),
+        f"id = {json.dumps(model_id)}",
+        "",
+        "[[replicas]]",
+        'engine = "vllm"',
+        f"manifest = {json.dumps(str(weights / 'manifest.json'))}",
+        "",
+        "[replicas.launch]",
+        f"python = {json.dumps(str(python))}",
+        f"model = {json.dumps(str(weights))}",
+        f"args = {json.dumps(args)}",
+        "# startup_timeout_s = 900  # GPU compile and CUDA-graph capture take minutes",
+        "",
+    ]
+    return _write_entry(models_dir, model_id, "\n".join(lines), force)
+
+
+def _write_entry(models_dir: Path, model_id: str, text: str, force: bool) -> Path:
+    """Check ``text`` as a ModelSpec, then write it as ``models_dir/ID.toml``."""
     try:
         ModelSpec.model_validate(tomllib.loads(text))
     except ValidationError as exc:

@@ -99,6 +99,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
                 "waiting": h.waiting,
                 "rejected": h.rejected,
                 "replicas": [replica_report(v) for v in views if v.model == served.spec.id],
+                **({"detail": h.detail} if h.detail else {}),
             }
         )
     draining = bool(request.app.state.draining)

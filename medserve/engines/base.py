@@ -137,6 +137,9 @@ class Health:
     # The engine could not be reached at all (connection refused): the router's health
     # checks eject it at once rather than after several failures.
     unreachable: bool = False
+    # Why the engine is not ready, for the operator (e.g. a supervised vLLM restarting or
+    # crash-looping); None when ready or when the engine has nothing to say.
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

