@@ -26,8 +26,10 @@ from tests.conftest import AUTH, DEV_KEY, SECRET
 from tests.serverproc import Server, running_server
 from tests.vllm.conftest import VLLM_MARKS
 from tests.vllm.vllmproc import (
+    GREEDY,
     MAX_MODEL_LEN,
     SERVED_NAME,
+    UPSTREAM_EXTRAS,
     Proc,
     VllmServer,
     descendants,
@@ -35,6 +37,7 @@ from tests.vllm.vllmproc import (
     inet_sockets,
     loopback,
     off_loopback,
+    remote_config,
     running_vllm,
     scrape,
     traced_inet_calls,
@@ -44,10 +47,6 @@ from tests.vllm.vllmproc import (
 pytestmark = VLLM_MARKS
 MODEL = "tiny-med"
 QUESTION = "Which symptoms point to asthma?"
-GREEDY: dict[str, Any] = {"temperature": 0}
-# What medserve sends upstream besides the client's own fields, with the registry's
-# defaults below: sent to vLLM directly too, so both runs are the same computation.
-UPSTREAM_EXTRAS: dict[str, Any] = {"top_p": 1.0, "repetition_penalty": 1.0, "min_p": 0.0}
 LONG = MAX_MODEL_LEN - 100  # tokens: minutes of decoding on CPU, if nothing aborts it
 
 
@@ -68,13 +67,7 @@ def vllm(
 @pytest.fixture(scope="module")
 def server(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("medserve-remote")
-    config = base / "models.toml"
-    config.write_text(
-        f'[[models]]\nid = "{MODEL}"\n'
-        "[models.defaults]\ntop_k = 0\n"
-        f'[[models.replicas]]\nengine = "vllm"\nurl = "{vllm.url}"\n'
-        f'served_model_name = "{SERVED_NAME}"\nfirst_event_timeout_s = 120\n'
-    )
+    config = remote_config(base / "models.toml", MODEL, vllm.url)
     with running_server(base / "medserve.log", "-c", str(config)) as s:
         yield s
 

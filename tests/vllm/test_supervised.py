@@ -106,7 +106,8 @@ def test_supervised_vllm_answers_and_sigterm_stops_its_whole_tree(server: Server
     ipc = ipc_dir(tree)
 
     server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=STOP_TIMEOUT_S + 60) == 0
+    # uvicorn re-raises the captured SIGTERM once its shutdown is complete.
+    assert server.process.wait(timeout=STOP_TIMEOUT_S + 60) in (0, -signal.SIGTERM)
     left = wait_gone(tree, STOP_TIMEOUT_S)
     assert left == [], [(p.pid, p.comm) for p in left]
     assert not ipc.exists() or not any(ipc.iterdir())

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +38,10 @@ SERVED_NAME = "tiny"
 # of decoding here) that an abort is told apart from the request finishing.
 MAX_MODEL_LEN = 16384
 EOS_ID = 2
+GREEDY: dict[str, Any] = {"temperature": 0}
+# What medserve sends upstream besides a greedy client's fields, with the defaults of
+# remote_config: sent to vLLM directly too, so both runs are the same computation.
+UPSTREAM_EXTRAS: dict[str, Any] = {"top_p": 1.0, "repetition_penalty": 1.0, "min_p": 0.0}
 # A chat template for the SentencePiece tokenizer (vLLM refuses chat without one).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"
@@ -100,6 +105,19 @@ def offline_env(home: Path) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         **env,
     }
+
+
+def remote_config(path: Path, model_id: str, url: str) -> Path:
+    """Write a medserve config at ``path`` serving ``model_id`` from the vLLM server at
+    ``url`` (a remote replica), with neutral sampling defaults (no top-k cut) so a greedy
+    request through medserve is the same computation as one sent to vLLM directly."""
+    path.write_text(
+        f'[[models]]\nid = "{model_id}"\n'
+        "[models.defaults]\ntop_k = 0\n"
+        f'[[models.replicas]]\nengine = "vllm"\nurl = "{url}"\n'
+        f'served_model_name = "{SERVED_NAME}"\nfirst_event_timeout_s = 120\n'
+    )
+    return path
 
 
 def strace_usable() -> list[str] | None:
