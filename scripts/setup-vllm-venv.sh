@@ -42,8 +42,11 @@ fail() {  # fail CODE REASON: one line the caller can show as the skip reason
 # without strace it falls back to reading /proc/<pid>/net. Best effort, never fatal.
 if ! command -v strace >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "==> installing strace (for the vLLM tier's network check)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends strace \
-    >/dev/null 2>&1 || echo "could not install strace: the check reads /proc instead" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends strace >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 \
+      && apt-get install -y -q --no-install-recommends strace >/dev/null 2>&1; } \
+    || echo "could not install strace: the network check reads /proc instead" >&2
 fi
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \

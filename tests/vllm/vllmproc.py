@@ -239,13 +239,13 @@ class Proc:
     def cmdline(self) -> str:
         try:
             return Path(f"/proc/{self.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:  # gone, or not ours to read
             return ""
 
     def environ(self) -> dict[str, str]:
         try:
             raw = Path(f"/proc/{self.pid}/environ").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:  # gone, or not ours to read
             return {}
         pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0"))
         return {key: value for key, _, value in pairs if key}
