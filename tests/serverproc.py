@@ -51,10 +51,12 @@ def running_process(
     ready_url: str,
     env: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` (output to ``log``) until ``ready_url`` answers 200; stop it on exit.
 
-    The wait is bounded in time and fails fast, with the log, if the process dies.
+    The wait is bounded by ``startup_timeout_s`` and fails fast, with the log, if the
+    process dies.
     """
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -65,7 +67,7 @@ def running_process(
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout_s
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{cmd[:3]} exited {process.returncode}:\n{log.read_text()}")
@@ -88,8 +90,14 @@ def running_process(
 
 
 @contextmanager
-def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port.
+def running_server(
+    log: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Iterator[Server]:
+    """`medserve serve` with ``args`` (and extra ``env``) on a free loopback port, ready
+    (/ready 200) within ``startup_timeout_s``.
 
     Its audit log and keys go beside ``log``, and it accepts DEV_KEY, unless ``env`` says
     otherwise.
@@ -103,5 +111,6 @@ def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "medserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with running_process([*cmd, *args], log, f"{url}/ready", env, AUTH) as process:
+    ready = f"{url}/ready"
+    with running_process([*cmd, *args], log, ready, env, AUTH, startup_timeout_s) as process:
         yield Server(url, process, log)

@@ -575,7 +575,9 @@ class VllmEngine:
         if status not in CLIENT_FAULT:
             return EngineError("The model's engine failed to answer.", code="engine_error")
         message = await _error_message(response)
-        if "maximum context length" in message.lower():
+        # "maximum context length" (the prompt; older vLLM also the budget), or vLLM
+        # 0.32's "max_tokens=N cannot be greater than max_model_len=M" (the budget alone).
+        if any(words in message.lower() for words in ("maximum context length", "max_model_len")):
             return self._context_error(request, message)
         return InvalidRequestError("The model's engine refused the request as invalid.")
 
@@ -588,10 +590,10 @@ class VllmEngine:
             budget = False
         if budget and request.sampling.max_tokens is not None:
             s = request.sampling
+            prompt = "" if prompt_tokens is None else f"The prompt ({prompt_tokens} tokens) plus "
             exc = ContextLengthError(
-                f"The prompt ({prompt_tokens if prompt_tokens is not None else '?'} tokens) plus "
-                f"{s.max_tokens_param} ({s.max_tokens}) exceeds this model's context window "
-                f"of {context} tokens.",
+                f"{prompt}{s.max_tokens_param} ({s.max_tokens}) exceeds this model's context "
+                f"window of {context} tokens.",
                 param=s.max_tokens_param,
             )
         else:

@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -15,6 +16,7 @@ from medserve.engines.base import GenerationChunk, GenerationRequest, Message, S
 from medserve.engines.sse import SSEFramer
 from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
 from medserve.errors import (
+    ContextLengthError,
     EngineError,
     InvalidRequestError,
     MedserveError,
@@ -203,6 +205,41 @@ async def test_context_overflow_carries_prompt_tokens(
     with pytest.raises(MedserveError) as info:
         await drain(engine, req(max_tokens=30))
     assert (info.value.param, info.value.prompt_tokens) == ("max_tokens", 5)
+
+
+# vLLM 0.32.0's own 400 messages (captured from the real server, tests/vllm): the budget
+# alone over max_model_len, and a prompt over the context.
+@pytest.mark.parametrize(
+    ("message", "param", "prompt_tokens"),
+    [
+        (
+            "max_tokens=16385 cannot be greater than max_model_len=16384. Please request "
+            "fewer output tokens. (parameter=max_tokens, value=16385)",
+            "max_tokens",
+            0,
+        ),
+        (
+            "This model's maximum context length is 16384 tokens. However, your prompt "
+            "contains at least 16385 input tokens, which exceeds this limit even without any "
+            "output tokens. Please reduce the length of the input prompt. "
+            "(parameter=input_tokens, value=16385)",
+            "messages",
+            16385,
+        ),
+    ],
+    ids=["budget", "prompt"],
+)
+async def test_vllm_032_context_messages_are_context_errors(
+    engine: VllmEngine, message: str, param: str, prompt_tokens: int
+) -> None:
+    body = {"error": {"message": message, "type": "BadRequestError", "code": 400}}
+    raw = httpx.ByteStream(json.dumps(body).encode())  # unread, as a streamed response
+    error = await engine._refusal(req(max_tokens=16385), httpx.Response(400, stream=raw))
+    assert isinstance(error, ContextLengthError)
+    assert (error.param, error.prompt_tokens) == (param, prompt_tokens)
+    # Worded from what is known: the context medserve read at start, no "?" for a count
+    # vLLM did not give.
+    assert "context window of 256 tokens" in error.message and "?" not in error.message
 
 
 async def test_start_refuses_a_missing_name_and_an_unreachable_server(
