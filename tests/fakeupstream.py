@@ -10,8 +10,9 @@ that does not fit the context gets vLLM's 400 with its "maximum context length" 
 
 :class:`Knobs` (set ``upstream.knobs`` before a request) inject what production-stack and
 LiteLLM users hit; :attr:`FakeUpstream.seen` records each generation request's headers and
-body, sets ``stalled`` when a stall knob starts waiting (so a test can leave at that stage
-without sleeping) and ``left`` when it saw the client go away before the response ended.
+body, sets ``stalled`` when a stall knob starts waiting and counts the token events ``sent``
+(so a test can leave at a given stage without sleeping), and sets ``left`` when it saw the
+client go away before the response ended.
 
 ``python -m tests.fakeupstream --port N --knobs '{"token_delay_s": 0.01}'`` serves one in
 its own process (benchmarks: the load generator must not share its interpreter).
@@ -73,6 +74,7 @@ class Seen:
     headers: dict[str, str]
     body: dict[str, Any]
     stalled: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0  # token events written so far (streaming)
     left: threading.Event = field(default_factory=threading.Event)
 
 
@@ -235,6 +237,7 @@ class FakeUpstream:
             if i and k.token_delay_s and await pause(k.token_delay_s):
                 return
             await write(event({"id": rid, "choices": [choice(step, None)]}))
+            seen.sent += 1
             if gone.is_set():
                 return
         want_usage = k.usage and (body.get("stream_options") or {}).get("include_usage")
