@@ -51,11 +51,13 @@ typecheck: $(VENV)/.installed-dev
 
 ## Benchmarks: single-stream HTTP vs in-process, then medserve vs llama-cpp-python's
 ## server vs llama.cpp's server at 1, 4 and 8 concurrent users, then the audit log's
-## cost (a few minutes; run it on an otherwise idle machine)
+## cost, then the vLLM relay (a fake vLLM asked directly vs through medserve) (a few
+## minutes; run it on an otherwise idle machine)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/single_stream.py
 	$(BIN)/python tests/bench/compare.py
 	$(BIN)/python tests/bench/audit.py
+	$(BIN)/python tests/bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .mypy_cache .pytest_cache .ruff_cache

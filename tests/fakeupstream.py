@@ -2,15 +2,21 @@
 
 A raw ASGI app under uvicorn on its own thread and event loop. It answers ``/health``,
 ``/v1/models`` (with ``max_model_len``), ``/metrics`` (vLLM's load gauges under their real
-names, :func:`metrics_text`), ``/v1/chat/completions`` and ``/v1/completions`` (streaming
-only, as medserve always asks). Like the fake engine, one word is one token: the
+names, :func:`metrics_text`), ``/v1/chat/completions`` and ``/v1/completions`` (streaming,
+as medserve always asks, or one JSON body when ``stream`` is not true, for benchmarks that
+ask it directly). Like the fake engine, one word is one token: the
 prompt (chat: ``role: content`` lines plus ``assistant:``) is echoed word by word, cut by
 ``max_tokens`` (finish ``length``) or a stop string (finish ``stop``); a prompt or budget
 that does not fit the context gets vLLM's 400 with its "maximum context length" message.
 
 :class:`Knobs` (set ``upstream.knobs`` before a request) inject what production-stack and
 LiteLLM users hit; :attr:`FakeUpstream.seen` records each generation request's headers and
-body, and sets ``left`` when it saw the client go away before the response ended.
+body, sets ``stalled`` when a stall knob starts waiting and counts the token events ``sent``
+(so a test can leave at a given stage without sleeping), and sets ``left`` when it saw the
+client go away before the response ended.
+
+``python -m tests.fakeupstream --port N --knobs '{"token_delay_s": 0.01}'`` serves one in
+its own process (benchmarks: the load generator must not share its interpreter).
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ class Knobs:
     kv_usage: float | None = 0.0
     old_kv_name: bool = False
     metrics: int = 200
+    # vLLM's reasoning parser: these words first, one delta each as {reasoning_field: word}
+    # (no content), counted in completion_tokens but not against max_tokens.
+    reasoning: str | None = None
+    reasoning_field: str = "reasoning_content"  # vLLM < 0.10; newer ones send "reasoning"
+    delta_extra: dict[str, Any] | None = None  # more fields in every content delta
+    finish: str | None = None  # this finish_reason instead of stop/length
 
 
 @dataclass
@@ -69,6 +81,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    stalled: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0  # token events written so far (streaming)
     left: threading.Event = field(default_factory=threading.Event)
 
 
@@ -130,14 +144,16 @@ class FakeUpstream:
     async def _generate(self, seen: Seen, send: Send, gone: asyncio.Event) -> None:
         k, body = self.knobs, seen.body
 
-        async def pause(seconds: float) -> bool:  # True: the client left meanwhile
+        async def pause(seconds: float, stall: bool = False) -> bool:  # True: the client left
+            if stall:
+                seen.stalled.set()
             try:
                 await asyncio.wait_for(gone.wait(), seconds)
             except TimeoutError:
                 return False
             return True
 
-        if k.stall_before_headers_s and await pause(k.stall_before_headers_s):
+        if k.stall_before_headers_s and await pause(k.stall_before_headers_s, stall=True):
             return
         if k.status != 200:
             extra = {"retry-after": k.retry_after} if k.retry_after else {}
@@ -174,6 +190,23 @@ class FakeUpstream:
                 kept.append(p)
                 total += len(p)
             pieces, finish = kept, "stop"
+        finish = k.finish or finish
+        thoughts = k.reasoning.split() if chat and k.reasoning is not None else []
+        steps: list[dict[str, Any]]  # one per token: a chat delta or a completion's text
+        if chat:
+            steps = [{k.reasoning_field: w if i == 0 else " " + w} for i, w in enumerate(thoughts)]
+            steps += [{"content": p, **(k.delta_extra or {})} for p in pieces]
+        else:
+            steps = [{"text": p} for p in pieces]
+        rid, completion = "cmpl-fake", len(steps)
+        usage = {
+            "prompt_tokens": n,
+            "completion_tokens": completion,
+            "total_tokens": n + completion,
+        }
+        if not body.get("stream"):
+            await self._whole(body, send, pause, steps, finish, usage)
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -181,18 +214,16 @@ class FakeUpstream:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
-        if k.ttft_s and await pause(k.ttft_s):
+        if k.ttft_s and await pause(k.ttft_s, stall=True):
             return
-        rid, usage = "cmpl-fake", {"prompt_tokens": n, "completion_tokens": len(pieces)}
-        usage["total_tokens"] = n + len(pieces)
 
         def event(payload: object) -> bytes:
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
-        def choice(piece: str, reason: str | None) -> dict[str, Any]:
+        def choice(step: dict[str, Any], reason: str | None) -> dict[str, Any]:
             if chat:
-                return {"index": 0, "delta": {"content": piece}, "finish_reason": reason}
-            return {"index": 0, "text": piece, "finish_reason": reason}
+                return {"index": 0, "delta": step, "finish_reason": reason}
+            return {"index": 0, **step, "finish_reason": reason}
 
         async def write(data: bytes) -> None:
             if not k.split:
@@ -207,7 +238,7 @@ class FakeUpstream:
             await write(
                 event({"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             )
-        for i, piece in enumerate(pieces):
+        for i, step in enumerate(steps):
             if i == k.error_after:
                 await write(
                     event(
@@ -216,17 +247,20 @@ class FakeUpstream:
                 )
                 return
             if i == k.stall_after:
+                seen.stalled.set()
                 await gone.wait()
                 return
             if i == k.drop_after:
                 raise ConnectionResetError("fake upstream drops the connection")
             if i and k.token_delay_s and await pause(k.token_delay_s):
                 return
-            await write(event({"id": rid, "choices": [choice(piece, None)]}))
+            await write(event({"id": rid, "choices": [choice(step, None)]}))
+            seen.sent += 1
             if gone.is_set():
                 return
         want_usage = k.usage and (body.get("stream_options") or {}).get("include_usage")
-        last: dict[str, Any] = {"id": rid, "choices": [choice("", finish)]}
+        end = {"content": ""} if chat else {"text": ""}
+        last: dict[str, Any] = {"id": rid, "choices": [choice(end, finish)]}
         if want_usage and k.usage_in_last:
             last["usage"] = usage
         await write(event(last))
@@ -234,6 +268,37 @@ class FakeUpstream:
             await write(event({"id": rid, "choices": [], "usage": usage}))
         await write(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _whole(
+        self,
+        body: dict[str, Any],
+        send: Send,
+        pause: Callable[..., Awaitable[bool]],
+        steps: list[dict[str, Any]],
+        finish: str,
+        usage: dict[str, int],
+    ) -> None:
+        """A non-streaming answer: the same timing (ttft_s, then token_delay_s per token),
+        then one JSON body with the steps joined (the other failure knobs do not apply)."""
+        k = self.knobs
+        if k.ttft_s and await pause(k.ttft_s, stall=True):
+            return
+        for _ in steps[1:]:
+            if k.token_delay_s and await pause(k.token_delay_s):
+                return
+        joined: dict[str, Any] = {}
+        for step in steps:
+            for name, value in step.items():
+                joined[name] = joined.get(name, "") + value if isinstance(value, str) else value
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if "messages" in body:
+            kind = "chat.completion"
+            choice["message"] = {"role": "assistant", "content": "", **joined}
+        else:
+            kind = "text_completion"
+            choice["text"] = joined.get("text", "")
+        answer = {"id": "cmpl-fake", "object": kind, "created": 0, "model": body.get("model")}
+        await _json(send, 200, {**answer, "choices": [choice], "usage": usage})
 
 
 def metrics_text(k: Knobs, running: int) -> str:
@@ -308,3 +373,21 @@ def running_upstream() -> Iterator[FakeUpstream]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def main() -> None:
+    """Serve one fake upstream in this process until interrupted (for benchmarks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fake vLLM OpenAI server on 127.0.0.1.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--knobs", default="{}", help="Knobs fields as a JSON object")
+    args = parser.parse_args()
+    app = FakeUpstream()
+    app.knobs = Knobs(**json.loads(args.knobs))
+    app.url = f"http://127.0.0.1:{args.port}"
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+
+
+if __name__ == "__main__":
+    main()

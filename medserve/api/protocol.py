@@ -183,9 +183,14 @@ class Usage(BaseModel):
 
 
 class ChatMessageOut(BaseModel):
+    """The answer's message. Extra fields: an engine's delta fields beyond the text (a
+    vLLM replica's ``reasoning_content``), merged over the stream (serving.DeltaFields)."""
+
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["assistant"] = "assistant"
     content: str
-    refusal: None = None
+    refusal: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -221,7 +226,10 @@ class Completion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """What a chat stream event adds: the role (first event only), then content."""
+    """What a chat stream event adds: the role (first event only), then content, then an
+    engine's other delta fields as it sent them (a vLLM replica's ``reasoning_content``)."""
+
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["assistant"] | None = None
     content: str | None = None

@@ -11,11 +11,13 @@ response drains it; closing the iterator cancels.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-FinishReason = Literal["stop", "length"]
+# OpenAI's finish reasons that an engine may end with: llama.cpp and the fake engine give
+# "stop" or "length"; a vLLM replica passes "tool_calls" and "content_filter" through.
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 Role = Literal["system", "user", "assistant"]
 
 
@@ -89,13 +91,26 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class GenerationChunk:
-    """A piece of generated text. The last chunk carries the finish reason and counts."""
+    """A piece of generated text. The last chunk carries the finish reason and counts.
+
+    ``extra``: chat delta fields beyond the text, passed to the client as they came (an
+    OpenAI-compatible upstream's ``reasoning_content``/``reasoning`` or any field medserve
+    does not know), JSON values keyed by field name, never ``role`` or ``content``; None
+    for none. A chunk may carry only ``extra`` (empty ``text``). Streaming, the web layer
+    adds them to the event's delta; non-streaming, it merges them into the message (see
+    :class:`medserve.api.serving.DeltaFields`). Completions have no delta: not sent there.
+    """
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     queue_s: float | None = None  # last chunk: time the request waited for a slot
+    extra: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.extra is not None and ("content" in self.extra or "role" in self.extra):
+            raise ValueError("GenerationChunk.extra holds fields beyond role and content")
 
 
 @dataclass(frozen=True, slots=True)

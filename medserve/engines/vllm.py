@@ -13,10 +13,13 @@ each time the supervisor probes a new run).
   checks every file of its weights directory against it.
 - ``generate`` sends ``/v1/chat/completions`` (messages) or ``/v1/completions`` (prompt),
   always with ``stream: true`` and ``stream_options.include_usage``, and relays each text
-  delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes). The
-  last chunk carries the finish reason and vLLM's exact usage counts. Closing the iterator,
-  or cancelling the task that awaits it, closes the upstream response at any stage, so
-  vLLM aborts the request.
+  delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes), with
+  the delta's other non-null fields (``reasoning_content``, ``reasoning``, unknown ones) in
+  ``GenerationChunk.extra``. The last chunk carries the finish reason (OpenAI's ``stop``,
+  ``length``, ``tool_calls``, ``content_filter`` as sent; ``abort``/``error`` end the
+  stream as a failure; any other value is ``stop``) and vLLM's exact usage counts.
+  Closing the iterator, or cancelling the task that awaits it, closes the upstream
+  response at any stage, so vLLM aborts the request.
 - Upstream headers come from an allow-list: ``Content-Type``, ``Accept``, a fresh
   ``X-Request-Id`` per attempt (vLLM uses it as its engine request id) and the replica's
   own ``api_key``; never anything of the client's. The client's ``user`` is not sent.
@@ -92,6 +95,16 @@ WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
 # name vLLM used before 0.10, still exported by older servers.
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 LOAD_METRICS = (WAITING, RUNNING, *KV_USAGE)
+# Upstream finish reasons passed on as they are (OpenAI's), and those that mean vLLM gave
+# up on the request (an abort, an engine error): the stream fails instead.
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+}
+FAILED_REASONS = frozenset({"abort", "error"})
+OWN_DELTA = frozenset({"role", "content"})  # delta fields medserve writes itself
 TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
 
 
@@ -528,18 +541,30 @@ class VllmEngine:
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text = _text(choice)
-                    if text:
+                    text, extra = _delta(choice)
+                    if text or extra:
                         deltas += 1
-                        yield GenerationChunk(text)
+                        yield GenerationChunk(text, extra=extra)
                     reason = choice.get("finish_reason")
-                    if reason == "abort":
-                        raise self._broken("the upstream aborted the request")
                     if reason is not None:
-                        finish = "length" if reason == "length" else "stop"
+                        finish = self._finish(reason)
         if finish is None:
             raise self._broken("the stream ended before a finish reason")
         yield self._last(request, finish, usage, deltas)
+
+    def _finish(self, reason: object) -> FinishReason:
+        """The finish reason to pass on for an upstream's ``finish_reason``; raises
+        EngineError for ``abort``/``error`` (vLLM gave up on the request)."""
+        known = FINISH_REASONS.get(reason) if isinstance(reason, str) else None
+        if known is not None:
+            return known
+        if reason in FAILED_REASONS:
+            raise self._broken(f"the upstream ended the request with {reason}")
+        # Not logged as sent: a bounded message only (the value is the upstream's).
+        log.warning(
+            "vllm replica sent an unknown finish reason", extra={"replica": self._info.name}
+        )
+        return "stop"
 
     def _last(
         self,
@@ -667,10 +692,20 @@ def _parse(data: str) -> dict[str, Any] | None:
     return value
 
 
-def _text(choice: dict[str, Any]) -> str:
+def _delta(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """One upstream choice's text (chat ``delta.content``, completions ``text``) and its
+    delta's other fields with a non-null value, in upstream order (None for none: the
+    common content-only delta costs no dictionary). Null fields are dropped: a delta field
+    that is null adds nothing, and a chunk of nothing but nulls must not commit a request."""
     delta = choice.get("delta")
-    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-    return text if isinstance(text, str) else ""
+    if not isinstance(delta, dict):
+        text = choice.get("text")
+        return (text if isinstance(text, str) else ""), None
+    text = delta.get("content")
+    extra = None
+    if len(delta) > ("content" in delta) + ("role" in delta):
+        extra = {k: v for k, v in delta.items() if v is not None and k not in OWN_DELTA} or None
+    return (text if isinstance(text, str) else ""), extra
 
 
 async def _error_message(response: httpx.Response) -> str:

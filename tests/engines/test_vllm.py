@@ -147,6 +147,50 @@ async def test_knob_table(
         assert info.value.retry_after == int(knobs.retry_after)
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_reasoning_and_unknown_delta_fields_pass_through(
+    engine: VllmEngine, upstream: FakeUpstream, field: str
+) -> None:
+    unknown = {"unknown": {"k": [1, "ü"]}}
+    upstream.knobs = Knobs(
+        text="a b",
+        reasoning="think it over",
+        reasoning_field=field,
+        delta_extra={**unknown, "empty": None},  # a null field adds nothing
+    )
+    *body, last = await drain(engine, req())
+    assert [(c.text, c.extra) for c in body] == [
+        ("", {field: "think"}),
+        ("", {field: " it"}),
+        ("", {field: " over"}),
+        ("a", unknown),
+        (" b", unknown),
+    ]
+    assert (last.text, last.extra, last.completion_tokens) == ("", None, 5)
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("tool_calls", "tool_calls"),
+        ("content_filter", "content_filter"),
+        ("length", "length"),
+        ("a-reason-from-the-future", "stop"),
+        ("abort", EngineError),
+        ("error", EngineError),
+    ],
+)
+async def test_finish_reasons(
+    engine: VllmEngine, upstream: FakeUpstream, sent: str, expected: object
+) -> None:
+    upstream.knobs = Knobs(text=TEXT, finish=sent)
+    if isinstance(expected, str):
+        assert (await drain(engine, req()))[-1].finish_reason == expected
+        return
+    with pytest.raises(EngineError):
+        await drain(engine, req())
+
+
 async def test_length_finish_and_sampling_names_upstream(
     engine: VllmEngine, upstream: FakeUpstream
 ) -> None:
