@@ -244,7 +244,9 @@ def test_replica_failover_off_and_fallback_forbidden_answers_the_fault(
     manifests: tuple[Path, Path], audit_path: Path, tmp_path: Path
 ) -> None:
     _, token = KeyStore(tmp_path / "keys.db").create("strict-app", fallback=False)
-    with serve(manifests, audit_path, replicas=2, replica_failover=False) as s:
+    with serve(
+        manifests, audit_path, replicas=2, replica_failover=False, routing={"balance": "ordered"}
+    ) as s:
         s.replicas[0].script(EngineError("failed", code="engine_error"))
         r = post(s, False, {"Authorization": f"Bearer {token}"})
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"

@@ -62,6 +62,9 @@ def server(
         + replica.format(pair[0].url)
         + f"first_event_timeout_s = 60\nread_timeout_s = {READ_TIMEOUT_S}\n"
         + replica.format(pair[1].url)
+        # Replica 0 first while both are idle; the many injected faults never open a
+        # breaker (the breaker has its own tests: tests/e2e/test_replica_health.py).
+        + '[models.routing]\nbalance = "ordered"\nbreaker_faults = 1000\nbusy_s = 0\n'
     )
     with running_server(base / "medserve.log", "-c", str(config)) as s:
         yield s
