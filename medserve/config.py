@@ -508,7 +508,7 @@ class _ConfigFile(TomlConfigSettingsSource):
 
 AUDIT_PATHS = ("path", "key_file", "signing_key_file", "checkpoint_file", "capture_key_file")
 # Replica fields that are files: relative ones are relative to the file that names them.
-REPLICA_PATHS = ("path", "manifest")
+REPLICA_PATHS = ("path", "manifest", "ca_file")
 # ModelSpec fields that hold engine tables (the union's tag sits in their locations).
 ENGINE_LISTS = ("replicas", "fallback")
 

@@ -27,7 +27,7 @@ from medserve.config import ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
-from medserve.engines.vllm import VllmSpec, parse_load
+from medserve.engines.vllm import VllmSpec, parse_load, tls_context
 from medserve.errors import ConfigError
 from medserve.fallback import check as check_fallback
 from medserve.manifest import ManifestError, check_file, check_tree, sha256_file
@@ -255,7 +255,11 @@ def _probe(name: str, spec: VllmSpec, probe: bool) -> Check:
     headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
     try:
         with httpx.Client(
-            base_url=spec.url, headers=headers, timeout=PROBE_TIMEOUT_S, trust_env=False
+            base_url=spec.url,
+            headers=headers,
+            timeout=PROBE_TIMEOUT_S,
+            trust_env=False,
+            verify=tls_context(spec.ca_file),
         ) as client:
             status = client.get("/health").status_code
             if status != 200:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -50,6 +51,8 @@ class Knobs:
     token_delay_s: float = 0.0
     stall_before_headers_s: float = 0.0  # before the status line: nothing sent at all
     status: int = 200  # answer this status (with an error body) instead of generating
+    error_param: str | None = None  # the error body's `param` (vLLM names the field)
+    key: str | None = None  # vLLM --api-key: /v1/* without `Bearer key` answers 401
     retry_after: str | None = None
     error_after: int | None = None  # 200, that many tokens, then an error event
     stall_after: int | None = None  # that many tokens, then silence until the client leaves
@@ -109,6 +112,8 @@ class FakeUpstream:
             kind = [(b"content-type", b"text/plain; version=0.0.4")]
             await send({"type": "http.response.start", "status": k.metrics, "headers": kind})
             await send({"type": "http.response.body", "body": body})
+        elif k.key is not None and path.startswith("/v1/") and not _authorized(scope, k.key):
+            await _json(send, 401, {"error": "Unauthorized"})
         elif path == "/v1/models":
             data = [{"id": k.served, "object": "model", "max_model_len": k.context}]
             await _json(send, 200, {"object": "list", "data": data})
@@ -157,7 +162,8 @@ class FakeUpstream:
             return
         if k.status != 200:
             extra = {"retry-after": k.retry_after} if k.retry_after else {}
-            await _json(send, k.status, _error(f"upstream says no: {_prompt(body)}"), extra)
+            error = _error(f"upstream says no: {_prompt(body)}", k.error_param)
+            await _json(send, k.status, error, extra)
             return
         chat = "messages" in body
         prompt = _prompt(body).split()
@@ -339,8 +345,14 @@ def _prompt(body: dict[str, Any]) -> str:
     return str(body.get("prompt", ""))
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+def _error(message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
+
+
+def _authorized(scope: Scope, key: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer key`` (as vLLM checks it)."""
+    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+    return headers.get("authorization") == f"Bearer {key}"
 
 
 async def _json(
@@ -354,11 +366,21 @@ async def _json(
 
 
 @contextmanager
-def running_upstream() -> Iterator[FakeUpstream]:
-    """Serve a :class:`FakeUpstream` on a free loopback port (bounded start and stop)."""
+def running_upstream(tls: tuple[Path, Path] | None = None) -> Iterator[FakeUpstream]:
+    """Serve a :class:`FakeUpstream` on a free loopback port (bounded start and stop);
+    over https with ``tls`` = (certificate, key) PEM files."""
     app = FakeUpstream()
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    cert, key = tls or (None, None)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="off",
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -367,7 +389,7 @@ def running_upstream() -> Iterator[FakeUpstream]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("fake upstream did not start")
         time.sleep(0.02)
-    app.url = f"http://127.0.0.1:{port}"
+    app.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         yield app
     finally:

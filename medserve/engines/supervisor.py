@@ -143,7 +143,19 @@ INSTANCE_ENV = (
 REFUSED_ENV = frozenset(
     {*OFFLINE_ENV, *INSTANCE_ENV, "VLLM_USE_MODELSCOPE", "VLLM_USAGE_STATS_SERVER"}
 )
-SECRET_NAME = re.compile(r"SECRET|PASSW|CREDENTIAL|_TOKEN$|_KEY$")
+# A name is refused as secret-like when one of its _-separated words is one of these or
+# ends in one of SECRET_ENDINGS (VLLM_APIKEY, NCCL_PASSPHRASE, VLLM_S3_ACCESS_KEY_ID, ...).
+SECRET_WORDS = frozenset(
+    {"AUTH", "CREDENTIAL", "CREDENTIALS", "PASS", "PASSPHRASE", "PEM", "PRIVATE", "SECRETS"}
+)
+SECRET_ENDINGS = ("KEY", "KEYS", "TOKEN", "TOKENS", "SECRET", "PASSWORD", "PASSWD")
+
+
+def secret_like(name: str) -> bool:
+    """Whether an environment variable's name looks like it holds a secret (see
+    :data:`SECRET_WORDS`): vLLM's environment gets none."""
+    return any(w in SECRET_WORDS or w.endswith(SECRET_ENDINGS) for w in name.upper().split("_"))
+
 
 Probe = Callable[[str, str], Awaitable[str]]
 """``probe(url, api_key)``: '' when the server there is ready, else what is missing; raises
@@ -226,7 +238,7 @@ class LaunchSpec(BaseModel):
         for name in value:
             if name in REFUSED_ENV:
                 raise ValueError(f"env: {name} is set by medserve for every supervised vLLM")
-            if SECRET_NAME.search(name):
+            if secret_like(name):
                 raise ValueError(f"env: {name} looks like a secret; vLLM gets none")
             if name not in ENV_NAMES and not name.startswith(ENV_PREFIXES):
                 raise ValueError(f"env: {name} is not an allowed name (see the field's list)")

@@ -47,6 +47,7 @@ import logging
 import math
 import re
 import secrets
+import ssl
 import time
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import replace
@@ -133,6 +134,12 @@ class VllmSpec(BaseModel):
         "the replica refuses to start; remote: the server's files cannot be checked from "
         "here. Relative to the registry file.",
     )
+    ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA certificate(s) that sign an https `url`'s certificate "
+        "(a hospital's internal CA); default: the public CAs of certifi. Relative to the "
+        "registry file.",
+    )
     served_model_name: str | None = Field(
         None,
         description="The `model` sent upstream (vLLM's --served-model-name); default: "
@@ -201,6 +208,12 @@ class VllmSpec(BaseModel):
         return self
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """How an https replica's certificate is verified: against ``ca_file`` (PEM) when given,
+    else httpx's default (certifi's public CAs). Never off."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
+
+
 def upstream_hosts(specs: Iterable[ModelSpec]) -> list[str]:
     """Hosts of every remote vLLM replica and fallback engine (for the egress guard's
     allow-list); supervised ones are on loopback, always allowed."""
@@ -266,6 +279,7 @@ class VllmEngine:
             limits=httpx.Limits(max_connections=s.max_outstanding + 4),
             trust_env=False,  # never an HTTP(S)_PROXY from the environment
             follow_redirects=False,
+            verify=tls_context(s.ca_file),
         )
 
     async def start(self) -> None:
@@ -366,6 +380,11 @@ class VllmEngine:
         if health.status_code != 200:
             return f"/health answered {health.status_code}"
         models = await self._client.get("/v1/models", timeout=timeout)
+        if models.status_code in (401, 403):  # waiting would not help
+            raise EngineError(
+                f"{self._info.name}: /v1/models answered {models.status_code}: the server "
+                "refused medserve's key (check the replica's api_key)"
+            )
         if models.status_code != 200:
             return f"/v1/models answered {models.status_code}"
         entry = next(
@@ -448,8 +467,9 @@ class VllmEngine:
         body |= {
             "stream": True,
             "stream_options": {"include_usage": True},
-            "temperature": s.temperature,
-            "top_p": s.top_p,
+            # OpenAI's top_p 0 is greedy; vLLM wants top_p in (0, 1]: greedy is temperature 0.
+            "temperature": 0.0 if s.top_p == 0 else s.temperature,
+            "top_p": s.top_p or 1.0,
             "frequency_penalty": s.frequency_penalty,
             "presence_penalty": s.presence_penalty,
             "seed": s.seed,
@@ -599,12 +619,16 @@ class VllmEngine:
             )
         if status not in CLIENT_FAULT:
             return EngineError("The model's engine failed to answer.", code="engine_error")
-        message = await _error_message(response)
+        message, param = await _error_message(response)
         # "maximum context length" (the prompt; older vLLM also the budget), or vLLM
         # 0.32's "max_tokens=N cannot be greater than max_model_len=M" (the budget alone).
         if any(words in message.lower() for words in ("maximum context length", "max_model_len")):
             return self._context_error(request, message)
-        return InvalidRequestError("The model's engine refused the request as invalid.")
+        return InvalidRequestError(
+            "The model's engine refused the request as invalid"
+            + (f": check `{param}`." if param else "."),
+            param=param,
+        )
 
     def _context_error(self, request: GenerationRequest, message: str) -> ContextLengthError:
         found = TOKENS.search(message)
@@ -708,9 +732,30 @@ def _delta(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     return (text if isinstance(text, str) else ""), extra
 
 
-async def _error_message(response: httpx.Response) -> str:
-    """The ``message`` of an upstream error body (read up to ERROR_BODY_BYTES); for
-    classification only, never shown to the client or logged."""
+# vLLM's name of a request field (an error's ``param``) -> the client's name of it. Only
+# these are passed on: a ``param`` is upstream text, shown to the client only when known.
+PARAMS = {
+    name: name
+    for name in (
+        "messages",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+    )
+} | {"repetition_penalty": "repeat_penalty"}
+
+
+async def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+    """The ``message`` of an upstream error body (read up to ERROR_BODY_BYTES), for
+    classification only, never shown to the client or logged; and its ``param`` as the
+    client calls it (:data:`PARAMS`), or None."""
     raw = bytearray()
     async for piece in response.aiter_raw():
         raw += piece
@@ -719,4 +764,5 @@ async def _error_message(response: httpx.Response) -> str:
     value = _parse(raw.decode("utf-8", "replace"))
     error = value.get("error") if value else None
     message = error.get("message") if isinstance(error, dict) else None
-    return message if isinstance(message, str) else ""
+    param = error.get("param") if isinstance(error, dict) else None
+    return (message if isinstance(message, str) else ""), PARAMS.get(str(param))

@@ -327,6 +327,18 @@ def launch(**fields: Any) -> dict[str, Any]:
         ({"launch": launch(env={"VLLM_API_KEY": "x"})}, "set by medserve"),
         ({"launch": launch(env={"HF_HUB_OFFLINE": "0"})}, "set by medserve"),
         ({"launch": launch(env={"MEDSERVE_AUTH__DEV_KEY": "x"})}, "looks like a secret"),
+        (
+            {"launch": launch(env={"VLLM_PRIVATE_KEY_PEM": "x"})},
+            "VLLM_PRIVATE_KEY_PEM looks like a secret",
+        ),
+        (
+            {"launch": launch(env={"VLLM_S3_ACCESS_KEY_ID": "x"})},
+            "VLLM_S3_ACCESS_KEY_ID looks like a secret",
+        ),
+        (
+            {"launch": launch(env={"VLLM_HF_TOKEN_PATH": "x"})},
+            "VLLM_HF_TOKEN_PATH looks like a secret",
+        ),
         ({"launch": launch(env={"AWS_REGION": "x"})}, "not an allowed name"),
     ],
 )
@@ -344,3 +356,34 @@ def test_supervised_replicas_need_no_egress() -> None:
         ],
     )
     assert upstream_hosts([spec]) == ["gpu-2"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CUDA_VISIBLE_DEVICES",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_CPU_OMP_THREADS_BIND",
+        "OMP_NUM_THREADS",
+    ],
+)
+def test_ordinary_vllm_settings_pass_the_secret_filter(name: str) -> None:
+    spec = VllmSpec.model_validate({"engine": "vllm", "launch": launch(env={name: "1"})})
+    assert spec.launch is not None and spec.launch.env == {name: "1"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "VLLM_PRIVATE_KEY_PEM",
+        "VLLM_APIKEY",
+        "NCCL_PASSPHRASE",
+        "VLLM_AUTH_HEADER",
+        "VLLM_S3_ACCESS_KEY_ID",
+        "VLLM_HF_TOKEN_PATH",
+        "VLLM_DB_PASSWORD",
+    ],
+)
+def test_names_that_look_like_secrets_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match=f"{name} looks like a secret"):
+        VllmSpec.model_validate({"engine": "vllm", "launch": launch(env={name: "x"})})

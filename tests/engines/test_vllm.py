@@ -4,8 +4,11 @@ allow-list's only, and the SSE framer survives any split of the bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import httpx
@@ -25,6 +28,7 @@ from medserve.errors import (
     UnavailableError,
 )
 from tests.conftest import flat_spec
+from tests.e2e.test_tls import self_signed
 from tests.fakeupstream import FakeUpstream, Knobs, running_upstream
 from tests.serverproc import free_port
 
@@ -334,3 +338,73 @@ def test_upstream_hosts_are_the_vllm_replicas_hosts() -> None:
 def test_spec_refuses_urls_that_are_not_a_base(url: str) -> None:
     with pytest.raises(ValueError, match="url"):
         VllmSpec(engine="vllm", url=url)
+
+
+async def test_top_p_zero_is_sent_as_greedy(engine: VllmEngine, upstream: FakeUpstream) -> None:
+    """OpenAI's top_p 0 (greedy) is outside vLLM's (0, 1]: it goes up as temperature 0."""
+    r = req()
+    greedy = replace(r, sampling=replace(r.sampling, top_p=0.0))
+    await drain(engine, greedy)
+    body = upstream.seen[-1].body
+    assert (body["temperature"], body["top_p"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("upstream_param", "param"),
+    [
+        ("top_p", "top_p"),
+        ("repetition_penalty", "repeat_penalty"),
+        ("secret_x", None),
+        (None, None),
+    ],
+)
+async def test_an_upstream_refusal_names_the_field_only_when_known(
+    engine: VllmEngine, upstream: FakeUpstream, upstream_param: str | None, param: str | None
+) -> None:
+    upstream.knobs = Knobs(status=400, error_param=upstream_param)
+    with pytest.raises(InvalidRequestError) as caught:
+        await drain(engine, req())
+    assert caught.value.param == param
+    assert "a b c" not in caught.value.message  # the upstream's message echoes the prompt
+    assert (f"`{param}`" in caught.value.message) == (param is not None)
+
+
+async def test_start_stops_at_once_when_the_server_refuses_the_key(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.knobs = Knobs(key="right")
+    spec = VllmSpec(
+        engine="vllm", url=upstream.url, served_model_name="m", api_key=SecretStr("wrong")
+    )
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    # start_timeout_s is 120 s: a refusal that were retried would not end this test soon.
+    with pytest.raises(EngineError, match="refused medserve's key"):
+        await asyncio.wait_for(e.start(), 30)
+    upstream.knobs = Knobs(key="right")
+    ok = VllmEngine(
+        flat_spec(id="med", engine="fake"), spec.model_copy(update={"api_key": SecretStr("right")})
+    )
+    await ok.start()
+    await ok.close()
+
+
+async def test_an_https_replica_is_verified_against_its_ca_file(tmp_path: Path) -> None:
+    """A replica behind an internal CA: trusted with `ca_file`, refused without it (the
+    certificate is checked, never skipped)."""
+    cert, key = self_signed(tmp_path)
+    model = flat_spec(id="med", engine="fake")
+    with running_upstream(tls=(cert, key)) as tls_upstream:
+        tls_upstream.knobs = Knobs()
+        spec = VllmSpec(engine="vllm", url=tls_upstream.url, served_model_name="m", ca_file=cert)
+        trusted = VllmEngine(model, spec)
+        await trusted.start()
+        try:
+            chunks = await drain(trusted, req())
+        finally:
+            await trusted.close()
+        assert chunks[-1].finish_reason is not None
+        untrusted = VllmEngine(
+            model, spec.model_copy(update={"ca_file": None, "start_timeout_s": 1})
+        )
+        with pytest.raises(EngineError, match="not ready"):
+            await untrusted.start()
