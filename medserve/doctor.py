@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -27,7 +28,7 @@ from medserve.config import ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
-from medserve.engines.vllm import VllmSpec, parse_load, tls_context
+from medserve.engines.vllm import VllmSpec, parse_load, tls_context, upstream_hosts
 from medserve.errors import ConfigError
 from medserve.fallback import check as check_fallback
 from medserve.manifest import ManifestError, check_file, check_tree, sha256_file
@@ -104,8 +105,27 @@ def checks(
         f"/metrics {auth.metrics}",
     )
     yield from _connections(settings)
-    allowed = ", ".join(settings.egress_allow) or "loopback only"
+    replicas = upstream_hosts(models)
+    allowed = ", ".join([*settings.egress_allow, *replicas]) or "loopback only"
     yield Check("egress guard", "ok", f"on at start-up; allowed: {allowed}")
+    plain = sorted(
+        {
+            r.url
+            for spec in models
+            for r in spec.engine_specs
+            if isinstance(r, VllmSpec)
+            and r.url
+            and r.url.startswith("http://")
+            and urlsplit(r.url).hostname not in ("127.0.0.1", "localhost", "::1")
+        }
+    )
+    if plain:
+        yield Check(
+            "vllm transport",
+            "warn",
+            f"plain http to another machine: prompts travel unencrypted to {', '.join(plain)} "
+            "(use https and ca_file, or a private segment)",
+        )
     differing = sorted(k for k, v in OFFLINE_ENV.items() if os.environ.get(k) not in (None, v))
     yield Check(
         "offline env",

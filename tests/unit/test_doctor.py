@@ -132,3 +132,19 @@ def test_each_vllm_replica_is_probed_for_health_and_load() -> None:
         "ready; waiting unknown, running 0, kv cache unknown"
     )
     assert all(c.detail.endswith("(not probed)") for n, c in unprobed.items() if "vllm" in n)
+
+
+def test_remote_replicas_show_in_the_egress_line_and_plain_http_off_machine_warns() -> None:
+    spec = flat_spec(
+        id="med",
+        replicas=[
+            {"engine": "vllm", "url": "http://10.1.2.3:8000"},
+            {"engine": "vllm", "url": "https://gpu-2.ward:8443"},
+            {"engine": "vllm", "url": "http://127.0.0.1:8001"},
+        ],
+    )
+    found = {c.name: c for c in checks(Settings(), [spec], probe=False)}
+    assert found["egress guard"].detail.endswith("allowed: 10.1.2.3, 127.0.0.1, gpu-2.ward")
+    transport = found["vllm transport"]
+    assert transport.level == "warn" and "http://10.1.2.3:8000" in transport.detail
+    assert "gpu-2" not in transport.detail and "127.0.0.1" not in transport.detail
