@@ -85,6 +85,8 @@ PROBE_INTERVAL_S = 0.25
 SHIM = Path(__file__).with_name("shim.py")  # run by path: the standard library only
 SHIM_MARGIN_S = KILL_WAIT_S + 5.0  # beyond shutdown_timeout_s before the shim is killed
 TAIL_LINES = 20
+# A log line that names an exception and its message: "RuntimeError: ...", "ValueError: ...".
+CAUSE_LINE = re.compile(r"\b\w*(?:Error|Exception): ")
 
 # Arguments medserve sets itself (a second value would silently win or fight it), and the
 # ones that would put prompts into the log.
@@ -358,7 +360,9 @@ def describe_exit(code: int) -> str:
 
 def tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
     """The last ``lines`` lines of a log written after byte ``since`` (all of it when the
-    file is shorter: it was rotated); at most 64 kB read, 300 characters a line."""
+    file is shorter: it was rotated); at most 64 kB read, 300 characters a line. When the
+    last line naming an exception (``...Error: ...``, vLLM's root cause) came before those,
+    it is shown first, then ``...``: vLLM ends a failed start with "See root cause above"."""
     try:
         with path.open("rb") as f:
             end = f.seek(0, os.SEEK_END)
@@ -366,7 +370,10 @@ def tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(line[:300] for line in text.splitlines()[-lines:])
+    every = [line[:300] for line in text.splitlines()]
+    shown = every[-lines:]
+    causes = [line for line in every[: len(every) - len(shown)] if CAUSE_LINE.search(line)]
+    return "\n".join([causes[-1], "...", *shown] if causes else shown)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from medserve.config import ModelSpec, Settings
 from medserve.doctor import checks
 from medserve.engines.base import GenerationRequest, Health, Message, Sampling
 from medserve.engines.fake import FakeEngine
-from medserve.engines.supervisor import LaunchSpec, Supervisor
+from medserve.engines.supervisor import LaunchSpec, Supervisor, tail
 from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
 from medserve.errors import EngineError, UnavailableError
 from medserve.privacy import OFFLINE_ENV
@@ -387,3 +387,23 @@ def test_ordinary_vllm_settings_pass_the_secret_filter(name: str) -> None:
 def test_names_that_look_like_secrets_are_refused(name: str) -> None:
     with pytest.raises(ValidationError, match=f"{name} looks like a secret"):
         VllmSpec.model_validate({"engine": "vllm", "launch": launch(env={name: "x"})})
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["a", "b", "c"], "b\nc"),
+        (
+            ["x", "ValueError: too big", "y", "z", "See root cause above"],
+            ("ValueError: too big\n...\nz\nSee root cause above"),
+        ),
+        (["RuntimeError: old", "ValueError: new", "q", "r"], "ValueError: new\n...\nq\nr"),
+        (["p", "OSError: in the tail", "r"], "OSError: in the tail\nr"),
+    ],
+)
+def test_a_log_tail_shows_the_root_cause_above_it(
+    tmp_path: Path, lines: list[str], expected: str
+) -> None:
+    log = tmp_path / "vllm.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert tail(log, lines=2) == expected
