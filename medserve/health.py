@@ -23,6 +23,11 @@ rule; the numbers come from the model's :class:`medserve.config.RoutingPolicy`:
   three intervals is unknown. Unknown adds nothing to a replica's load; it is never read
   as 0 in what ``/ready`` shows.
 
+A state also keeps the last check's :class:`Health` (:attr:`ReplicaState.health`): what
+``/ready`` and ``/metrics`` report for an engine whose health needs I/O (vLLM), so that
+they answer from memory and never wait on a hung upstream (:meth:`Router.health
+<medserve.router.Router.health>`).
+
 Everything runs on the event loop; the clock is injectable (``time.monotonic`` by default)
 so that tests drive a state through time without waiting, and call
 :meth:`Monitor.check_once` / :meth:`Monitor.scrape_once` instead of running the loops.
@@ -52,6 +57,7 @@ BREAKER_STATES: tuple[Breaker, ...] = ("closed", "open", "half_open")
 Status = Literal["ready", "ejected", "down"]
 STATUSES: tuple[Status, ...] = ("ready", "ejected", "down")
 STALE_AFTER = 3  # scrape intervals after which a scraped value is unknown
+NO_ANSWER = "the health check timed out or failed"  # Health.detail of a failed check
 RESTART_MAX_S = 300.0  # longest pause between two tries to start a replica that is down
 Clock = Callable[[], float]
 
@@ -60,15 +66,17 @@ Clock = Callable[[], float]
 class ReplicaView:
     """One replica as ``/ready``, ``/metrics`` and logs show it (bounded values only).
 
-    ``name`` is ``kind:index`` (``vllm:1``); ``status`` ``ready``, ``ejected`` (failing
-    its health checks) or ``down`` (not started); ``faults`` the consecutive faults
-    the breaker counts; ``waiting``/``running``/``kv_cache_usage`` the last scraped load,
-    None when unknown (not scraped, stale, not exported).
+    ``name`` is ``kind:index`` (``vllm:1``); ``fallback`` whether it is one of the model's
+    fallback engines (:mod:`medserve.fallback`), not a replica; ``status`` ``ready``,
+    ``ejected`` (failing its health checks) or ``down`` (not started); ``faults`` the
+    consecutive faults the breaker counts; ``waiting``/``running``/``kv_cache_usage``
+    the last scraped load, None when unknown (not scraped, stale, not exported).
     """
 
     model: str
     name: str
     kind: str
+    fallback: bool
     status: Status
     breaker: Breaker
     outstanding: int
@@ -82,20 +90,32 @@ class ReplicaState:
     """Health, breaker and scraped load of one replica (an engine of one model).
 
     ``started`` is kept by the router (the engine's ``start`` returned); the rest by the
-    methods below. Not thread-safe: event-loop only, like the router.
+    methods below. ``fallback``: the engine is a fallback engine of its model. Not
+    thread-safe: event-loop only, like the router.
     """
 
     def __init__(
-        self, engine: Engine, model: str, name: str, policy: RoutingPolicy, clock: Clock
+        self,
+        engine: Engine,
+        model: str,
+        name: str,
+        policy: RoutingPolicy,
+        clock: Clock,
+        *,
+        fallback: bool = False,
     ) -> None:
         self.engine = engine
         self.model = model
         self.name = name
+        self.fallback = fallback
         self.policy = policy
         self._clock = clock
         self.started = False
         self.ejected = False
         self.check_failures = 0  # consecutive failed active checks
+        # The last active check's answer (a failed check: not ready, with why); None
+        # before the first check.
+        self.health: Health | None = None
         self.faults = 0  # consecutive faults reported by serving
         self._opened_at: float | None = None  # when the breaker last opened
         self._trial = False  # the half-open trial request is in flight
@@ -108,6 +128,7 @@ class ReplicaState:
     def checked(self, health: Health | None) -> None:
         """Take one active check's result: the engine's Health, or None when the check
         failed (timed out, raised)."""
+        self.health = health if health is not None else Health(ready=False, detail=NO_ANSWER)
         if health is not None and health.ready:
             if self.ejected:
                 log.warning("replica readmitted", extra=self._log())
@@ -211,6 +232,7 @@ class ReplicaState:
             model=self.model,
             name=self.name,
             kind=self.name.split(":", 1)[0],
+            fallback=self.fallback,
             status=self.status,
             breaker=self.breaker,
             outstanding=outstanding,

@@ -61,10 +61,13 @@ class RequestObservation:
 
 @dataclass(frozen=True)
 class EngineState:
-    """An engine as seen at scrape time."""
+    """A model's engines as seen at scrape time: ``health`` the model's (all its engines
+    added up), ``kinds`` each engine kind of its primary replicas (fallback engines left
+    out: their state is in ``medserve_replica_state``) mapped to (any of them started,
+    any of them ready and admissible)."""
 
     model: str
-    engine: str
+    kinds: dict[str, tuple[bool, bool]]
     health: Health
     load_seconds: float | None
 
@@ -156,6 +159,14 @@ class Metrics:
             ["model", "engine", "replica", "outcome"],
             registry=r,
         )
+        self.fallback_answers = Counter(
+            "medserve_fallback_answers",
+            "Requests answered by one of the model's fallback engines (other weights of "
+            "the same checkpoint, e.g. CPU when the GPU replicas cannot take it), by model "
+            "and engine kind; counted when the fallback engine's first chunk came.",
+            ["model", "engine"],
+            registry=r,
+        )
         info = Gauge(
             "medserve_build_info",
             "Always 1; labels say which medserve and Python run here.",
@@ -177,14 +188,22 @@ class Metrics:
                 histogram.labels(model)
 
     def declare_replicas(self, replicas: Iterable[ReplicaView]) -> None:
-        """Create each replica's attempt series at zero, one per outcome."""
+        """Create each replica's attempt series at zero, one per outcome, and each fallback
+        engine kind's answer count at zero."""
         for r in replicas:
             for outcome in ATTEMPT_OUTCOMES:
                 self.attempts.labels(r.model, r.kind, r.name, outcome)
+            if r.fallback:
+                self.fallback_answers.labels(r.model, r.kind)
 
-    def attempt(self, model: str, engine: str, replica: str, outcome: str) -> None:
-        """Count one attempt (``outcome`` one of ATTEMPT_OUTCOMES)."""
+    def attempt(
+        self, model: str, engine: str, replica: str, outcome: str, fallback: bool = False
+    ) -> None:
+        """Count one attempt (``outcome`` one of ATTEMPT_OUTCOMES); an ``ok`` one on a
+        fallback engine is also a fallback answer."""
         self.attempts.labels(model, engine, replica, outcome).inc()
+        if fallback and outcome == "ok":
+            self.fallback_answers.labels(model, engine).inc()
 
     def observe(self, o: RequestObservation) -> None:
         self.requests.labels(o.model, o.endpoint, str(o.status)).inc()
@@ -233,9 +252,16 @@ class _Snapshot(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         m = self.metrics
         labels = ["model", "engine", "instance"]
-        up = GaugeMetricFamily("medserve_engine_up", "1 if the engine is loaded.", labels=labels)
+        up = GaugeMetricFamily(
+            "medserve_engine_up",
+            "1 if a replica of this engine kind (fallback engines not counted) is loaded.",
+            labels=labels,
+        )
         ready = GaugeMetricFamily(
-            "medserve_engine_ready", "1 if the engine accepts requests.", labels=labels
+            "medserve_engine_ready",
+            "1 if a replica of this engine kind (fallback engines not counted) is ready and "
+            "admits requests.",
+            labels=labels,
         )
         running = GaugeMetricFamily(
             "medserve_requests_running", "Requests decoding now.", labels=["model"]
@@ -252,9 +278,10 @@ class _Snapshot(Collector):
             "medserve_model_load_seconds", "Time the model took to load.", labels=["model"]
         )
         for e in m._engines:
-            key = [e.model, e.engine, m.instance]
-            up.add_metric(key, 1.0)
-            ready.add_metric(key, 1.0 if e.health.ready else 0.0)
+            for kind, (started, admits) in e.kinds.items():
+                key = [e.model, kind, m.instance]
+                up.add_metric(key, 1.0 if started else 0.0)
+                ready.add_metric(key, 1.0 if admits else 0.0)
             running.add_metric([e.model], e.health.running)
             waiting.add_metric([e.model], e.health.waiting)
             rejected.add_metric([e.model], e.health.rejected)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from medserve.config import ModelSpec
 from medserve.engines import create_engine
-from medserve.engines.base import Engine, Health
+from medserve.engines.base import Engine, Health, LocalHealth
 from medserve.errors import ModelNotFoundError, OverloadedError, UnavailableError
 from medserve.fallback import check as check_fallback
 from medserve.health import Clock, Monitor, Outcome, ReplicaState, ReplicaView
@@ -112,7 +112,9 @@ class Router:
         self._started: list[Engine] = []
         self._load: dict[int, Load] = {id(e): Load() for s in served for e in s.engines}
         self._states = {
-            id(e): ReplicaState(e, s.spec.id, s.replica_name(e), s.spec.routing, clock)
+            id(e): ReplicaState(
+                e, s.spec.id, s.replica_name(e), s.spec.routing, clock, fallback=s.is_fallback(e)
+            )
             for s in served
             for e in s.engines
         }
@@ -246,21 +248,47 @@ class Router:
         ties = [e for e in room if key(e) == best]
         return ties[0] if ordered else self._rng.choice(ties)
 
-    async def health(self, served: Served) -> Health:
-        """The model's health: its engines' added up, with the router's refusals. Ready
-        when one replica is ready by its own health and admissible by the router's."""
-        parts = [await e.health() for e in served.engines]
+    def health(self, served: Served) -> Health:
+        """The model's health: its engines' added up (:meth:`replica_health`), with the
+        router's refusals. Ready when one engine is ready by its own health and admissible
+        by the router's. Synchronous on purpose: it answers from memory, never waiting on
+        an engine (a hung vLLM must not make ``/ready`` or ``/metrics`` hang)."""
+        parts = [self.replica_health(e) for e in served.engines]
         return replace(
             parts[0],
-            ready=any(
-                h.ready and self.state(e).admissible()
-                for e, h in zip(served.engines, parts, strict=True)
-            ),
+            ready=any(self.ready(e) for e in served.engines),
             running=sum(h.running for h in parts),
             waiting=sum(h.waiting for h in parts),
             rejected=sum(self.load(e).rejected for e in served.engines),
             unreachable=all(h.unreachable for h in parts),
         )
+
+    def ready(self, engine: Engine) -> bool:
+        """Whether ``engine`` is ready by its own health (:meth:`replica_health`) and
+        admissible by the router's (started, not ejected, breaker not open)."""
+        return self.replica_health(engine).ready and self.state(engine).admissible()
+
+    def kinds(self, served: Served) -> dict[str, tuple[bool, bool]]:
+        """Each engine kind of ``served``'s primary replicas: (one of them started, one of
+        them :meth:`ready`), for ``medserve_engine_up``/``_ready``."""
+        found: dict[str, tuple[bool, bool]] = {}
+        for index, engine in enumerate(served.primaries):
+            kind = served.replica_kind(index)
+            up, ready = found.get(kind, (False, False))
+            found[kind] = (up or self.state(engine).started, ready or self.ready(engine))
+        return found
+
+    def replica_health(self, engine: Engine) -> Health:
+        """``engine``'s health from memory: live for an engine with
+        :class:`~medserve.engines.base.LocalHealth` (in-process: llama.cpp, fake);
+        otherwise (vLLM) the last active check's answer, or, before the first check,
+        ready if started (its ``start`` waited for it to be ready), with ``running`` the
+        requests this gateway has in flight there now (the router's own count)."""
+        if isinstance(engine, LocalHealth):
+            return engine.health_now()
+        state = self.state(engine)
+        last = state.health or Health(ready=state.started)
+        return replace(last, running=self.load(engine).outstanding)
 
     async def start(self) -> None:
         """Start every engine of every model, then the health monitor.

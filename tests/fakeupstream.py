@@ -62,6 +62,9 @@ class Knobs:
     usage_in_last: bool = False  # usage on the finish chunk, not a choices=[] chunk
     usage: bool = True  # honour include_usage
     health: int = 200
+    # /health says nothing for this long (or until the client leaves): a hung server
+    # (SIGSTOPped, wedged) that still accepts connections.
+    health_stall_s: float = 0.0
     # /metrics: vllm:num_requests_waiting, the KV-cache usage (None: left out), under its
     # old name (vllm:gpu_cache_usage_perc, before vLLM 0.10) when ``old_kv_name``; running
     # is the requests in flight here. ``metrics`` other than 200: that status, no body.
@@ -106,6 +109,8 @@ class FakeUpstream:
         k = self.knobs
         if path == "/health":
             self.health_checks += 1
+            if k.health_stall_s and await _client_left(receive, k.health_stall_s):
+                return
             await _json(send, k.health, {})
         elif path == "/metrics":
             body = metrics_text(k, self.running).encode() if k.metrics == 200 else b""
@@ -353,6 +358,20 @@ def _authorized(scope: Scope, key: str) -> bool:
     """Whether the request carries ``Authorization: Bearer key`` (as vLLM checks it)."""
     headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
     return headers.get("authorization") == f"Bearer {key}"
+
+
+async def _client_left(receive: Receive, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the client to go away; True if it did."""
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        await asyncio.wait_for(gone(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _json(

@@ -72,8 +72,8 @@ async def metrics(models: RouterDep, request: Request) -> Response:
         states.append(
             EngineState(
                 model=served.spec.id,
-                engine=served.kind,
-                health=await models.health(served),
+                kinds=models.kinds(served),
+                health=models.health(served),
                 load_seconds=models.load_seconds.get(served.spec.id),
             )
         )
@@ -90,7 +90,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     report = []
     views = models.replicas()
     for served in models:
-        h = await models.health(served)
+        h = models.health(served)
         report.append(
             {
                 "id": served.spec.id,
@@ -114,11 +114,13 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
 
 
 def replica_report(view: ReplicaView) -> dict[str, object]:
-    """One replica in /ready: ``name`` (kind:index), ``status`` (ready, ejected, down),
+    """One replica in /ready: ``name`` (kind:index), ``fallback`` (true: one of the
+    model's fallback engines, not a replica), ``status`` (ready, ejected, down),
     ``breaker`` (closed, open, half_open), ``outstanding`` and ``faults`` (consecutive),
     and its last scraped ``waiting``/``running``/``kv_cache_usage`` (null: unknown)."""
     return {
         "name": view.name,
+        "fallback": view.fallback,
         "status": view.status,
         "breaker": view.breaker,
         "outstanding": view.outstanding,

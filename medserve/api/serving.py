@@ -434,7 +434,11 @@ def _attempted(http: Request, served: Served, engine: Engine, outcome: AttemptOu
     replica: only ok, fault and busy are the replica's doing."""
     index = served.engines.index(engine)
     http.app.state.metrics.attempt(
-        served.spec.id, served.replica_kind(index), served.replica_name(engine), outcome
+        served.spec.id,
+        served.replica_kind(index),
+        served.replica_name(engine),
+        outcome,
+        fallback=served.is_fallback(engine),
     )
     reported = REPORTED.get(outcome)
     if reported is not None:

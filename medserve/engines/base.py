@@ -211,3 +211,16 @@ class LoadReporter(Protocol):
     async def load_stats(self) -> LoadStats | None:
         """The server's load now, or None when it could not be read (never raises)."""
         ...
+
+
+@runtime_checkable
+class LocalHealth(Protocol):
+    """An optional engine capability: engines whose health lives in their own memory
+    (llama.cpp and fake, in this process) read it without I/O. ``/ready`` and ``/metrics``
+    report such an engine's health live (:meth:`medserve.router.Router.health`); an engine
+    without it (vLLM, behind HTTP) is reported from the router's last active check, so that
+    neither ever waits on an upstream."""
+
+    def health_now(self) -> Health:
+        """Readiness and load now, read from memory (never blocks, never raises)."""
+        ...

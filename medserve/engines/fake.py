@@ -284,4 +284,8 @@ class FakeEngine:
         )
 
     async def health(self) -> Health:
+        return self.health_now()
+
+    def health_now(self) -> Health:
+        """Readiness and load from memory (:class:`medserve.engines.base.LocalHealth`)."""
         return Health(ready=self._started, running=self._running, waiting=self._waiting)

@@ -435,6 +435,11 @@ class LlamaCppEngine:
         released.set()
 
     async def health(self) -> Health:
+        return self.health_now()
+
+    def health_now(self) -> Health:
+        """Readiness (the worker thread alive) and load from memory
+        (:class:`medserve.engines.base.LocalHealth`)."""
         return Health(
             ready=self._thread is not None and self._thread.is_alive() and not self._closed,
             running=self._running,

@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from medserve.api.app import create_app
 from medserve.auth.keys import KeyStore
 from medserve.cli import app
 from medserve.config import ModelSpec, Settings
+from medserve.engines.base import Health
 from medserve.engines.fake import FakeEngine
 from medserve.errors import EngineError, OverloadedError, UnavailableError
 from medserve.router import Router
@@ -261,3 +263,38 @@ def test_cors_exposes_the_announcement(manifests: tuple[Path, Path], audit_path:
         assert r.status_code == 200
         exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
         assert {"x-medserve-fallback", "x-medserve-engine"} <= exposed
+
+
+def metric(s: Setup, name: str, **labels: str) -> float | None:
+    """The one sample of ``name`` on /metrics whose labels include ``labels``."""
+    page = s.client.get("/metrics").text
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def test_fallback_engines_are_marked_counted_and_left_out_of_engine_ready(setup: Setup) -> None:
+    """/ready marks the fallback engine; only answers from it count as fallback answers;
+    an ejected replica turns its kind's medserve_engine_ready to 0 even while the fallback
+    (of the same kind here) answers for it."""
+    ready = setup.client.get("/ready").json()
+    marks = [(r["name"], r["fallback"]) for r in ready["models"][0]["replicas"]]
+    assert marks == [("fake:0", False), ("fake:1", True)]
+    answers = {"name": "medserve_fallback_answers_total", "model": MODEL, "engine": "fake"}
+    kind_ready = {"name": "medserve_engine_ready", "model": MODEL, "engine": "fake"}
+    assert post(setup, False).status_code == 200  # the replica answers
+    assert (metric(setup, **answers), metric(setup, **kind_ready)) == (0, 1)
+    router: Router = setup.client.app.state.router  # type: ignore[attr-defined]
+    router.state(setup.replicas[0]).checked(Health(ready=False, unreachable=True))  # refused
+    for _ in range(2):
+        r = post(setup, False)
+        assert r.status_code == 200 and r.headers["x-medserve-fallback"] == "fake"
+    assert (metric(setup, **answers), metric(setup, **kind_ready)) == (2, 0)
+    ready = setup.client.get("/ready").json()
+    assert ready["models"][0]["ready"] is True  # the fallback still serves the model
+    assert [r["status"] for r in ready["models"][0]["replicas"]] == ["ejected", "ready"]

@@ -164,6 +164,7 @@ def test_ready_and_models_with_one_replica_out(
     assert model["replicas"] == [
         {
             "name": "fake:0",
+            "fallback": False,
             "status": "ejected",
             "breaker": "closed",
             "outstanding": 0,
@@ -174,6 +175,7 @@ def test_ready_and_models_with_one_replica_out(
         },
         {
             "name": "fake:1",
+            "fallback": False,
             "status": "ready",
             "breaker": "closed",
             "outstanding": 0,

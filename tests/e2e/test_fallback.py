@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from medserve import manifest as mf
 from medserve.auth.keys import KeyStore
@@ -97,6 +98,19 @@ def record(gw: Gateway, request_id: str) -> dict[str, object]:
     raise AssertionError(f"no audit record for {request_id} within {WAIT_S} s")
 
 
+def fallback_answers(gw: Gateway) -> float:
+    """medserve_fallback_answers_total of MODEL's llama.cpp fallback, from /metrics."""
+    page = httpx.get(f"{gw.server.url}/metrics", timeout=10).text
+    (found,) = [
+        s.value
+        for f in text_string_to_metric_families(page)
+        for s in f.samples
+        if s.name == "medserve_fallback_answers_total"
+        and s.labels == {"model": MODEL, "engine": "llamacpp"}
+    ]
+    return found
+
+
 FAULTS = {"503": Knobs(status=503, retry_after="4"), "500": Knobs(status=500)}
 
 
@@ -106,8 +120,10 @@ def test_the_cpu_fallback_answers_when_the_gpu_replica_faults(
     gw: Gateway, fault: str, stream: bool
 ) -> None:
     gw.upstream.knobs = FAULTS[fault]
+    before = fallback_answers(gw)
     r = post(gw, stream)
     assert r.status_code == 200
+    assert fallback_answers(gw) == before + 1
     assert (r.headers["x-medserve-fallback"], r.headers["x-medserve-engine"]) == (
         "llamacpp",
         "llamacpp:1",
@@ -124,8 +140,10 @@ def test_the_cpu_fallback_answers_when_the_gpu_replica_faults(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_gpu_replica_that_answers_is_never_replaced(gw: Gateway, stream: bool) -> None:
+    before = fallback_answers(gw)
     r = post(gw, stream)
     assert r.status_code == 200 and "x-medserve-fallback" not in r.headers
+    assert fallback_answers(gw) == before
     assert r.headers["x-medserve-engine"] == "vllm:0"
     facts = record(gw, r.headers["x-request-id"])
     assert (facts["fallback"], facts["weights_sha256"]) == (False, gw.gptq)
@@ -140,3 +158,9 @@ def test_a_key_without_fallback_gets_the_gpu_replicas_503(gw: Gateway) -> None:
     assert "x-medserve-fallback" not in r.headers
     facts = record(gw, r.headers["x-request-id"])
     assert (facts["fallback"], facts["attempts"], facts["status"]) == (False, 1, 503)
+
+
+def test_ready_says_which_engine_is_the_fallback(gw: Gateway) -> None:
+    ready = httpx.get(f"{gw.server.url}/ready", headers=AUTH, timeout=10).json()
+    marks = [(r["name"], r["fallback"]) for r in ready["models"][0]["replicas"]]
+    assert marks == [("vllm:0", False), ("llamacpp:1", True)]

@@ -158,3 +158,30 @@ def test_replica_metrics_name_replicas_not_urls(
     assert samples[("medserve_replica_attempts_total", tuple(sorted(answered.items())))] == 1
     lines = [line for line in text.splitlines() if line.startswith("medserve_replica_")]
     assert lines and not any("127.0.0.1" in line or "http" in line for line in lines)
+
+
+PROBE_S = 3.0  # a readiness probe's patience here (Kubernetes' default is 1 s): generous
+HANG_S = 60.0  # how long the hung replica's /health says nothing
+
+
+def test_a_hung_replica_never_makes_ready_wait(
+    tmp_path: Path, pair: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """A replica that accepts connections and never answers /health (a SIGSTOPped vLLM):
+    /ready and /metrics answer from the router's memory, well within a probe's patience
+    (httpx raises past PROBE_S), and show the replica ejected once its checks time out."""
+    a, b = pair
+    routing = FAST + "health_timeout_s = 0.5\n"
+    with ExitStack() as stack:
+        server = serve(stack, tmp_path, a, b, routing=routing)
+        a.knobs = Knobs(text=TEXT, health_stall_s=HANG_S)
+
+        def probe() -> dict[str, str]:
+            r = httpx.get(f"{server.url}/ready", headers=AUTH, timeout=PROBE_S)
+            assert r.status_code == 200  # b is ready: so is the model, all along
+            return {v["name"]: v["status"] for v in r.json()["models"][0]["replicas"]}
+
+        until(lambda: probe() == {"vllm:0": "ejected", "vllm:1": "ready"})
+        assert httpx.get(f"{server.url}/metrics", timeout=PROBE_S).status_code == 200
+        r = post(server, False)
+        assert record(server, r.headers["x-request-id"])["replica"] == "vllm:1"

@@ -131,7 +131,7 @@ async def test_queue_full_is_overloaded_and_the_queue_still_drains() -> None:
             async with router.admit(served):
                 pass
         assert info.value.status == 503 and info.value.retry_after
-        assert (await router.health(served)).rejected == 1
+        assert router.health(served).rejected == 1
         _, last = await running
         assert last.finish_reason == "length"
         _, last = await waiting
