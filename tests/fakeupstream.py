@@ -53,6 +53,7 @@ class Knobs:
     status: int = 200  # answer this status (with an error body) instead of generating
     error_param: str | None = None  # the error body's `param` (vLLM names the field)
     key: str | None = None  # vLLM --api-key: /v1/* without `Bearer key` answers 401
+    tokenize: bool = True  # POST /tokenize counts the prompt (False: 404, as a pool might)
     retry_after: str | None = None
     error_after: int | None = None  # 200, that many tokens, then an error event
     stall_after: int | None = None  # that many tokens, then silence until the client leaves
@@ -101,6 +102,7 @@ class FakeUpstream:
         self.url = ""
         self.running = 0  # generation requests in flight
         self.health_checks = 0  # GET /health answered
+        self.tokenized: list[dict[str, Any]] = []  # the bodies POST /tokenize received
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,6 +121,14 @@ class FakeUpstream:
             await send({"type": "http.response.body", "body": body})
         elif k.key is not None and path.startswith("/v1/") and not _authorized(scope, k.key):
             await _json(send, 401, {"error": "Unauthorized"})
+        elif path == "/tokenize":
+            ask = json.loads(await _body(receive))
+            self.tokenized.append(ask)
+            if not k.tokenize:
+                await _json(send, 404, {"detail": "Not Found"})
+            else:
+                count = len(_prompt(ask).split())
+                await _json(send, 200, {"count": count, "max_model_len": k.context})
         elif path == "/v1/models":
             data = [{"id": k.served, "object": "model", "max_model_len": k.context}]
             await _json(send, 200, {"object": "list", "data": data})
@@ -348,6 +358,15 @@ def _prompt(body: dict[str, Any]) -> str:
         lines = [f"{m['role']}: {m['content']}" for m in body["messages"]]
         return "\n".join(lines) + "\nassistant:"
     return str(body.get("prompt", ""))
+
+
+async def _body(receive: Receive) -> bytes:
+    raw = b""
+    while True:
+        message = await receive()
+        raw += bytes(message.get("body", b""))
+        if not message.get("more_body"):
+            return raw
 
 
 def _error(message: str, param: str | None = None) -> dict[str, Any]:

@@ -180,6 +180,14 @@ class VllmSpec(BaseModel):
         gt=0,
         description="Longest wait at start for /health 200 and the served name in /v1/models.",
     )
+    check_budget: bool = Field(
+        True,
+        description="When the client set a completion budget, count the prompt's tokens with "
+        "the server's POST /tokenize first: a prompt plus budget past the context window is "
+        "then a 400 naming the budget field, as on llama.cpp (vLLM itself cuts the answer "
+        "at the window without saying so). Off: one round trip less; a server without "
+        "/tokenize (404) is not checked.",
+    )
     health_ttl_s: float = Field(
         2.0, ge=0, description="How long a /health probe result is reused by /ready."
     )
@@ -251,6 +259,7 @@ class VllmEngine:
         self._running = 0
         self._probe: tuple[float, bool] = (float("-inf"), False)
         self._refused = False
+        self._no_tokenize = False  # the server answered /tokenize 404: budgets unchecked
         self._probe_lock = asyncio.Lock()
         self._supervisor: Supervisor | None = None
         if spec.launch is not None:
@@ -506,6 +515,7 @@ class VllmEngine:
             raise RequestTimeoutError()
         self._running += 1
         try:
+            await self._check_budget(client, request, body, headers, first_by)
             req = client.build_request("POST", path, json=body, headers=headers)
             try:
                 async with asyncio.timeout(first_timeout):
@@ -523,6 +533,77 @@ class VllmEngine:
                 await response.aclose()
         finally:
             self._running -= 1
+
+    async def _check_budget(
+        self,
+        client: httpx.AsyncClient,
+        request: GenerationRequest,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        first_by: float,
+    ) -> None:
+        """Refuse a prompt plus ``max_tokens`` past the context window before generating.
+
+        vLLM (0.32) caps a budget that does not fit at what is left of the window and
+        answers ``length``: a silently shortened answer. So when the client sent a budget
+        (``check_budget`` on), the prompt is counted with the server's own ``POST
+        /tokenize`` (same model, messages with the generation prompt, or prompt): the
+        count is exact, the chat template included. Raises ContextLengthError naming the
+        input (the prompt alone does not fit) or the budget field, with ``prompt_tokens``
+        set; a server without ``/tokenize`` (404: some pool gateways) is remembered and
+        not asked again. Other failures are classified as for a generation.
+        """
+        s = request.sampling
+        if s.max_tokens is None or not self._spec.check_budget or self._no_tokenize:
+            return
+        ask: dict[str, Any] = {"model": body["model"]}
+        if "messages" in body:
+            ask |= {"messages": body["messages"], "add_generation_prompt": True}
+        else:
+            ask["prompt"] = body["prompt"]
+        req = client.build_request(
+            "POST", "/tokenize", json=ask, headers={**headers, "Accept": "application/json"}
+        )
+        try:
+            async with asyncio.timeout(max(first_by - time.monotonic(), 0.0)):
+                response = await client.send(req, stream=True)
+                try:
+                    if response.status_code == 404:
+                        self._no_tokenize = True
+                        log.warning(
+                            "vllm replica has no /tokenize; budgets are not checked",
+                            extra={"replica": self._info.name},
+                        )
+                        return
+                    if response.status_code != 200:
+                        raise await self._refusal(request, response)
+                    count = _parse((await response.aread()).decode("utf-8", "replace"))
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise self._timed_out("counting the prompt's tokens") from None
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        tokens = count.get("count") if count else None
+        if not isinstance(tokens, int):
+            return
+        context = self._info.context_length
+        if tokens >= context:
+            refusal = ContextLengthError(
+                f"The prompt ({tokens} tokens) does not fit this model's context window of "
+                f"{context} tokens.",
+                param=request.input_param,
+            )
+        elif tokens + s.max_tokens > context:
+            refusal = ContextLengthError(
+                f"The prompt ({tokens} tokens) plus {s.max_tokens_param} ({s.max_tokens}) "
+                f"exceeds this model's context window of {context} tokens.",
+                param=s.max_tokens_param,
+            )
+        else:
+            return
+        refusal.prompt_tokens = tokens
+        raise refusal
 
     async def _relay(
         self, request: GenerationRequest, response: httpx.Response, first_by: float

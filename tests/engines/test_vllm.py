@@ -408,3 +408,56 @@ async def test_an_https_replica_is_verified_against_its_ca_file(tmp_path: Path) 
         )
         with pytest.raises(EngineError, match="not ready"):
             await untrusted.start()
+
+
+# (max_tokens, the budget check's answer: None = generates, else the param refused). The
+# fake counts a word a token; req()'s chat prompt renders to 5 words; the context is 256.
+BUDGETS: dict[str, tuple[int | None, str | None]] = {
+    "fits": (251, None),
+    "one-past": (252, "max_tokens"),
+    "no-budget": (None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGETS))
+async def test_a_budget_past_the_window_is_refused_before_generating(
+    engine: VllmEngine, upstream: FakeUpstream, case: str
+) -> None:
+    """vLLM would cut such an answer at the window silently: /tokenize counts first."""
+    max_tokens, refused = BUDGETS[case]
+    upstream.tokenized.clear()
+    before = len(upstream.seen)
+    if refused is None:
+        await drain(engine, req(max_tokens=max_tokens))
+        assert len(upstream.seen) == before + 1
+    else:
+        with pytest.raises(ContextLengthError) as caught:
+            await drain(engine, req(max_tokens=max_tokens))
+        assert (caught.value.param, caught.value.prompt_tokens) == (refused, 5)
+        assert len(upstream.seen) == before  # nothing generated
+    if max_tokens is None:
+        assert upstream.tokenized == []  # the upstream's default budget fits by itself
+    else:
+        (asked,) = upstream.tokenized
+        assert asked["model"] == "m" and asked["add_generation_prompt"] is True
+        assert asked["messages"] == [{"role": "user", "content": "a b c"}]
+
+
+async def test_a_prompt_alone_past_the_window_names_the_input(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    long = GenerationRequest("r2", "med", req().sampling, prompt=" ".join(["w"] * 300))
+    with pytest.raises(ContextLengthError) as caught:
+        await drain(engine, long)
+    assert (caught.value.param, caught.value.prompt_tokens) == ("prompt", 300)
+    assert "w w" not in caught.value.message
+
+
+async def test_a_server_without_tokenize_is_asked_once_then_not_checked(
+    engine: VllmEngine, upstream: FakeUpstream
+) -> None:
+    upstream.knobs = Knobs(tokenize=False)
+    upstream.tokenized.clear()
+    for _ in range(2):
+        assert (await drain(engine, req(max_tokens=3)))[-1].finish_reason is not None
+    assert len(upstream.tokenized) == 1
