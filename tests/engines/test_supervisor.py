@@ -297,8 +297,13 @@ async def test_doctor_shows_why_a_replica_is_down_with_its_log(setup: Setup) -> 
 
 def test_ready_says_why_a_replica_is_down() -> None:
     class Down(FakeEngine):
-        async def health(self) -> Health:
+        """An in-process engine reporting a supervised replica's reason (read live)."""
+
+        def health_now(self) -> Health:
             return Health(ready=False, detail="crash loop: 5 failed runs within 600 s")
+
+        async def health(self) -> Health:
+            return self.health_now()
 
     app = create_app(Settings(), Router([Served(fake_spec(), (Down(fake_spec()),))]))
     with TestClient(app, headers=AUTH) as client:
