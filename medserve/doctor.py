@@ -28,7 +28,8 @@ from medserve.config import ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
-from medserve.engines.vllm import VllmSpec, parse_load, tls_context, upstream_hosts
+from medserve.engines.upstream import parse_load
+from medserve.engines.vllm import VllmSpec, tls_context, upstream_hosts
 from medserve.errors import ConfigError
 from medserve.fallback import check as check_fallback
 from medserve.manifest import ManifestError, check_file, check_tree, sha256_file

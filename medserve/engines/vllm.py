@@ -34,7 +34,9 @@ The egress guard must let medserve reach the replica: :func:`upstream_hosts` lis
 hosts of the configured replicas, which ``medserve serve`` allows besides ``egress_allow``.
 For the router (:mod:`medserve.health`), ``health`` tells a refused connection apart
 (``Health.unreachable``) and ``load_stats`` reads the server's ``/metrics``
-(:func:`parse_load`: waiting and running requests, KV-cache usage; old metric names too).
+(:func:`medserve.engines.upstream.parse_load`: waiting and running requests, KV-cache
+usage; old metric names too). Parsing the upstream's events and errors is in
+:mod:`medserve.engines.upstream`.
 A supervised replica that is restarting is not ready (``health``) and refuses requests
 with UnavailableError (503) before anything is sent.
 """
@@ -42,9 +44,7 @@ with UnavailableError (503) before anything is sent.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import re
 import secrets
 import ssl
@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from medserve import manifest as mf
@@ -70,6 +69,15 @@ from medserve.engines.base import (
 )
 from medserve.engines.sse import SSEError, SSEFramer
 from medserve.engines.supervisor import LaunchSpec, Supervisor
+from medserve.engines.upstream import (
+    FAILED_REASONS,
+    FINISH_REASONS,
+    METRICS_BYTES,
+    delta_fields,
+    error_message,
+    parse_event,
+    parse_load,
+)
 from medserve.errors import (
     ConfigError,
     ContextLengthError,
@@ -87,25 +95,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ERROR_BODY_BYTES = 64 * 1024  # most of an upstream error body read (to classify it)
 CLIENT_FAULT = frozenset({400, 413, 422})
 BUSY = frozenset({429, 503})
-METRICS_BYTES = 4 * 1024 * 1024  # most of a /metrics body read (vLLM's: about 100 kB)
-WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
-# KV-cache usage (a fraction, 0 to 1, despite the name): the current name first, then the
-# name vLLM used before 0.10, still exported by older servers.
-KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-LOAD_METRICS = (WAITING, RUNNING, *KV_USAGE)
-# Upstream finish reasons passed on as they are (OpenAI's), and those that mean vLLM gave
-# up on the request (an abort, an engine error): the stream fails instead.
-FINISH_REASONS: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "content_filter": "content_filter",
-}
-FAILED_REASONS = frozenset({"abort", "error"})
-OWN_DELTA = frozenset({"role", "content"})  # delta fields medserve writes itself
 TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
 
 
@@ -577,7 +568,7 @@ class VllmEngine:
                         return
                     if response.status_code != 200:
                         raise await self._refusal(request, response)
-                    count = _parse((await response.aread()).decode("utf-8", "replace"))
+                    count = parse_event((await response.aread()).decode("utf-8", "replace"))
                 finally:
                     await response.aclose()
         except TimeoutError:
@@ -635,14 +626,14 @@ class VllmEngine:
                 if event.data.strip() == "[DONE]":
                     yield self._last(request, finish, usage, deltas)
                     return
-                chunk = _parse(event.data)
+                chunk = parse_event(event.data)
                 if chunk is None or isinstance(chunk.get("error"), dict):
                     raise self._broken("an error event" if chunk else "an event that is not JSON")
                 first, stage = False, "streaming"
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text, extra = _delta(choice)
+                    text, extra = delta_fields(choice)
                     if text or extra:
                         deltas += 1
                         yield GenerationChunk(text, extra=extra)
@@ -700,7 +691,7 @@ class VllmEngine:
             )
         if status not in CLIENT_FAULT:
             return EngineError("The model's engine failed to answer.", code="engine_error")
-        message, param = await _error_message(response)
+        message, param = await error_message(response)
         # "maximum context length" (the prompt; older vLLM also the budget), or vLLM
         # 0.32's "max_tokens=N cannot be greater than max_model_len=M" (the budget alone).
         if any(words in message.lower() for words in ("maximum context length", "max_model_len")):
@@ -754,96 +745,5 @@ class VllmEngine:
         return EngineError("The model's engine failed while generating.", code="engine_error")
 
 
-def parse_load(text: str) -> LoadStats:
-    """Waiting and running requests and KV-cache usage from a vLLM ``/metrics`` body.
-
-    Samples of one metric are added up over their labels (a data-parallel server exports
-    one per engine); KV-cache usage is their mean, under the current name or else the old
-    one (:data:`KV_USAGE`). A metric that is absent, not a finite number, or a body the
-    Prometheus text parser refuses reads as None (unknown), never 0. Only the lines of
-    :data:`LOAD_METRICS` are parsed: a vLLM body is mostly histograms.
-    """
-    wanted = [line for line in text.splitlines() if line.startswith(LOAD_METRICS)]
-    values: dict[str, list[float]] = {}
-    try:
-        for family in text_string_to_metric_families("\n".join(wanted) + "\n"):
-            for sample in family.samples:
-                if sample.name in LOAD_METRICS and math.isfinite(sample.value):
-                    values.setdefault(sample.name, []).append(float(sample.value))
-    except ValueError:  # the parser's one error type for a malformed line
-        return LoadStats()
-    kv = next((values[name] for name in KV_USAGE if name in values), None)
-    waiting, running = values.get(WAITING), values.get(RUNNING)
-    return LoadStats(
-        waiting=None if waiting is None else round(sum(waiting)),
-        running=None if running is None else round(sum(running)),
-        kv_cache_usage=None if kv is None else sum(kv) / len(kv),
-    )
-
-
 def _replace_context(info: EngineInfo, context: int) -> EngineInfo:
     return replace(info, context_length=context)
-
-
-def _parse(data: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    if value.get("object") == "error":  # vLLM's older error shape, top level
-        return {"error": value}
-    return value
-
-
-def _delta(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """One upstream choice's text (chat ``delta.content``, completions ``text``) and its
-    delta's other fields with a non-null value, in upstream order (None for none: the
-    common content-only delta costs no dictionary). Null fields are dropped: a delta field
-    that is null adds nothing, and a chunk of nothing but nulls must not commit a request."""
-    delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        text = choice.get("text")
-        return (text if isinstance(text, str) else ""), None
-    text = delta.get("content")
-    extra = None
-    if len(delta) > ("content" in delta) + ("role" in delta):
-        extra = {k: v for k, v in delta.items() if v is not None and k not in OWN_DELTA} or None
-    return (text if isinstance(text, str) else ""), extra
-
-
-# vLLM's name of a request field (an error's ``param``) -> the client's name of it. Only
-# these are passed on: a ``param`` is upstream text, shown to the client only when known.
-PARAMS = {
-    name: name
-    for name in (
-        "messages",
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "stop",
-        "frequency_penalty",
-        "presence_penalty",
-    )
-} | {"repetition_penalty": "repeat_penalty"}
-
-
-async def _error_message(response: httpx.Response) -> tuple[str, str | None]:
-    """The ``message`` of an upstream error body (read up to ERROR_BODY_BYTES), for
-    classification only, never shown to the client or logged; and its ``param`` as the
-    client calls it (:data:`PARAMS`), or None."""
-    raw = bytearray()
-    async for piece in response.aiter_raw():
-        raw += piece
-        if len(raw) >= ERROR_BODY_BYTES:
-            break
-    value = _parse(raw.decode("utf-8", "replace"))
-    error = value.get("error") if value else None
-    message = error.get("message") if isinstance(error, dict) else None
-    param = error.get("param") if isinstance(error, dict) else None
-    return (message if isinstance(message, str) else ""), PARAMS.get(str(param))

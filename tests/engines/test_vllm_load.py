@@ -10,7 +10,8 @@ import anyio
 import pytest
 
 from medserve.engines.base import LoadStats
-from medserve.engines.vllm import VllmEngine, VllmSpec, parse_load
+from medserve.engines.upstream import parse_load
+from medserve.engines.vllm import VllmEngine, VllmSpec
 from tests.conftest import flat_spec
 from tests.engines.test_vllm import req
 from tests.fakeupstream import FakeUpstream, Knobs, metrics_text, running_upstream

@@ -120,6 +120,8 @@ ORDER = [
     "medserve.engines.llamacpp",
     "medserve.engines.shim",
     "medserve.engines.supervisor",
+    "medserve.engines.upstream",
+    "medserve.engines.vllm",
     "medserve.engines",
     "medserve.config",
     "medserve.registry",
