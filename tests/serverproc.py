@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,11 +23,33 @@ STARTUP_TIMEOUT_S = 90
 FAKE_MODEL = "fake-echo"
 
 
+AUDIT_WAIT_S = 30.0  # bound on polling the audit log for one record
+
+
 @dataclass
 class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+
+    def audit_record(self, request_id: str) -> dict[str, object]:
+        """The audit record of ``request_id`` (the default audit log beside the server's
+        log), polled for at most AUDIT_WAIT_S: a failure's record is written after its
+        response."""
+        db = self.log.parent / "audit" / "audit.db"
+        deadline = time.monotonic() + AUDIT_WAIT_S
+        while time.monotonic() < deadline:
+            conn = sqlite3.connect(db)
+            try:
+                rows = conn.execute("SELECT body FROM records WHERE kind = 'request'").fetchall()
+            finally:
+                conn.close()
+            for (body,) in rows:
+                found: dict[str, object] = json.loads(body)
+                if found.get("request_id") == request_id:
+                    return found
+            time.sleep(0.05)
+        raise AssertionError(f"no audit record for {request_id} within {AUDIT_WAIT_S} s")
 
 
 def fake_registry(path: Path, **fields: float) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -104,22 +103,6 @@ def answer(r: httpx.Response, stream: bool) -> str:
     return "".join(c[0]["delta"].get("content") or "" for c in deltas if c)
 
 
-def record(server: Server, request_id: str) -> dict[str, object]:
-    """The audit record of ``request_id`` (written after the response for failures)."""
-    db = server.log.parent / "audit" / "audit.db"
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        conn = sqlite3.connect(db)
-        rows = conn.execute("SELECT body FROM records WHERE kind = 'request'").fetchall()
-        conn.close()
-        for (body,) in rows:
-            found: dict[str, object] = json.loads(body)
-            if found.get("request_id") == request_id:
-                return found
-        time.sleep(0.05)
-    raise AssertionError(f"no audit record for {request_id} within {WAIT_S} s")
-
-
 FAULTS = {
     "503": Knobs(status=503, retry_after="1"),
     "500": Knobs(status=500),
@@ -139,7 +122,7 @@ def test_a_replica_fault_before_the_first_chunk_fails_over(
     assert r.status_code == 200
     assert answer(r, stream) == TEXT
     assert (len(a.seen), len(b.seen)) == (1, 1)
-    facts = record(server, r.headers["x-request-id"])
+    facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["attempts"], facts["replica"], facts["status"]) == (2, "vllm:1", 200)
 
 
@@ -167,7 +150,7 @@ def test_every_replica_failing_answers_the_last_fault(
     if status == 503:
         assert r.headers["retry-after"] == "7"
     assert (len(a.seen), len(b.seen)) == (1, 1)
-    facts = record(server, r.headers["x-request-id"])
+    facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["attempts"], facts["status"]) == (2, status)
 
 
@@ -183,7 +166,7 @@ def test_a_failure_after_the_first_chunk_ends_the_stream_and_is_not_switched(
     assert json.loads(events[-1])["error"]["code"] == "engine_error"
     assert (len(a.seen), len(b.seen)) == (1, 0)
     # Audited as partial: no finish reason, the error's code, the one replica asked.
-    facts = record(server, r.headers["x-request-id"])
+    facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["finish_reason"], facts["error"]) == (None, "engine_error")
     assert (facts["attempts"], facts["replica"]) == (1, "vllm:0")
     # Not streaming: text was produced, so the fault is the answer, not a second replica.
@@ -220,7 +203,7 @@ def test_the_deadline_stops_failover(tmp_path: Path) -> None:
                 assert r.json()["error"]["code"] == "timeout"
             assert (len(a.seen), len(b.seen)) == (2, 0)
             assert all(seen.left.wait(WAIT_S) for seen in a.seen)  # upstream closed
-            facts = record(server, r.headers["x-request-id"])
+            facts = server.audit_record(r.headers["x-request-id"])
             assert (facts["attempts"], facts["status"]) == (1, 504)
 
 
@@ -321,5 +304,5 @@ def test_when_the_router_refuses_the_retry_the_last_fault_is_the_answer(
         assert r.status_code == 500
         assert r.json()["error"]["code"] == "engine_error"
         assert len(b.seen) == (1 if refusal == "full" else 0)
-        facts = record(server, r.headers["x-request-id"])
+        facts = server.audit_record(r.headers["x-request-id"])
         assert (facts["attempts"], facts["replica"], facts["status"]) == (1, "vllm:0", 500)

@@ -9,9 +9,6 @@ never asked; a key created without fallback gets the replica's 503.
 
 from __future__ import annotations
 
-import json
-import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,21 +80,6 @@ def post(gw: Gateway, stream: bool, headers: dict[str, str] = AUTH) -> httpx.Res
     )
 
 
-def record(gw: Gateway, request_id: str) -> dict[str, object]:
-    db = gw.server.log.parent / "audit" / "audit.db"
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        conn = sqlite3.connect(db)
-        rows = conn.execute("SELECT body FROM records WHERE kind = 'request'").fetchall()
-        conn.close()
-        for (body,) in rows:
-            found: dict[str, object] = json.loads(body)
-            if found.get("request_id") == request_id:
-                return found
-        time.sleep(0.05)
-    raise AssertionError(f"no audit record for {request_id} within {WAIT_S} s")
-
-
 def fallback_answers(gw: Gateway) -> float:
     """medserve_fallback_answers_total of MODEL's llama.cpp fallback, from /metrics."""
     page = httpx.get(f"{gw.server.url}/metrics", timeout=10).text
@@ -132,7 +114,7 @@ def test_the_cpu_fallback_answers_when_the_gpu_replica_faults(
         assert r.text.rstrip().endswith("data: [DONE]")
     else:
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-    facts = record(gw, r.headers["x-request-id"])
+    facts = gw.server.audit_record(r.headers["x-request-id"])
     assert (facts["fallback"], facts["weights_sha256"]) == (True, gw.gguf)
     assert (facts["engine"], facts["replica"], facts["attempts"]) == ("llamacpp", "llamacpp:1", 2)
     assert gw.gguf == mf.sha256_file(smollm2_path())  # the file llama.cpp loaded
@@ -145,7 +127,7 @@ def test_a_gpu_replica_that_answers_is_never_replaced(gw: Gateway, stream: bool)
     assert r.status_code == 200 and "x-medserve-fallback" not in r.headers
     assert fallback_answers(gw) == before
     assert r.headers["x-medserve-engine"] == "vllm:0"
-    facts = record(gw, r.headers["x-request-id"])
+    facts = gw.server.audit_record(r.headers["x-request-id"])
     assert (facts["fallback"], facts["weights_sha256"]) == (False, gw.gptq)
     assert len(gw.upstream.seen) == 1
 
@@ -156,7 +138,7 @@ def test_a_key_without_fallback_gets_the_gpu_replicas_503(gw: Gateway) -> None:
     r = post(gw, False, {"Authorization": f"Bearer {token}"})
     assert (r.status_code, r.headers["retry-after"]) == (503, "4")
     assert "x-medserve-fallback" not in r.headers
-    facts = record(gw, r.headers["x-request-id"])
+    facts = gw.server.audit_record(r.headers["x-request-id"])
     assert (facts["fallback"], facts["attempts"], facts["status"]) == (False, 1, 503)
 
 

@@ -21,7 +21,6 @@ from tests.e2e.test_failover import (
     answer,
     config,
     post,
-    record,
     replicas,
     statuses,
     until,
@@ -72,7 +71,7 @@ def test_a_replica_that_goes_down_is_ejected_and_the_model_stays_served(
         for stream in (True, False):
             r = post(server, stream)
             assert r.status_code == 200 and answer(r, stream) == TEXT
-            facts = record(server, r.headers["x-request-id"])
+            facts = server.audit_record(r.headers["x-request-id"])
             assert (facts["attempts"], facts["replica"]) == (1, "vllm:1")  # a not even tried
         assert len(a.seen) == 0
         a.knobs = Knobs(text=TEXT)  # the first passing check readmits it
@@ -113,7 +112,7 @@ def test_the_breaker_opens_half_opens_and_closes(
         until(lambda: by_name(server)["vllm:0"]["breaker"] == "half_open")
         a.knobs = Knobs(text=TEXT)
         r = post(server, False)  # the trial (ordered: a first when idle)
-        assert record(server, r.headers["x-request-id"])["replica"] == "vllm:0"
+        assert server.audit_record(r.headers["x-request-id"])["replica"] == "vllm:0"
         assert (by_name(server)["vllm:0"]["breaker"], len(a.seen)) == ("closed", 3)
 
 
@@ -127,12 +126,12 @@ def test_scraped_load_steers_requests_and_shows_in_ready(
         until(lambda: by_name(server)["vllm:0"]["waiting"] == 10)
         assert by_name(server)["vllm:0"]["kv_cache_usage"] == 0.5  # under its old name
         r = post(server, False)
-        assert record(server, r.headers["x-request-id"])["replica"] == "vllm:1"
+        assert server.audit_record(r.headers["x-request-id"])["replica"] == "vllm:1"
         a.knobs = Knobs(text=TEXT, waiting=None, kv_usage=None)  # not exported: unknown
         until(lambda: by_name(server)["vllm:0"]["waiting"] is None)
         assert by_name(server)["vllm:0"]["kv_cache_usage"] is None
         r = post(server, False)
-        assert record(server, r.headers["x-request-id"])["replica"] == "vllm:0"
+        assert server.audit_record(r.headers["x-request-id"])["replica"] == "vllm:0"
 
 
 def test_replica_metrics_name_replicas_not_urls(
@@ -184,4 +183,4 @@ def test_a_hung_replica_never_makes_ready_wait(
         until(lambda: probe() == {"vllm:0": "ejected", "vllm:1": "ready"})
         assert httpx.get(f"{server.url}/metrics", timeout=PROBE_S).status_code == 200
         r = post(server, False)
-        assert record(server, r.headers["x-request-id"])["replica"] == "vllm:1"
+        assert server.audit_record(r.headers["x-request-id"])["replica"] == "vllm:1"

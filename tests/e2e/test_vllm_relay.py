@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -93,28 +92,6 @@ def until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def record(server: Server, request_id: str) -> dict[str, Any]:
-    """The audit record of ``request_id`` (written after the response for a 499)."""
-    db = server.log.parent / "audit" / "audit.db"
-    found: dict[str, Any] = {}
-
-    def written() -> bool:
-        conn = sqlite3.connect(db)
-        try:
-            rows = conn.execute("SELECT body FROM records WHERE kind = 'request'").fetchall()
-        finally:
-            conn.close()
-        for (body,) in rows:
-            facts = json.loads(body)
-            if facts.get("request_id") == request_id:
-                found.update(facts)
-                return True
-        return False
-
-    until(written, f"the audit record of {request_id}")
-    return found
-
-
 def request_id(seen: Seen) -> str:
     """The exchange's id: the upstream's X-Request-Id is it plus a per-attempt suffix."""
     return seen.headers["x-request-id"].rsplit("-", 1)[0]
@@ -181,7 +158,7 @@ def test_a_client_that_leaves_closes_the_upstream_at_every_stage(
     asyncio.run(leave_at(server, a, stream, reached))
     assert len(a.seen) == 1
     assert a.seen[0].left.wait(WAIT_S), "the upstream never saw the client leave"
-    facts = record(server, request_id(a.seen[0]))
+    facts = server.audit_record(request_id(a.seen[0]))
     assert (facts["status"], facts["stream"], facts["attempts"]) == (499, stream, 1)
     assert b.seen == []  # a client that leaves is not a replica fault: no failover
 
@@ -213,7 +190,7 @@ def test_a_fault_after_the_first_tokens_is_the_answer_and_never_retried(
         assert r.status_code == status
         assert r.json()["error"]["code"] == code
     assert (len(a.seen), len(b.seen)) == (1, 0)
-    facts = record(server, r.headers["x-request-id"])
+    facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["attempts"], facts["finish_reason"], facts["error"]) == (1, None, code)
 
 
@@ -275,7 +252,7 @@ def test_usage_is_the_upstreams_exactly_in_audit_and_metrics(
         assert given == ([usage] if include_usage else [])
     else:
         assert r.json()["usage"] == usage
-    facts = record(server, r.headers["x-request-id"])
+    facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["prompt_tokens"], facts["completion_tokens"]) == (PROMPT_TOKENS, generated)
     expected = (before[0] + PROMPT_TOKENS, before[1] + generated)
     until(lambda: tokens(server) != before, "the token counters to move")
@@ -301,7 +278,7 @@ def test_reasoning_and_unknown_delta_fields_reach_the_client(
     answer = {"content": "a b", field: "think it over", "x-new": 1}
     audited = json.dumps(answer, sort_keys=True, ensure_ascii=False).encode()
     keys = ChainKeys.from_secret(load_or_create_secret(server.log.parent / "audit" / "audit.key"))
-    rec = record(server, request_id(a.seen[-1]))
+    rec = server.audit_record(request_id(a.seen[-1]))
     assert rec["completion_hmac"] == keys.text_hmac(audited)
     if not stream:
         message = r.json()["choices"][0]["message"]
