@@ -69,6 +69,10 @@ class GenerationRequest:
     ``deadline`` is the time.monotonic() by which the request must be done (504 after): set
     from its arrival, so rendering and waiting count; None: the engine's timeout_s from
     submission. Only the serving entries (:mod:`medserve.api.serving`) and tests build these.
+
+    ``cache_salt`` (vLLM's name for it): requests reuse each other's prompt KV (prefix
+    cache) only when their salts are equal; None is the shared default. The serving layer
+    sets it to the API key's id when the model isolates its prefix cache per key.
     """
 
     request_id: str
@@ -78,6 +82,7 @@ class GenerationRequest:
     prompt: str | None = None
     user: str | None = None
     deadline: float | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -210,6 +215,38 @@ class LoadReporter(Protocol):
 
     async def load_stats(self) -> LoadStats | None:
         """The server's load now, or None when it could not be read (never raises)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheStats:
+    """An engine's prefix cache (KV of prompt heads kept for reuse), since start.
+
+    ``hits``/``misses``: requests that reused at least one prompt token / none;
+    ``prompt_tokens``: prompt tokens of those requests (the lookups), ``reused_tokens``: the
+    ones whose KV was reused instead of computed (reused/prompt is the token hit rate);
+    ``bytes``/``capacity_bytes``: host memory held by saved prefixes / its bound;
+    ``entries``: saved prefixes in host memory; ``evictions``: saved prefixes dropped to
+    stay under the bound (least recently used first).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    entries: int = 0
+    evictions: int = 0
+
+
+@runtime_checkable
+class PrefixCacheReporter(Protocol):
+    """An optional engine capability: engines with a prefix cache of their own in this
+    process (llama.cpp) report it; ``/metrics`` and ``/ready`` check with ``isinstance``."""
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The cache's counters now, read from memory; None when the cache is off."""
         ...
 
 
