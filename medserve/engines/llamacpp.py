@@ -41,6 +41,7 @@ from medserve.engines.base import (
     GenerationRequest,
     Health,
     Message,
+    PrefixCacheStats,
     Prompt,
 )
 from medserve.engines.batching import Item, Job, Scheduler
@@ -100,6 +101,18 @@ class LlamaCppSpec(BaseModel):
     )
     max_queue: int = Field(
         32, ge=0, description="Requests that may wait for a slot; more get 503 + Retry-After."
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="Reuse the KV of a prompt's leading tokens already computed (kept in a "
+        "slot, held by a running request, or saved in host memory) instead of prefilling "
+        "them again. Greedy answers are the same either way.",
+    )
+    prefix_cache_mib: int = Field(
+        1024,
+        ge=0,
+        description="Host memory (MiB) for saved prompt heads, least recently used dropped "
+        "first; 0 reuses only what the slots hold. Per replica.",
     )
 
     @model_validator(mode="after")
@@ -227,6 +240,8 @@ class LlamaCppEngine:
                 slot_context=context,
                 batch_size=self._spec.batch_size,
                 threads=self.threads,
+                prefix_cache=self._spec.prefix_cache,
+                prefix_capacity=self._spec.prefix_cache_mib * 2**20,
             )
         except ValueError as exc:
             llama.close()
@@ -407,6 +422,7 @@ class LlamaCppEngine:
             ),
             on_start=on_start,
             on_release=on_release,
+            salt=request.cache_salt,
         )
         self._submitted += 1
         scheduler.submit(job)
@@ -446,8 +462,20 @@ class LlamaCppEngine:
             waiting=self._submitted - self._running,
         )
 
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters (:class:`medserve.engines.base.PrefixCacheReporter`);
+        None when it is off or the model is not loaded."""
+        return self._scheduler.prefix_stats() if self._scheduler is not None else None
+
+    async def kept_tokens(self) -> list[int]:
+        """Per slot, how many prompt-head tokens its KV keeps for reuse (tests read it)."""
+        if self._scheduler is None:
+            return []
+        return await asyncio.wrap_future(self._scheduler.probe(self._scheduler.kept_tokens))
+
     async def occupied_sequences(self) -> list[int]:
-        """Sequence slots that still hold KV cells; empty when idle (leak check)."""
+        """Free sequence slots holding KV cells beyond the prompt head they keep for reuse;
+        empty when idle (leak check)."""
         if self._scheduler is None:
             return []
         return await asyncio.wrap_future(self._scheduler.probe(self._scheduler.occupied_sequences))
