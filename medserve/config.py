@@ -198,6 +198,18 @@ class ModelSpec(BaseModel):
         default_factory=RoutingPolicy,
         description="Replica choice, health checks and circuit breaker ([models.routing]).",
     )
+    cache_isolation: Literal["shared", "key"] = Field(
+        "shared",
+        description="Who may reuse prompt KV (the prefix cache) that a request of this model "
+        "computed. 'shared': every request with the same leading tokens, whichever API key "
+        "sent it. 'key': only requests of the same API key (sent as `cache_salt` to its "
+        "engines; with auth off every request is one key). Only the shared leading tokens "
+        "are ever reused, never another request's answer; but a request whose prefix is "
+        "cached answers its first token sooner, so with 'shared' a key can learn from the "
+        "timing whether someone recently sent the same leading text (a side channel). "
+        "'key' closes it between keys, at the cost of computing a common preamble once "
+        "per key.",
+    )
 
     @field_validator("id")
     @classmethod

@@ -8,9 +8,9 @@ engine replica as ``kind:index`` (never its URL), ``outcome``/``state`` from fix
 Never a prompt, a user, a key, a request id or a raw path.
 
 Request metrics are observed once per request from its :class:`Exchange`; engine load,
-readiness and audit counters are read at scrape time from the objects that own them, so
-there is one source of truth and nothing to keep in sync. vLLM's own ``vllm:`` metrics are
-scraped from vLLM directly, under their own names (see deploy/prometheus).
+readiness, prefix-cache and audit counters are read at scrape time from the objects that
+own them, so there is one source of truth and nothing to keep in sync. vLLM's own ``vllm:``
+metrics are scraped from vLLM directly, under their own names (see deploy/prometheus).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from medserve import __version__
 from medserve.audit.store import StoreStats
 from medserve.auth import AUTH_REASONS
-from medserve.engines.base import Health
+from medserve.engines.base import Health, PrefixCacheStats
 from medserve.health import BREAKER_STATES, STATUSES, ReplicaView
 
 # What one attempt on a replica came to (serving's classification): the replica answered
@@ -64,12 +64,14 @@ class EngineState:
     """A model's engines as seen at scrape time: ``health`` the model's (all its engines
     added up), ``kinds`` each engine kind of its primary replicas (fallback engines left
     out: their state is in ``medserve_replica_state``) mapped to (any of them started,
-    any of them ready and admissible)."""
+    any of them ready and admissible). ``prefix_cache``: the model's engines' prefix
+    caches added up (:meth:`medserve.router.Router.prefix_cache`), None when none has one."""
 
     model: str
     kinds: dict[str, tuple[bool, bool]]
     health: Health
     load_seconds: float | None
+    prefix_cache: PrefixCacheStats | None = None
 
 
 class Metrics:
@@ -288,6 +290,7 @@ class _Snapshot(Collector):
             if e.load_seconds is not None:
                 load.add_metric([e.model], e.load_seconds)
         yield from (up, ready, running, waiting, rejected, load)
+        yield from _prefix_cache_families(m._engines)
         yield from _replica_families(m._replicas)
         audit = m._audit()
         enabled = GaugeMetricFamily("medserve_audit_enabled", "1 if requests are audited.")
@@ -310,6 +313,68 @@ class _Snapshot(Collector):
         )
         checkpoints.add_metric([], stats.checkpoints)
         yield from (written, failures, last, checkpoints)
+
+
+def _prefix_cache_families(
+    engines: list[EngineState],
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Each model's prefix cache (KV of prompt heads kept for reuse), labelled model: the
+    counts its in-process engines (llama.cpp) keep since they started, added up over the
+    model's engines; no series for a model none of whose engines has one (vLLM keeps its
+    own, under its ``vllm:`` names)."""
+    source = "counted by the model's engines since start (llama.cpp: in this process)"
+    requests = CounterMetricFamily(
+        "medserve_prefix_cache_requests",
+        "Prompt lookups in the prefix cache by result: hit (at least one prompt token's KV "
+        f"reused) or miss; {source}.",
+        labels=["model", "result"],
+    )
+    prompt = CounterMetricFamily(
+        "medserve_prefix_cache_prompt_tokens",
+        f"Prompt tokens of the requests looked up in the prefix cache; {source}.",
+        labels=["model"],
+    )
+    reused = CounterMetricFamily(
+        "medserve_prefix_cache_reused_tokens",
+        "Prompt tokens whose KV was reused instead of computed (reused / prompt tokens is "
+        f"the token hit rate); {source}.",
+        labels=["model"],
+    )
+    evictions = CounterMetricFamily(
+        "medserve_prefix_cache_evictions",
+        "Saved prefixes dropped from host memory to stay under its bound, least recently "
+        f"used first (a running request's KV is never dropped); {source}.",
+        labels=["model"],
+    )
+    held = GaugeMetricFamily(
+        "medserve_prefix_cache_bytes",
+        "Host memory held by saved prefixes now (prefix_cache_mib bounds it per replica), "
+        "added up over the model's engines.",
+        labels=["model"],
+    )
+    capacity = GaugeMetricFamily(
+        "medserve_prefix_cache_capacity_bytes",
+        "Bound of the host memory for saved prefixes, added up over the model's engines.",
+        labels=["model"],
+    )
+    entries = GaugeMetricFamily(
+        "medserve_prefix_cache_entries",
+        "Saved prefixes in host memory now, added up over the model's engines.",
+        labels=["model"],
+    )
+    for e in engines:
+        c = e.prefix_cache
+        if c is None:
+            continue
+        requests.add_metric([e.model, "hit"], c.hits)
+        requests.add_metric([e.model, "miss"], c.misses)
+        prompt.add_metric([e.model], c.prompt_tokens)
+        reused.add_metric([e.model], c.reused_tokens)
+        evictions.add_metric([e.model], c.evictions)
+        held.add_metric([e.model], c.bytes)
+        capacity.add_metric([e.model], c.capacity_bytes)
+        entries.add_metric([e.model], c.entries)
+    yield from (requests, prompt, reused, evictions, held, capacity, entries)
 
 
 def _replica_families(replicas: list[ReplicaView]) -> Iterator[GaugeMetricFamily]:

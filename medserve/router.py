@@ -24,11 +24,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from medserve.config import ModelSpec
 from medserve.engines import create_engine
-from medserve.engines.base import Engine, Health, LocalHealth
+from medserve.engines.base import (
+    Engine,
+    Health,
+    LocalHealth,
+    PrefixCacheReporter,
+    PrefixCacheStats,
+)
 from medserve.errors import ModelNotFoundError, OverloadedError, UnavailableError
 from medserve.fallback import check as check_fallback
 from medserve.health import Clock, Monitor, Outcome, ReplicaState, ReplicaView
@@ -277,6 +283,22 @@ class Router:
             up, ready = found.get(kind, (False, False))
             found[kind] = (up or self.state(engine).started, ready or self.ready(engine))
         return found
+
+    def prefix_cache(self, served: Served) -> PrefixCacheStats | None:
+        """The model's prefix cache: the counts of each of its engines (replicas and
+        fallback engines) with a :class:`~medserve.engines.base.PrefixCacheReporter` that
+        reports one, added up field by field; None when none does. From memory, like
+        :meth:`health`: the engines count in their own process (llama.cpp, fake)."""
+        parts = [
+            stats
+            for engine in served.engines
+            if isinstance(engine, PrefixCacheReporter)
+            and (stats := engine.prefix_cache_stats()) is not None
+        ]
+        if not parts:
+            return None
+        names = [f.name for f in fields(PrefixCacheStats)]
+        return PrefixCacheStats(**{n: sum(getattr(p, n) for p in parts) for n in names})
 
     def replica_health(self, engine: Engine) -> Health:
         """``engine``'s health from memory: live for an engine with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -75,6 +76,7 @@ async def metrics(models: RouterDep, request: Request) -> Response:
                 kinds=models.kinds(served),
                 health=models.health(served),
                 load_seconds=models.load_seconds.get(served.spec.id),
+                prefix_cache=models.prefix_cache(served),
             )
         )
     registry.set_engines(states)
@@ -86,11 +88,14 @@ async def metrics(models: RouterDep, request: Request) -> Response:
 async def ready(models: RouterDep, request: Request) -> JSONResponse:
     """Readiness: every model has a replica that accepts requests, and the audit log is
     writable (or the server is configured to fail open). Each model lists its replicas'
-    states (:func:`replica_report`); one replica down leaves its model ready."""
+    states (:func:`replica_report`); one replica down leaves its model ready. A model
+    whose engines keep a prefix cache also has ``prefix_cache``: their counts added up
+    (:class:`~medserve.engines.base.PrefixCacheStats`' fields)."""
     report = []
     views = models.replicas()
     for served in models:
         h = models.health(served)
+        cache = models.prefix_cache(served)
         report.append(
             {
                 "id": served.spec.id,
@@ -100,6 +105,7 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
                 "rejected": h.rejected,
                 "replicas": [replica_report(v) for v in views if v.model == served.spec.id],
                 **({"detail": h.detail} if h.detail else {}),
+                **({"prefix_cache": asdict(cache)} if cache is not None else {}),
             }
         )
     draining = bool(request.app.state.draining)

@@ -102,13 +102,15 @@ class Job:
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
     """``POST /v1/chat/completions``: the whole request (see the module docstring)."""
     served = _resolve(http, body)
-    return await _serve(chat_job(body, served, *_arrival(http)), served, http)
+    salt = _cache_salt(served.spec, http)
+    return await _serve(chat_job(body, served, *_arrival(http), salt), served, http)
 
 
 async def completions(body: CompletionRequest, http: Request) -> Response:
     """``POST /v1/completions``: the whole request (see the module docstring)."""
     served = _resolve(http, body)
-    return await _serve(completion_job(body, served, *_arrival(http)), served, http)
+    salt = _cache_salt(served.spec, http)
+    return await _serve(completion_job(body, served, *_arrival(http), salt), served, http)
 
 
 def _resolve(http: Request, body: ChatCompletionRequest | CompletionRequest) -> Served:
@@ -123,6 +125,17 @@ def _resolve(http: Request, body: ChatCompletionRequest | CompletionRequest) -> 
     served = router.get(body.model)
     ex.model, ex.engine = served.spec.id, served.kind
     return served
+
+
+def _cache_salt(spec: ModelSpec, http: Request) -> str | None:
+    """``GenerationRequest.cache_salt`` for the request's key: the key's id when the model
+    isolates its prefix cache per key (``cache_isolation = "key"``), else None (shared).
+
+    Issued keys' ids are 12 hex digits; the dev key's is ``dev`` and, with auth off, every
+    request is ``anonymous`` (:data:`medserve.api.security.ANONYMOUS`): one salt for all,
+    as shared. The id names no patient and is already in the audit record; it goes to the
+    engine (and to a vLLM replica's request body) and is logged nowhere new."""
+    return principal(http).id if spec.cache_isolation == "key" else None
 
 
 def _arrival(http: Request) -> tuple[str, float]:
@@ -215,11 +228,18 @@ def _bound_messages(served: Served, count: int) -> None:
         )
 
 
-def chat_job(body: ChatCompletionRequest, served: Served, request_id: str, arrived: float) -> Job:
+def chat_job(
+    body: ChatCompletionRequest,
+    served: Served,
+    request_id: str,
+    arrived: float,
+    cache_salt: str | None = None,
+) -> Job:
     """Parse a chat request into a Job, or raise the 400 that names the bad parameter.
 
     ``arrived`` (time.monotonic() at the request's arrival) starts the model's
-    ``timeout_s``, so rendering (in the engine) and waiting count.
+    ``timeout_s``, so rendering (in the engine) and waiting count. ``cache_salt`` goes
+    into the request as is (see :func:`_cache_salt`).
     """
     _common_checks(body)
     if body.logprobs or body.top_logprobs is not None:
@@ -247,13 +267,21 @@ def chat_job(body: ChatCompletionRequest, served: Served, request_id: str, arriv
         messages=messages,
         user=body.user,
         deadline=arrived + served.spec.timeout_s,
+        cache_salt=cache_salt,
     )
     audit_input = chat_input([(m.role, m.content) for m in messages])
     return _job("chat", body, request, audit_input)
 
 
-def completion_job(body: CompletionRequest, served: Served, request_id: str, arrived: float) -> Job:
-    """Parse a legacy completion request into a Job (``arrived``: as for chat)."""
+def completion_job(
+    body: CompletionRequest,
+    served: Served,
+    request_id: str,
+    arrived: float,
+    cache_salt: str | None = None,
+) -> Job:
+    """Parse a legacy completion request into a Job (``arrived``, ``cache_salt``: as for
+    chat)."""
     _common_checks(body)
     if body.best_of is not None and body.best_of > 1:
         raise _refuse("best_of", "one candidate per request")
@@ -279,6 +307,7 @@ def completion_job(body: CompletionRequest, served: Served, request_id: str, arr
         prompt=text,
         user=body.user,
         deadline=arrived + served.spec.timeout_s,
+        cache_salt=cache_salt,
     )
     return _job("completion", body, request, text.encode())
 

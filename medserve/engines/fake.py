@@ -9,6 +9,11 @@ Tests can script it: :meth:`FakeEngine.script` queues, per request, the text chu
 exceptions to produce instead of the echo; :attr:`FakeEngine.history` keeps every request
 that reached generation, with its rendering and budget.
 
+With ``prefix_cache_entries`` set it keeps a prefix cache in the same terms as a real one
+(:class:`FakePrefixCache`): it counts, for the gateway's metrics and ``/ready``, the
+leading tokens each prompt shares with a recent prompt of the same ``cache_salt``. Nothing
+is computed faster: only the counts are real.
+
 :class:`FakeSpec` is its registry entry (``engine = "fake"``), one member of the replica
 union in :class:`medserve.config.ModelSpec`.
 """
@@ -19,7 +24,7 @@ import asyncio
 import dataclasses
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from medserve.engines.base import (
     GenerationRequest,
     Health,
     Message,
+    PrefixCacheStats,
     Prompt,
 )
 from medserve.engines.prepare import bound_chars, budget, in_time
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
     from medserve.config import ModelSpec
 
 DEFAULT_CONTEXT = 2048
+# What the fake's prefix cache counts per token held: the token id (a 4-byte integer).
+TOKEN_BYTES = 4
 
 # One scripted response: text chunks (str) in order, an exception raised at its place, or
 # a GenerationChunk yielded as is (one with a finish_reason ends the response).
@@ -60,6 +68,7 @@ class FakeSettings:
     parallel: int | None  # generating at once; None: no bound
     max_queue: int  # waiting for a slot beyond ``parallel``
     token_delay_s: float  # pause per generated token (simulated work)
+    prefix_cache_entries: int  # prompts kept for the prefix cache; 0: none
 
 
 def settings(model: ModelSpec, spec: FakeSpec) -> FakeSettings:
@@ -71,6 +80,7 @@ def settings(model: ModelSpec, spec: FakeSpec) -> FakeSettings:
         parallel=spec.parallel,
         max_queue=spec.max_queue,
         token_delay_s=spec.token_delay_s,
+        prefix_cache_entries=spec.prefix_cache_entries,
     )
 
 
@@ -112,6 +122,66 @@ class FakeSpec(BaseModel):
         description="An artifact manifest this replica stands in for (tests of weights "
         "identity and fallback): read at start, as a vLLM replica's.",
     )
+    prefix_cache_entries: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Prompts the fake keeps to count prefix reuse (the most recently used; "
+        ":class:`FakePrefixCache`); 0: no prefix cache, none reported.",
+    )
+
+
+class FakePrefixCache:
+    """The fake engine's prefix cache: the token ids of the last ``entries`` prompts, each
+    under its ``cache_salt``, least recently used dropped first.
+
+    :meth:`lookup` counts one request as a real cache would: its reused tokens are the
+    longest common head with a kept prompt of the same salt, less the prompt's last token
+    (always computed: its logits start the answer); a hit when that is more than none.
+    ``bytes`` is :data:`TOKEN_BYTES` per kept token, ``capacity_bytes`` that of ``entries``
+    full context windows.
+    """
+
+    def __init__(self, entries: int, context_length: int) -> None:
+        self._entries = entries
+        self._kept: OrderedDict[tuple[str | None, tuple[int, ...]], None] = OrderedDict()
+        self._stats = PrefixCacheStats(capacity_bytes=TOKEN_BYTES * entries * context_length)
+
+    def lookup(self, salt: str | None, tokens: tuple[int, ...]) -> int:
+        """Count one prompt's lookup and keep the prompt; returns the tokens reused."""
+        common = (_common_head(tokens, kept) for s, kept in self._kept if s == salt)
+        reused = min(max(common, default=0), max(len(tokens) - 1, 0))
+        self._kept[(salt, tokens)] = None
+        self._kept.move_to_end((salt, tokens))
+        evicted = 0
+        while len(self._kept) > self._entries:
+            self._kept.popitem(last=False)
+            evicted += 1
+        s = self._stats
+        self._stats = dataclasses.replace(
+            s,
+            hits=s.hits + int(reused > 0),
+            misses=s.misses + int(reused == 0),
+            prompt_tokens=s.prompt_tokens + len(tokens),
+            reused_tokens=s.reused_tokens + reused,
+            bytes=TOKEN_BYTES * sum(len(kept) for _, kept in self._kept),
+            entries=len(self._kept),
+            evictions=s.evictions + evicted,
+        )
+        return reused
+
+    def stats(self) -> PrefixCacheStats:
+        return self._stats
+
+
+def _common_head(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class FakeEngine:
@@ -147,6 +217,8 @@ class FakeEngine:
         self.fail_after: int | None = None
         self.history: list[Generation] = []
         self._scripts: deque[tuple[Step, ...]] = deque()
+        entries = s.prefix_cache_entries
+        self.prefix_cache = FakePrefixCache(entries, s.context_length) if entries else None
 
     @property
     def info(self) -> EngineInfo:
@@ -218,6 +290,8 @@ class FakeEngine:
                 self._running += 1
                 try:
                     self.history.append(Generation(request, prompt, max_tokens))
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.lookup(request.cache_salt, prompt.token_ids)
                     queue_s = time.monotonic() - arrived
                     steps = self._scripts.popleft() if self._scripts else None
                     body = (
@@ -285,6 +359,11 @@ class FakeEngine:
 
     async def health(self) -> Health:
         return self.health_now()
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counts (:class:`medserve.engines.base.PrefixCacheReporter`),
+        or None when ``prefix_cache_entries`` is 0."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats()
 
     def health_now(self) -> Health:
         """Readiness and load from memory (:class:`medserve.engines.base.LocalHealth`)."""

@@ -482,6 +482,10 @@ class VllmEngine:
             body["stop"] = list(s.stop)
         if s.max_tokens is not None:  # None: the upstream's default, within the context
             body["max_tokens"] = s.max_tokens
+        if request.cache_salt is not None:
+            # vLLM's own field (since 0.9): its prefix cache reuses a block only for
+            # requests with the same salt. Absent: the server's shared cache.
+            body["cache_salt"] = request.cache_salt
         return path, body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

@@ -13,6 +13,8 @@ upstreams; the router asks the first while both are idle).
 - The upstream's exact usage reaches the audit record and the metrics, with the client's
   include_usage on or off, whichever shape of usage chunk the upstream sends.
 - Extra delta fields (vLLM's reasoning_content) reach the client, streaming or not.
+- A model with ``cache_isolation = "key"`` (a second model on replica 1) sends the key's
+  id upstream as vLLM's ``cache_salt``; the shared one sends none.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tests.sse import DONE, events
 
 pytestmark = pytest.mark.e2e
 MODEL = "med-gpu"
+KEYED = "med-gpu-keyed"  # the same upstream as replica 1, prefix cache isolated per key
 TEXT = "Asthma causes wheezing and ünusual breathlessness at night"
 QUESTION = "Name one symptom"
 PROMPT_TOKENS = len(f"user: {QUESTION}".split()) + 1  # the fake's chat prompt, one token a word
@@ -64,6 +67,8 @@ def server(
         # Replica 0 first while both are idle; the many injected faults never open a
         # breaker (the breaker has its own tests: tests/e2e/test_replica_health.py).
         + '[models.routing]\nbalance = "ordered"\nbreaker_faults = 1000\nbusy_s = 0\n'
+        + f'[[models]]\nid = "{KEYED}"\ncache_isolation = "key"\n'
+        + replica.format(pair[1].url)
     )
     with running_server(base / "medserve.log", "-c", str(config)) as s:
         yield s
@@ -295,3 +300,23 @@ def test_reasoning_and_unknown_delta_fields_reach_the_client(
         {"content": " b", "x-new": 1},
         {},
     ]
+
+
+# --- prefix cache isolation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "salt"), [(MODEL, None), (KEYED, "dev")], ids=["shared", "key"])
+def test_the_keys_id_goes_upstream_as_cache_salt_only_when_isolated(
+    server: Server, fresh: tuple[FakeUpstream, FakeUpstream], model: str, salt: str | None
+) -> None:
+    """The dev key's id is ``dev``: with ``cache_isolation = "key"`` vLLM gets it as
+    ``cache_salt`` (its prefix cache then reuses blocks only within the key)."""
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=chat(False, model=model),
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    (seen,) = (*fresh[0].seen, *fresh[1].seen)  # generation requests only
+    assert seen.body.get("cache_salt") == salt

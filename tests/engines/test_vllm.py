@@ -349,6 +349,18 @@ async def test_top_p_zero_is_sent_as_greedy(engine: VllmEngine, upstream: FakeUp
     assert (body["temperature"], body["top_p"]) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+@pytest.mark.parametrize("salt", [None, "0123456789ab"], ids=["shared", "salted"])
+async def test_cache_salt_is_relayed_only_when_set(
+    engine: VllmEngine, upstream: FakeUpstream, chat: bool, salt: str | None
+) -> None:
+    """A salted request carries vLLM's `cache_salt` field (its prefix cache then reuses
+    blocks only between equal salts); an unsalted one leaves the field out."""
+    await drain(engine, replace(req(chat=chat), cache_salt=salt))
+    body = upstream.seen[-1].body
+    assert body.get("cache_salt", "absent") == (salt or "absent")
+
+
 @pytest.mark.parametrize(
     ("upstream_param", "param"),
     [

@@ -157,3 +157,40 @@ def test_routing_policy_per_model(
         return
     r = load_registry(tmp_path)[0].routing
     assert (r.health_interval_s, r.eject_after, r.balance) == expected
+
+
+# (a registry file's text, the model's cache_isolation, or the error that names the field)
+ISOLATION = [
+    pytest.param('id = "a"\npath = "a.gguf"\n', "shared", id="default"),
+    pytest.param('id = "a"\npath = "a.gguf"\ncache_isolation = "key"\n', "key", id="flat form"),
+    pytest.param(
+        'id = "a"\ncache_isolation = "shared"\n[[replicas]]\nengine = "fake"\n',
+        "shared",
+        id="general form",
+    ),
+    pytest.param(
+        'id = "a"\npath = "a.gguf"\ncache_isolation = "tenant"\n',
+        "cache_isolation",
+        id="unknown policy",
+    ),
+    pytest.param(
+        'id = "a"\ncache_isolation = true\n[[replicas]]\nengine = "fake"\n',
+        "cache_isolation",
+        id="not a policy name",
+    ),
+    pytest.param(
+        'id = "a"\n[[replicas]]\nengine = "fake"\ncache_isolation = "key"\n',
+        r"replicas\[0\].cache_isolation",
+        id="on a replica, not the model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), ISOLATION)
+def test_cache_isolation_per_model(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "a.toml").write_text(text)
+    if expected not in ("shared", "key"):
+        with pytest.raises(ConfigError, match=expected):
+            load_registry(tmp_path)
+        return
+    assert load_registry(tmp_path)[0].cache_isolation == expected
