@@ -31,6 +31,10 @@ p50 and p90 and ITL p50, then the issue's targets: medserve's TTFT p50 / llama.c
 on) at 1 and 8 users (target <= 1) and medserve's requests/s / llama.cpp's (cache on) at 8
 users (target >= 1.5). The last line is the whole result as one JSON object.
 
+llama.cpp's server keeps a prompt per slot: in its first round at 8 users the slots that do
+not hold the preamble yet prefill it (measured: TTFT p50 ~20 s, then ~1 s in later rounds).
+With an odd number of rounds (default 3) the median is one round's value, a warm one.
+
     .venv/bin/python tests/bench/prefix.py [--rounds 3] [--users 1,8] [--seq 3]
         [--per-user 1] [--threads 2] [--parallel 8] [--ctx 2048] [--servers medserve,llamacpp]
 
@@ -381,7 +385,12 @@ def main() -> None:
         help="shared preamble length; at least the rules + guideline (about 850 tokens)",
     )
     parser.add_argument("--users", default="1,8", help="concurrent users, comma-separated")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds; medians are reported (odd: one round's value)",
+    )
     parser.add_argument("--seq", type=int, default=3, help="requests per round at 1 user")
     parser.add_argument("--per-user", type=int, default=1, help="requests per user per round")
     parser.add_argument("--off-users", default="1", help="users for the cache-off rows")
@@ -438,6 +447,8 @@ def main() -> None:
         tmp = Path(t)
         specs, skipped = servers(args, tmp)
         wanted = set(args.servers.split(",")) if args.servers else set(specs) | set(skipped)
+        if unknown := wanted - set(specs) - set(skipped):
+            parser.error(f"unknown --servers {sorted(unknown)}; known: {sorted(specs)}")
         specs = {n: s for n, s in specs.items() if n in wanted}
         skipped = {n: why for n, why in skipped.items() if n in wanted}
         urls: dict[str, str] = {}
