@@ -19,7 +19,7 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
-.PHONY: install serve test test-vllm lint typecheck unit bench clean
+.PHONY: install serve test test-vllm lint typecheck unit bench bench-prefix clean
 
 install: $(VENV)/.installed-serve
 
@@ -51,13 +51,20 @@ typecheck: $(VENV)/.installed-dev
 
 ## Benchmarks: single-stream HTTP vs in-process, then medserve vs llama-cpp-python's
 ## server vs llama.cpp's server at 1, 4 and 8 concurrent users, then the audit log's
-## cost, then the vLLM relay (a fake vLLM asked directly vs through medserve) (a few
-## minutes; run it on an otherwise idle machine)
+## cost, then the vLLM relay (a fake vLLM asked directly vs through medserve), then the
+## shared-prefix workload (bench-prefix) (several minutes; run it on an otherwise idle
+## machine)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/single_stream.py
 	$(BIN)/python tests/bench/compare.py
 	$(BIN)/python tests/bench/audit.py
 	$(BIN)/python tests/bench/gateway.py
+	$(BIN)/python tests/bench/prefix.py
+
+## Only the shared-prefix workload: a ~1,200-token preamble + a short question, medserve vs
+## llama.cpp's server with its prompt cache on and off, at 1 and 8 users (about 6 minutes)
+bench-prefix: $(VENV)/.installed-bench
+	$(BIN)/python tests/bench/prefix.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .mypy_cache .pytest_cache .ruff_cache

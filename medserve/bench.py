@@ -105,10 +105,14 @@ async def _one(
     max_tokens: int,
     stream: bool,
     extra: dict[str, Any],
+    system: str | None = None,
 ) -> Sample:
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         **extra,
@@ -172,6 +176,7 @@ async def run(
     prompts: list[str],
     stream: bool = False,
     extra_body: dict[str, Any] | None = None,
+    system: str | None = None,
     api_key: str | None = None,
     request_timeout_s: float = 300.0,
     time_limit_s: float = 1800.0,
@@ -181,7 +186,9 @@ async def run(
     """Send ``requests`` requests, ``concurrency`` at a time; stop issuing at the time limit.
 
     ``extra_body`` adds fields to every request (e.g. ``repeat_penalty``, which medserve,
-    llama.cpp's server and llama-cpp-python's server all accept).
+    llama.cpp's server and llama-cpp-python's server all accept). ``system``, when given,
+    is sent as a system message before every prompt (a shared preamble: the same text in
+    every request, followed by the varying prompt).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     samples: list[Sample] = []
@@ -202,7 +209,9 @@ async def run(
             while issued < requests and time.perf_counter() < deadline:
                 prompt = prompts[issued % len(prompts)]
                 issued += 1
-                sample = await _one(client, model, prompt, max_tokens, stream, extra_body or {})
+                sample = await _one(
+                    client, model, prompt, max_tokens, stream, extra_body or {}, system
+                )
                 samples.append(sample)
                 if on_done is not None:
                     on_done(sample)

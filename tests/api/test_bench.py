@@ -79,3 +79,36 @@ def test_percentiles() -> None:
     assert bench.percentiles([2.0]) == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
     p = bench.percentiles([float(i) for i in range(1, 101)])
     assert p["p50"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.01)
+
+
+@pytest.mark.parametrize(
+    ("system", "roles"),
+    [(None, [("user", "q1")]), ("shared rules", [("system", "shared rules"), ("user", "q1")])],
+)
+async def test_system_message_goes_before_every_prompt(
+    system: str | None, roles: list[tuple[str, str]]
+) -> None:
+    spec = fake_spec(context_length=512)
+    engine = FakeEngine(spec)
+    router = Router([Served(spec, (engine,))])
+    app = create_app(Settings(), router)
+    await router.start()
+    try:
+        report = await bench.run(
+            "http://medserve.test",
+            "fake-echo",
+            concurrency=1,
+            requests=2,
+            max_tokens=2,
+            prompts=["q1"],
+            stream=True,
+            system=system,
+            transport=httpx.ASGITransport(app=app),
+            api_key=DEV_KEY,
+        )
+        assert report.completed == 2
+        for request in engine.requests:
+            assert request.messages is not None
+            assert [(m.role, m.content) for m in request.messages] == roles
+    finally:
+        await router.close()
