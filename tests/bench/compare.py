@@ -29,8 +29,10 @@ from tests.conftest import AUTH, DEV_KEY, smollm2_path
 from tests.serverproc import free_port, running_process
 
 HERE = Path(__file__).resolve().parent
-# cache_prompt=false: llama.cpp's server would otherwise reuse the KV of a repeated prompt,
-# which medserve deliberately does not do (see the llamacpp engine); the others ignore it.
+# cache_prompt=false: llama.cpp's server would otherwise reuse the KV of a repeated prompt;
+# this run compares prefill and decoding, so medserve runs with its prefix cache off too
+# ("medserve"), and once more as deployed ("medserve, prefix cache"). The shared-preamble
+# workload, where reuse is the point, is tests/bench/prefix.py. The others ignore it.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
 EXTRA = {"repeat_penalty": 1.1, "top_k": 40, "top_p": 1.0, "cache_prompt": False}
 
@@ -39,18 +41,19 @@ def servers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], s
     """name -> (command, model id to send, readiness path)."""
     gguf = str(smollm2_path())
     py = sys.executable
-    config = tmp / "medserve.toml"
-    config.write_text(
-        f'[[models]]\nid = "smollm2"\npath = "{gguf}"\ncontext_length = {args.ctx}\n'
-        f"parallel = {args.parallel}\nthreads = {args.threads}\nmax_queue = 256\n"
-    )
-    out: dict[str, tuple[list[str], str, str]] = {
-        "medserve": (
+    out: dict[str, tuple[list[str], str, str]] = {}
+    for name, cache in (("medserve", "false"), ("medserve, prefix cache", "true")):
+        config = tmp / f"medserve-{cache}.toml"
+        config.write_text(
+            f'[[models]]\nid = "smollm2"\npath = "{gguf}"\ncontext_length = {args.ctx}\n'
+            f"parallel = {args.parallel}\nthreads = {args.threads}\nmax_queue = 256\n"
+            f"prefix_cache = {cache}\n"
+        )
+        out[name] = (
             [py, "-m", "medserve", "serve", "--config", str(config), "--log-level", "warning"],
             "smollm2",
             "/ready",
         )
-    }
     if importlib.util.find_spec("llama_cpp.server") and importlib.util.find_spec(
         "starlette_context"
     ):
