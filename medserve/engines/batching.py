@@ -186,8 +186,6 @@ class Scheduler:
         self.counters = Counters()
         self.store = PrefixStore(prefix_capacity, self.counters)
         self._held = [_Held() for _ in range(parallel)]
-        self._freed_at = [0] * parallel  # release order, for giving out the stalest slot
-        self._releases = 0
 
     # -- called from other threads -------------------------------------------------------
 
@@ -340,12 +338,13 @@ class Scheduler:
         if not self.prefix_cache:
             return self._free.pop()
 
-        def score(s: int) -> tuple[int, int]:
+        def shared(s: int) -> int:
             held = self._held[s]
-            shared = common_prefix(held.tokens, job.prompt) if held.salt == job.salt else 0
-            return shared, -self._freed_at[s]
+            return common_prefix(held.tokens, job.prompt) if held.salt == job.salt else 0
 
-        best = max(self._free, key=score)
+        # _free is in release order (freed slots are appended), and max() keeps the first
+        # of equals: on a tie, the slot freed longest ago.
+        best = max(self._free, key=shared)
         self._free.remove(best)
         return best
 
@@ -586,8 +585,6 @@ class Scheduler:
         slot.sampler.close()
         self._slots.remove(slot)
         self._free.append(slot.seq)
-        self._releases += 1
-        self._freed_at[slot.seq] = self._releases
         if last is not None:
             slot.job.emit(last)
         slot.job.emit(None)
@@ -602,10 +599,10 @@ def _end_of_generation_tokens(llama: Llama) -> frozenset[int]:
     return frozenset(t for t in range(llama.n_vocab()) if llama_vocab_is_eog(vocab, t))
 
 
+@dataclass(frozen=True)
 class _Reuse:
     """Where a prefill's reused head comes from (see :meth:`Scheduler._begin`)."""
 
-    def __init__(self, tokens: int, seq: int | None = None, entry: Entry | None = None) -> None:
-        self.tokens = tokens
-        self.seq = seq  # a sequence holding it (this slot's own or another)
-        self.entry = entry  # or a saved one
+    tokens: int
+    seq: int | None = None  # a sequence holding it (this slot's own or another)
+    entry: Entry | None = None  # or a saved one
