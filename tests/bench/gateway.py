@@ -172,6 +172,12 @@ class Measured:
     affinity: dict[str, str]  # process -> Cpus_allowed_list
     litellm: str  # its version, or why it was skipped
 
+    def stats(self, key: Key) -> list[Stats]:
+        """:meth:`Run.stats` of each round's run of ``key``."""
+        n_server = len(self.server_cpus) if self.server_cpus else os.cpu_count() or 1
+        n_client = len(self.client_cpus) if self.client_cpus else os.cpu_count() or 1
+        return [r.stats(n_server, n_client) for r in self.runs[key]]
+
 
 def cpu_plan(args: argparse.Namespace) -> tuple[set[int] | None, set[int] | None]:
     """(server CPUs, client CPUs), or (None, None) when not pinning (``--no-pin``, or one CPU)."""
@@ -245,13 +251,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> Measured:
                     endpoints.append(stack.enter_context(litellm_proxy(tmp, upstream)))
                 except RuntimeError as e:  # its log is in the message: keep the last lines
                     skipped = "did not start: " + " | ".join(str(e).splitlines()[-3:])
-        affinity = {
-            "load generator": allowed_cpus(os.getpid()),
-            "upstream": allowed_cpus(upstream_pid),
-        }
-        affinity.update({ep.name: allowed_cpus(ep.pid) for ep in endpoints if ep.pid})
         stack.enter_context(pinned(client_cpus))  # the load generator from here on
-        affinity["load generator"] = allowed_cpus(os.getpid())
+        affinity = {"load generator": allowed_cpus(os.getpid())}
+        affinity["upstream"] = allowed_cpus(upstream_pid)
+        affinity.update({ep.name: allowed_cpus(ep.pid) for ep in endpoints if ep.pid})
 
         def go(ep: Endpoint, c: int, n: int, stream: bool) -> Run:
             if args.prime:  # unmeasured: pools and caches sized for c, whatever ran before
@@ -270,7 +273,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> Measured:
             return run
 
         top = max(levels)
-        for ep in endpoints:  # warm-up: connections, imports, caches, JIT-free but lazy paths
+        for ep in endpoints:  # warm-up: connections, lazy imports, caches
             for stream in (True, False):
                 go(ep, top, 2 * top, stream)
         for r in range(args.rounds):
@@ -310,9 +313,7 @@ def diff_ms(a: float | None, b: float | None) -> float | None:
 def summarize(m: Measured) -> dict[Key, Stats]:
     """Per (mode, c, target): medians over rounds of each run's stats and of the paired
     comparisons with ``direct`` of the same round (added_p50_ms, added_p99_ms, ttft_x, itl_x)."""
-    n_server = len(m.server_cpus) if m.server_cpus else os.cpu_count() or 1
-    n_client = len(m.client_cpus) if m.client_cpus else os.cpu_count() or 1
-    per_round = {k: [r.stats(n_server, n_client) for r in rs] for k, rs in m.runs.items()}
+    per_round = {k: m.stats(k) for k in m.runs}
     table: dict[Key, Stats] = {}
     for (mode, c, target), rounds in per_round.items():
         row: Stats = {name: median([s[name] for s in rounds]) for name in rounds[0]}
@@ -361,15 +362,8 @@ def paired(m: Measured, mode: str, c: int, a: str, b: str, stat: str) -> float |
     """Median over rounds of stat(a) / stat(b), runs of the same round paired."""
     if (mode, c, a) not in m.runs or (mode, c, b) not in m.runs:
         return None
-    n_server = len(m.server_cpus) if m.server_cpus else os.cpu_count() or 1
-    n_client = len(m.client_cpus) if m.client_cpus else os.cpu_count() or 1
-    pairs = zip(m.runs[(mode, c, a)], m.runs[(mode, c, b)], strict=True)
-    return median(
-        [
-            ratio(x.stats(n_server, n_client)[stat], y.stats(n_server, n_client)[stat])
-            for x, y in pairs
-        ]
-    )
+    pairs = zip(m.stats((mode, c, a)), m.stats((mode, c, b)), strict=True)
+    return median([ratio(x[stat], y[stat]) for x, y in pairs])
 
 
 def checks(m: Measured, table: dict[Key, Stats]) -> list[Check]:
