@@ -60,7 +60,7 @@ bench: $(VENV)/.installed-bench
 
 ## What a gateway adds in front of a fast vLLM (a fake one): direct vs medserve with the
 ## audit log off and on vs LiteLLM's proxy, at 1 and 64 concurrent users, streaming and
-## not, with the issue's targets marked PASS/FAIL (about 7 min). LiteLLM goes into its own
+## not, with the issue's targets marked PASS/FAIL (about 10 min). LiteLLM goes into its own
 ## .venv-litellm first (pinned, hash-checked; first time ~0.8 GB, 2 min); if that fails,
 ## its column is skipped and the reason printed.
 bench-gateway: $(VENV)/.installed-dev
