@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +143,9 @@ async def _one(
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    # Read on to the end of the body, as the openai SDK does: a response
+                    # left unread closes its connection, and every request reconnects.
+                    continue
                 event = json.loads(data)
                 if "error" in event:
                     return Sample(ok=False, error="stream_error")
@@ -182,8 +186,13 @@ async def run(
     time_limit_s: float = 1800.0,
     on_done: Callable[[Sample], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    ramp_s: float = 0.0,
 ) -> Report:
     """Send ``requests`` requests, ``concurrency`` at a time; stop issuing at the time limit.
+
+    ``ramp_s`` spreads the workers' first requests evenly over that many seconds: equal
+    requests started together otherwise stay in lock-step waves, every one arriving at the
+    same instant (set it to about one request's duration to measure a steady arrival rate).
 
     ``extra_body`` adds fields to every request (e.g. ``repeat_penalty``, which medserve,
     llama.cpp's server and llama-cpp-python's server all accept). ``system``, when given,
@@ -195,28 +204,45 @@ async def run(
     issued = 0
     started = time.perf_counter()
     deadline = started + time_limit_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=url.rstrip("/"),
-        headers=headers,
-        timeout=request_timeout_s,
-        limits=limits,
-        transport=transport,
-    ) as client:
+    # Built once: every client would otherwise load the CA bundle again (~10 ms each).
+    tls = ssl.create_default_context()
 
-        async def worker() -> None:
-            nonlocal issued
-            while issued < requests and time.perf_counter() < deadline:
-                prompt = prompts[issued % len(prompts)]
-                issued += 1
-                sample = await _one(
-                    client, model, prompt, max_tokens, stream, extra_body or {}, system
-                )
-                samples.append(sample)
-                if on_done is not None:
-                    on_done(sample)
+    def client(connections: int) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers=headers,
+            timeout=request_timeout_s,
+            limits=limits,
+            transport=transport,
+            verify=tls,
+        )
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    async def worker(c: httpx.AsyncClient, delay: float) -> None:
+        nonlocal issued
+        if delay:
+            await asyncio.sleep(delay)
+        while issued < requests and time.perf_counter() < deadline:
+            prompt = prompts[issued % len(prompts)]
+            issued += 1
+            sample = await _one(c, model, prompt, max_tokens, stream, extra_body or {}, system)
+            samples.append(sample)
+            if on_done is not None:
+                on_done(sample)
+
+    async with AsyncExitStack() as stack:
+        if transport is not None:  # one client: it closes the caller's transport on exit
+            shared = await stack.enter_async_context(client(concurrency))
+            clients = [shared] * concurrency
+        else:
+            # One client (one keep-alive connection) per simulated user: httpcore's pool
+            # scans all its connections on every request event, so a single pool of many
+            # connections costs the load generator more CPU per request the higher the
+            # concurrency (~10 ms per request at 64, measured), which a benchmark sharing
+            # cores with the server under test cannot afford.
+            clients = [await stack.enter_async_context(client(1)) for _ in range(concurrency)]
+        step = ramp_s / concurrency
+        await asyncio.gather(*(worker(c, k * step) for k, c in enumerate(clients)))
     duration = time.perf_counter() - started
     ok = [s for s in samples if s.ok]
     tokens = sum(s.output_tokens for s in ok)
