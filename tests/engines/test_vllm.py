@@ -224,6 +224,38 @@ async def test_headers_are_the_allow_list_and_request_ids_fresh(
     assert "cookie" not in first
 
 
+@pytest.mark.parametrize("knobs", [Knobs(text=TEXT), Knobs(text=TEXT, split=True)])
+async def test_a_finished_stream_leaves_its_connection_to_the_next_request(
+    engine: VllmEngine, upstream: FakeUpstream, knobs: Knobs
+) -> None:
+    # Read to the end of the body after [DONE], the connection goes back to the pool; a
+    # response closed before its end would cost every request a new connection.
+    upstream.knobs = knobs
+    for _ in range(3):
+        assert (await drain(engine, req(max_tokens=None)))[-1].finish_reason == "stop"
+    peers = [s.peer for s in upstream.seen[-3:]]
+    assert peers[0] is not None and peers == [peers[0]] * 3
+
+
+async def test_concurrent_requests_reuse_their_connections(upstream: FakeUpstream) -> None:
+    # 24 requests at once over the lanes of a replica taking 32, twice: the second wave
+    # finds the first wave's connections kept (httpx keeps only 20 idle ones by default).
+    upstream.knobs = Knobs(text=TEXT, ttft_s=0.05)
+    spec = VllmSpec(engine="vllm", url=upstream.url, served_model_name="m", max_outstanding=32)
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    await e.start()
+    try:
+        waves = []
+        for _ in range(2):
+            before = len(upstream.seen)
+            answers = await asyncio.gather(*(drain(e, req(max_tokens=None)) for _ in range(24)))
+            assert all(a[-1].finish_reason == "stop" for a in answers)
+            waves.append({s.peer for s in upstream.seen[before:]})
+    finally:
+        await e.close()
+    assert len(waves[0]) == 24 and waves[1] <= waves[0]
+
+
 @pytest.mark.parametrize("stage", ["before-headers", "first-event", "streaming"])
 async def test_closing_the_iterator_reaches_the_upstream(
     engine: VllmEngine, upstream: FakeUpstream, stage: str
