@@ -79,6 +79,7 @@ from medserve.engines.upstream import (
     error_message,
     parse_event,
     parse_load,
+    prompt_token_bound,
 )
 from medserve.errors import (
     ConfigError,
@@ -181,8 +182,16 @@ class VllmSpec(BaseModel):
         description="When the client set a completion budget, count the prompt's tokens with "
         "the server's POST /tokenize first: a prompt plus budget past the context window is "
         "then a 400 naming the budget field, as on llama.cpp (vLLM itself cuts the answer "
-        "at the window without saying so). Off: one round trip less; a server without "
-        "/tokenize (404) is not checked.",
+        "at the window without saying so). Counted only when the budget plus a bound on "
+        "the prompt's tokens (its UTF-8 bytes plus budget_slack_tokens) passes the window. "
+        "Off: never counted; a server without /tokenize (404) is not checked.",
+    )
+    budget_slack_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Tokens the model's chat template may add to the messages' own text "
+        "(special tokens, a default system prompt): the bound that spares a request the "
+        "/tokenize round trip (check_budget). Raise it for a template that adds more.",
     )
     health_ttl_s: float = Field(
         2.0, ge=0, description="How long a /health probe result is reused by /ready."
@@ -567,11 +576,16 @@ class VllmEngine:
         count is exact, the chat template included. Raises ContextLengthError naming the
         input (the prompt alone does not fit) or the budget field, with ``prompt_tokens``
         set; a server without ``/tokenize`` (404: some pool gateways) is remembered and
-        not asked again. Other failures are classified as for a generation.
+        not asked again. Other failures are classified as for a generation. A request
+        whose budget plus :func:`~medserve.engines.upstream.prompt_token_bound` fits the
+        window is not counted: it fits whatever the exact count.
         """
         s = request.sampling
         if s.max_tokens is None or not self._spec.check_budget or self._no_tokenize:
             return
+        bound = prompt_token_bound(body, self._spec.budget_slack_tokens)
+        if bound + s.max_tokens <= self._info.context_length:
+            return  # fits whatever the tokenizer: no round trip (about 20% of the CPU)
         ask: dict[str, Any] = {"model": body["model"]}
         if "messages" in body:
             ask |= {"messages": body["messages"], "add_generation_prompt": True}

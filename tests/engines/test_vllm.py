@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
 from medserve.engines.sse import SSEFramer
+from medserve.engines.upstream import prompt_token_bound, text_token_bound
 from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
 from medserve.errors import (
     ContextLengthError,
@@ -505,3 +506,50 @@ async def test_a_server_without_tokenize_is_asked_once_then_not_checked(
     for _ in range(2):
         assert (await drain(engine, req(max_tokens=3)))[-1].finish_reason is not None
     assert len(upstream.tokenized) == 1
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "slack", "counted", "refused"),
+    [
+        (100, 1024, False, False),  # bound + budget far inside the window: no round trip
+        (100, 9_990, True, False),  # a template that may add that much: counted, fits
+        (9_998, 0, True, True),  # the bound passes the window: counted, and refused
+    ],
+    ids=["surely-fits", "slack-passes-window", "near-the-window"],
+)
+async def test_the_prompt_is_counted_only_when_it_might_not_fit(
+    upstream: FakeUpstream, max_tokens: int, slack: int, counted: bool, refused: bool
+) -> None:
+    upstream.knobs = Knobs(context=10_000)
+    spec = VllmSpec(
+        engine="vllm", url=upstream.url, served_model_name="m", budget_slack_tokens=slack
+    )
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    await e.start()
+    upstream.tokenized.clear()
+    try:
+        if refused:
+            with pytest.raises(ContextLengthError):
+                await drain(e, req(max_tokens=max_tokens))
+        else:
+            assert (await drain(e, req(max_tokens=max_tokens)))[-1].finish_reason is not None
+    finally:
+        await e.close()
+    assert len(upstream.tokenized) == int(counted)
+
+
+@pytest.mark.parametrize(
+    ("text", "bound"),
+    [
+        ("", 1),
+        ("a b c", 6),  # ASCII: one token per byte at most, plus SentencePiece's marker
+        ("é", 2 * 11 + 1),  # 2 UTF-8 bytes, each may normalise (NFKC) to 11
+        ("a\ufdfa", 1 + 3 * 11 + 1),  # U+FDFA: NFKC's longest expansion (18 characters)
+        ("\ud800x", 1 + 3 * 11 + 1),  # a lone surrogate (JSON allows it) counts its 3 bytes
+    ],
+)
+def test_the_token_bound_covers_every_byte_and_normalisation(text: str, bound: int) -> None:
+    assert text_token_bound(text) == bound
+    body = {"messages": [{"role": "user", "content": text}]}
+    assert prompt_token_bound(body, 7) == 7 + text_token_bound("user") + bound
+    assert prompt_token_bound({"prompt": text}, 7) == 7 + bound
