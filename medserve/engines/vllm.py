@@ -68,6 +68,7 @@ from medserve.engines.base import (
     Health,
     LoadStats,
 )
+from medserve.engines.netio import PooledTransport
 from medserve.engines.pool import LANE_REQUESTS, Lanes, read_to_end
 from medserve.engines.sse import SSEError, SSEFramer
 from medserve.engines.supervisor import LaunchSpec, Supervisor
@@ -282,32 +283,40 @@ class VllmEngine:
         """The supervisor of a supervised replica (None: remote)."""
         return self._supervisor
 
-    def _new_client(self, url: str, key: str | None) -> httpx.AsyncClient:
+    def _new_client(self, url: str, key: str | None, lane: bool = False) -> httpx.AsyncClient:
         s = self._spec
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # Every connection a lane may open is kept for reuse: httpx's default keeps 20.
         connections = s.max_outstanding + 4
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=KEEPALIVE_S,
+        )
+        verify = tls_context(s.ca_file)
+        transport = None
+        if lane:
+            context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context()
+            transport = PooledTransport(context, limits)
         return httpx.AsyncClient(
             base_url=url,
             headers=headers,
             # Timeouts of a generation are enforced per stage in generate(); these bound
             # connecting and the probes.
             timeout=httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=connections,
-                max_keepalive_connections=connections,
-                keepalive_expiry=KEEPALIVE_S,
-            ),
+            limits=limits,
             trust_env=False,  # never an HTTP(S)_PROXY from the environment
             follow_redirects=False,
-            verify=tls_context(s.ca_file),
+            verify=verify,
+            transport=transport,
         )
 
     def _connect(self, url: str, key: str | None) -> None:
-        """Clients for the server at ``url``: the probes' and the generations' lanes."""
+        """Clients for the server at ``url``: the probes' and the generations' lanes (on
+        :class:`~medserve.engines.netio.PooledTransport`)."""
         self._client = self._new_client(url, key)
         count = -(-self._spec.max_outstanding // LANE_REQUESTS)  # ceiling
-        self._lanes = Lanes([self._new_client(url, key) for _ in range(count)])
+        self._lanes = Lanes([self._new_client(url, key, lane=True) for _ in range(count)])
 
     async def _disconnect(self) -> None:
         client, lanes, self._client, self._lanes = self._client, self._lanes, None, None
