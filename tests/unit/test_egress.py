@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from medserve.api.app import create_app
+from medserve.cli import server_options
 from medserve.config import Settings
 from medserve.engines.netio import PooledTransport
 from medserve.privacy import EgressGuard, EgressRefused
@@ -91,6 +92,12 @@ def test_the_relay_transport_connects_through_the_guard(guard: EgressGuard) -> N
 
     asyncio.run(ask())
     assert guard.refusals == 1
+
+
+def test_the_server_runs_on_asyncio_never_uvloop() -> None:
+    # uvicorn picks uvloop wherever it is installed; uvloop's connects and name lookups
+    # raise no audit event, and the guard would see none of them.
+    assert server_options(Settings())["loop"] == "asyncio"
 
 
 def test_loopback_still_connects(guard: EgressGuard) -> None:
