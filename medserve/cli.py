@@ -143,6 +143,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
     Proxy headers are off unless ``trusted_proxies`` lists someone: uvicorn would otherwise
     believe ``X-Forwarded-For`` from 127.0.0.1, that is, from any local process.
+
+    The event loop is asyncio's, never uvloop, which uvicorn would pick by itself wherever
+    it is installed (``uvicorn[standard]``): uvloop connects and resolves names in libuv,
+    past the ``socket.connect`` and ``socket.getaddrinfo`` audit events the egress guard
+    (:mod:`medserve.privacy`) refuses at, so under uvloop the guard would see nothing.
     """
     from medserve.api.transport import ConnectionLimits, protocol
 
@@ -152,6 +157,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         max_connections=settings.max_connections,
     )
     return {
+        "loop": "asyncio",
         "http": protocol(limits),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         "proxy_headers": bool(settings.trusted_proxies),

@@ -65,8 +65,6 @@ def configure(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("medserve").setLevel(level.upper())
-    # sse-starlette logs every chunk it sends (completion text) at DEBUG: never below WARNING.
-    logging.getLogger("sse_starlette").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

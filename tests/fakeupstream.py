@@ -91,6 +91,7 @@ class Seen:
     stalled: threading.Event = field(default_factory=threading.Event)
     sent: int = 0  # token events written so far (streaming)
     left: threading.Event = field(default_factory=threading.Event)
+    peer: tuple[str, int] | None = None  # the client's address and port: its connection
 
 
 class FakeUpstream:
@@ -140,7 +141,8 @@ class FakeUpstream:
                 if not message.get("more_body"):
                     break
             headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-            seen = Seen(path, headers, json.loads(raw))
+            peer = scope.get("client")
+            seen = Seen(path, headers, json.loads(raw), peer=tuple(peer) if peer else None)
             self.seen.append(seen)
             gone = asyncio.Event()
 

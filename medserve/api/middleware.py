@@ -89,8 +89,7 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 started = True
                 ex.status = message["status"]
-                # Ours replace any the response set itself (sse-starlette sends its own
-                # Cache-Control): one value per header.
+                # Ours replace any the response set itself: one value per header.
                 kept = [h for h in message.get("headers", []) if h[0].lower() not in OURS]
                 message["headers"] = [*kept, id_header, *SECURITY_HEADERS]
             elif message["type"] == "http.response.body" and not message.get("more_body"):

@@ -29,9 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
 
 from medserve.api.exchange import Exchange, exchange
 from medserve.api.protocol import (
@@ -46,6 +44,7 @@ from medserve.api.protocol import (
     Usage,
 )
 from medserve.api.security import principal, role
+from medserve.api.sse import EventStream
 from medserve.audit.record import chat_input
 from medserve.auth import require_model
 from medserve.config import ModelSpec
@@ -340,11 +339,7 @@ async def _serve(job: Job, served: Served, http: Request) -> Response:
         announce = _announce(ex)
         if job.stream:
             # The response owns the permit and the stream from here on.
-            grace = http.app.state.settings.drain_timeout_s
-            events = stream(job, first, chunks, http)
-            return _HeldStream(
-                events, held, sep="\n", shutdown_grace_period=grace, headers=announce
-            )
+            return EventStream(stream(job, first, chunks, http), held, headers=announce)
         try:
             gone, result = await _watching(http, complete(job, first, chunks, http))
         finally:
@@ -491,22 +486,6 @@ def _may_retry(job: Job, served: Served, tried: list[Engine]) -> bool:
     if deadline is not None and time.monotonic() >= deadline:
         return False
     return len(tried) < len(served.engines)
-
-
-class _HeldStream(EventSourceResponse):
-    """An SSE response that, once sent or abandoned, closes the engine stream and returns
-    the admission permit (``held``), whatever ended it."""
-
-    def __init__(self, content: AsyncIterator[str], held: AsyncExitStack, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._held = held
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._held.aclose()
 
 
 async def _watching(http: Request, work: Awaitable[T]) -> tuple[bool, T | None]:

@@ -126,3 +126,34 @@ async def error_message(response: httpx.Response) -> tuple[str, str | None]:
     message = error.get("message") if isinstance(error, dict) else None
     param = error.get("param") if isinstance(error, dict) else None
     return (message if isinstance(message, str) else ""), PARAMS.get(str(param))
+
+
+# NFKC, the widest normalisation a tokenizer applies, turns one character into at most
+# 11 times its UTF-8 bytes (Unicode UAX #15, "Stability of Normalized Forms"); ASCII is
+# left as it is.
+NORMALISED_BYTES_PER_BYTE = 11
+
+
+def text_token_bound(text: str) -> int:
+    """At most how many tokens any tokenizer makes of ``text``, template aside: its UTF-8
+    bytes, non-ASCII ones times NORMALISED_BYTES_PER_BYTE, plus one. A token covers at
+    least one byte of the (normalised) text, byte-level BPE and SentencePiece's byte
+    fallback included; the one is SentencePiece's leading space marker."""
+    if text.isascii():
+        return len(text) + 1
+    size = len(text.encode("utf-8", "surrogatepass"))
+    ascii_bytes = len(text.encode("ascii", "ignore"))
+    return ascii_bytes + (size - ascii_bytes) * NORMALISED_BYTES_PER_BYTE + 1
+
+
+def prompt_token_bound(body: dict[str, Any], slack: int) -> int:
+    """At most how many tokens the prompt of an upstream request ``body`` renders to: the
+    text of its messages (role and content, :func:`text_token_bound`) or its prompt, plus
+    ``slack`` tokens for what the chat template adds (special tokens, a default system
+    prompt)."""
+    messages = body.get("messages")
+    if messages is None:
+        return text_token_bound(str(body.get("prompt") or "")) + slack
+    return slack + sum(
+        text_token_bound(m["role"]) + text_token_bound(m["content"]) for m in messages
+    )

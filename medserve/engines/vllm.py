@@ -2,10 +2,11 @@
 
 medserve is the gateway in front of vLLM's own OpenAI server: keys, audit, metrics and the
 egress guard stay here, vLLM renders, tokenizes and generates. Each :class:`VllmEngine`
-talks to one server with one ``httpx.AsyncClient``: a remote one at ``url``, or one that
-medserve starts itself on 127.0.0.1 (``launch``: :mod:`medserve.engines.supervisor` runs,
-restarts and stops it; its port and key are new at every start, so the client is rebuilt
-each time the supervisor probes a new run).
+talks to one server through httpx clients (one for probes, a few for generations:
+:class:`Lanes`): a remote one at ``url``, or one that medserve starts itself on 127.0.0.1
+(``launch``: :mod:`medserve.engines.supervisor` runs, restarts and stops it; its port and
+key are new at every start, so the clients are rebuilt each time the supervisor probes a
+new run). Connections are kept and reused: a stream is read to its end after ``[DONE]``.
 
 - ``start`` waits (bounded by ``start_timeout_s``, supervised: ``launch.startup_timeout_s``)
   for ``/health`` 200 and the served name in ``/v1/models``, and reads ``max_model_len``
@@ -67,6 +68,8 @@ from medserve.engines.base import (
     Health,
     LoadStats,
 )
+from medserve.engines.netio import PooledTransport
+from medserve.engines.pool import LANE_REQUESTS, Lanes, read_to_end
 from medserve.engines.sse import SSEError, SSEFramer
 from medserve.engines.supervisor import LaunchSpec, Supervisor
 from medserve.engines.upstream import (
@@ -77,6 +80,7 @@ from medserve.engines.upstream import (
     error_message,
     parse_event,
     parse_load,
+    prompt_token_bound,
 )
 from medserve.errors import (
     ConfigError,
@@ -96,6 +100,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLIENT_FAULT = frozenset({400, 413, 422})
+# An idle connection is reused for this long, below the 5 s after which vLLM's server
+# (uvicorn's default keep-alive) closes it: a request never races the server's close.
+KEEPALIVE_S = 4.0
 BUSY = frozenset({429, 503})
 TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
 
@@ -176,8 +183,16 @@ class VllmSpec(BaseModel):
         description="When the client set a completion budget, count the prompt's tokens with "
         "the server's POST /tokenize first: a prompt plus budget past the context window is "
         "then a 400 naming the budget field, as on llama.cpp (vLLM itself cuts the answer "
-        "at the window without saying so). Off: one round trip less; a server without "
-        "/tokenize (404) is not checked.",
+        "at the window without saying so). Counted only when the budget plus a bound on "
+        "the prompt's tokens (its UTF-8 bytes plus budget_slack_tokens) passes the window. "
+        "Off: never counted; a server without /tokenize (404) is not checked.",
+    )
+    budget_slack_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Tokens the model's chat template may add to the messages' own text "
+        "(special tokens, a default system prompt): the bound that spares a request the "
+        "/tokenize round trip (check_budget). Raise it for a template that adds more.",
     )
     health_ttl_s: float = Field(
         2.0, ge=0, description="How long a /health probe result is reused by /ready."
@@ -246,7 +261,8 @@ class VllmEngine:
             capacity=spec.max_outstanding,
             retry_after_s=spec.retry_after_s,
         )
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # probes: /health, /v1/models, /metrics
+        self._lanes: Lanes | None = None  # generations and /tokenize (see Lanes)
         self._running = 0
         self._probe: tuple[float, bool] = (float("-inf"), False)
         self._refused = False
@@ -267,20 +283,47 @@ class VllmEngine:
         """The supervisor of a supervised replica (None: remote)."""
         return self._supervisor
 
-    def _new_client(self, url: str, key: str | None) -> httpx.AsyncClient:
+    def _new_client(self, url: str, key: str | None, lane: bool = False) -> httpx.AsyncClient:
         s = self._spec
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # Every connection a lane may open is kept for reuse: httpx's default keeps 20.
+        connections = s.max_outstanding + 4
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=KEEPALIVE_S,
+        )
+        verify = tls_context(s.ca_file)
+        transport = None
+        if lane:
+            context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context()
+            transport = PooledTransport(context, limits)
         return httpx.AsyncClient(
             base_url=url,
             headers=headers,
             # Timeouts of a generation are enforced per stage in generate(); these bound
             # connecting and the probes.
             timeout=httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
-            limits=httpx.Limits(max_connections=s.max_outstanding + 4),
+            limits=limits,
             trust_env=False,  # never an HTTP(S)_PROXY from the environment
             follow_redirects=False,
-            verify=tls_context(s.ca_file),
+            verify=verify,
+            transport=transport,
         )
+
+    def _connect(self, url: str, key: str | None) -> None:
+        """Clients for the server at ``url``: the probes' and the generations' lanes (on
+        :class:`~medserve.engines.netio.PooledTransport`)."""
+        self._client = self._new_client(url, key)
+        count = -(-self._spec.max_outstanding // LANE_REQUESTS)  # ceiling
+        self._lanes = Lanes([self._new_client(url, key, lane=True) for _ in range(count)])
+
+    async def _disconnect(self) -> None:
+        client, lanes, self._client, self._lanes = self._client, self._lanes, None, None
+        if client is not None:
+            await client.aclose()
+        if lanes is not None:
+            await lanes.aclose()
 
     async def start(self) -> None:
         """Wait for the server: /health 200 and the served name in /v1/models.
@@ -303,9 +346,7 @@ class VllmEngine:
         s = self._spec
         assert s.url is not None
         if self._client is None:
-            self._client = self._new_client(
-                s.url, s.api_key.get_secret_value() if s.api_key else None
-            )
+            self._connect(s.url, s.api_key.get_secret_value() if s.api_key else None)
         deadline = time.monotonic() + s.start_timeout_s
         problem = "no answer"
         while True:
@@ -359,10 +400,9 @@ class VllmEngine:
     async def _attach(self, url: str, key: str) -> str:
         """The supervisor's readiness probe: point the client at this run, then check it."""
         if self._client is None or str(self._client.base_url).rstrip("/") != url:
-            old, self._client = self._client, self._new_client(url, key)
+            await self._disconnect()
+            self._connect(url, key)
             self._probe = (float("-inf"), False)
-            if old is not None:
-                await old.aclose()
         try:
             problem = await self._check_ready()
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
@@ -405,9 +445,7 @@ class VllmEngine:
         """Close the client; a supervised replica's server is stopped (SIGTERM, SIGKILL)."""
         if self._supervisor is not None:
             await self._supervisor.stop()
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._disconnect()
 
     def _down(self) -> str | None:
         """Why a supervised replica cannot take requests now (None: it can)."""
@@ -489,8 +527,8 @@ class VllmEngine:
         return path, body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        client = self._client
-        if client is None:
+        lanes = self._lanes
+        if lanes is None:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
         if self._down() is not None:
             raise UnavailableError(
@@ -510,22 +548,23 @@ class VllmEngine:
             raise RequestTimeoutError()
         self._running += 1
         try:
-            await self._check_budget(client, request, body, headers, first_by)
-            req = client.build_request("POST", path, json=body, headers=headers)
-            try:
-                async with asyncio.timeout(first_timeout):
-                    response = await client.send(req, stream=True)
-            except TimeoutError:
-                raise self._timed_out("waiting for its answer") from None
-            except httpx.HTTPError as exc:
-                raise self._unreachable(exc) from None
-            try:
-                if response.status_code != 200:
-                    raise await self._refusal(request, response)
-                async for chunk in self._relay(request, response, first_by):
-                    yield chunk
-            finally:
-                await response.aclose()
+            with lanes.take() as client:
+                await self._check_budget(client, request, body, headers, first_by)
+                req = client.build_request("POST", path, json=body, headers=headers)
+                try:
+                    async with asyncio.timeout(first_timeout):
+                        response = await client.send(req, stream=True)
+                except TimeoutError:
+                    raise self._timed_out("waiting for its answer") from None
+                except httpx.HTTPError as exc:
+                    raise self._unreachable(exc) from None
+                try:
+                    if response.status_code != 200:
+                        raise await self._refusal(request, response)
+                    async for chunk in self._relay(request, response, first_by):
+                        yield chunk
+                finally:
+                    await response.aclose()
         finally:
             self._running -= 1
 
@@ -546,11 +585,16 @@ class VllmEngine:
         count is exact, the chat template included. Raises ContextLengthError naming the
         input (the prompt alone does not fit) or the budget field, with ``prompt_tokens``
         set; a server without ``/tokenize`` (404: some pool gateways) is remembered and
-        not asked again. Other failures are classified as for a generation.
+        not asked again. Other failures are classified as for a generation. A request
+        whose budget plus :func:`~medserve.engines.upstream.prompt_token_bound` fits the
+        window is not counted: it fits whatever the exact count.
         """
         s = request.sampling
         if s.max_tokens is None or not self._spec.check_budget or self._no_tokenize:
             return
+        bound = prompt_token_bound(body, self._spec.budget_slack_tokens)
+        if bound + s.max_tokens <= self._info.context_length:
+            return  # fits whatever the tokenizer: no round trip (about 20% of the CPU)
         ask: dict[str, Any] = {"model": body["model"]}
         if "messages" in body:
             ask |= {"messages": body["messages"], "add_generation_prompt": True}
@@ -629,6 +673,7 @@ class VllmEngine:
             for event in events:
                 if event.data.strip() == "[DONE]":
                     yield self._last(request, finish, usage, deltas)
+                    await read_to_end(reads)
                     return
                 chunk = parse_event(event.data)
                 if chunk is None or isinstance(chunk.get("error"), dict):

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
 from medserve.engines.sse import SSEFramer
+from medserve.engines.upstream import prompt_token_bound, text_token_bound
 from medserve.engines.vllm import VllmEngine, VllmSpec, upstream_hosts
 from medserve.errors import (
     ContextLengthError,
@@ -222,6 +223,38 @@ async def test_headers_are_the_allow_list_and_request_ids_fresh(
     )
     assert not {h for h in first if h.startswith("x-") and h != "x-request-id"}
     assert "cookie" not in first
+
+
+@pytest.mark.parametrize("knobs", [Knobs(text=TEXT), Knobs(text=TEXT, split=True)])
+async def test_a_finished_stream_leaves_its_connection_to_the_next_request(
+    engine: VllmEngine, upstream: FakeUpstream, knobs: Knobs
+) -> None:
+    # Read to the end of the body after [DONE], the connection goes back to the pool; a
+    # response closed before its end would cost every request a new connection.
+    upstream.knobs = knobs
+    for _ in range(3):
+        assert (await drain(engine, req(max_tokens=None)))[-1].finish_reason == "stop"
+    peers = [s.peer for s in upstream.seen[-3:]]
+    assert peers[0] is not None and peers == [peers[0]] * 3
+
+
+async def test_concurrent_requests_reuse_their_connections(upstream: FakeUpstream) -> None:
+    # 24 requests at once over the lanes of a replica taking 32, twice: the second wave
+    # finds the first wave's connections kept (httpx keeps only 20 idle ones by default).
+    upstream.knobs = Knobs(text=TEXT, ttft_s=0.05)
+    spec = VllmSpec(engine="vllm", url=upstream.url, served_model_name="m", max_outstanding=32)
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    await e.start()
+    try:
+        waves = []
+        for _ in range(2):
+            before = len(upstream.seen)
+            answers = await asyncio.gather(*(drain(e, req(max_tokens=None)) for _ in range(24)))
+            assert all(a[-1].finish_reason == "stop" for a in answers)
+            waves.append({s.peer for s in upstream.seen[before:]})
+    finally:
+        await e.close()
+    assert len(waves[0]) == 24 and waves[1] <= waves[0]
 
 
 @pytest.mark.parametrize("stage", ["before-headers", "first-event", "streaming"])
@@ -473,3 +506,50 @@ async def test_a_server_without_tokenize_is_asked_once_then_not_checked(
     for _ in range(2):
         assert (await drain(engine, req(max_tokens=3)))[-1].finish_reason is not None
     assert len(upstream.tokenized) == 1
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "slack", "counted", "refused"),
+    [
+        (100, 1024, False, False),  # bound + budget far inside the window: no round trip
+        (100, 9_990, True, False),  # a template that may add that much: counted, fits
+        (9_998, 0, True, True),  # the bound passes the window: counted, and refused
+    ],
+    ids=["surely-fits", "slack-passes-window", "near-the-window"],
+)
+async def test_the_prompt_is_counted_only_when_it_might_not_fit(
+    upstream: FakeUpstream, max_tokens: int, slack: int, counted: bool, refused: bool
+) -> None:
+    upstream.knobs = Knobs(context=10_000)
+    spec = VllmSpec(
+        engine="vllm", url=upstream.url, served_model_name="m", budget_slack_tokens=slack
+    )
+    e = VllmEngine(flat_spec(id="med", engine="fake"), spec)
+    await e.start()
+    upstream.tokenized.clear()
+    try:
+        if refused:
+            with pytest.raises(ContextLengthError):
+                await drain(e, req(max_tokens=max_tokens))
+        else:
+            assert (await drain(e, req(max_tokens=max_tokens)))[-1].finish_reason is not None
+    finally:
+        await e.close()
+    assert len(upstream.tokenized) == int(counted)
+
+
+@pytest.mark.parametrize(
+    ("text", "bound"),
+    [
+        ("", 1),
+        ("a b c", 6),  # ASCII: one token per byte at most, plus SentencePiece's marker
+        ("é", 2 * 11 + 1),  # 2 UTF-8 bytes, each may normalise (NFKC) to 11
+        ("a\ufdfa", 1 + 3 * 11 + 1),  # U+FDFA: NFKC's longest expansion (18 characters)
+        ("\ud800x", 1 + 3 * 11 + 1),  # a lone surrogate (JSON allows it) counts its 3 bytes
+    ],
+)
+def test_the_token_bound_covers_every_byte_and_normalisation(text: str, bound: int) -> None:
+    assert text_token_bound(text) == bound
+    body = {"messages": [{"role": "user", "content": text}]}
+    assert prompt_token_bound(body, 7) == 7 + text_token_bound("user") + bound
+    assert prompt_token_bound({"prompt": text}, 7) == 7 + bound

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from medserve.api.app import create_app
+from medserve.cli import server_options
 from medserve.config import Settings
+from medserve.engines.netio import PooledTransport
 from medserve.privacy import EgressGuard, EgressRefused
 from medserve.router import Router
 from tests.conftest import fake_spec
@@ -75,6 +79,25 @@ def test_a_connect_to_a_remote_address_is_refused_in_process(guard: EgressGuard)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, pytest.raises(EgressRefused):
         s.sendto(b"x", (NEVER, 53))
     assert guard.refusals == 3
+
+
+def test_the_relay_transport_connects_through_the_guard(guard: EgressGuard) -> None:
+    # The vLLM relay's own transport (asyncio protocols, not anyio) still calls
+    # socket.connect, where the guard refuses before a packet is sent.
+    async def ask() -> None:
+        transport = PooledTransport(httpx.create_ssl_context(), httpx.Limits())
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://{NEVER}:9/")
+
+    asyncio.run(ask())
+    assert guard.refusals == 1
+
+
+def test_the_server_runs_on_asyncio_never_uvloop() -> None:
+    # uvicorn picks uvloop wherever it is installed; uvloop's connects and name lookups
+    # raise no audit event, and the guard would see none of them.
+    assert server_options(Settings())["loop"] == "asyncio"
 
 
 def test_loopback_still_connects(guard: EgressGuard) -> None:
