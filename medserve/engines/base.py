@@ -18,15 +18,81 @@ from typing import Any, Literal, Protocol, runtime_checkable
 # OpenAI's finish reasons that an engine may end with: llama.cpp and the fake engine give
 # "stop" or "length"; a vLLM replica passes "tool_calls" and "content_filter" through.
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete function call: in an assistant message of the history, or (as deltas,
+    :class:`ToolCallDelta`) in an answer. ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message, text only (content parts are joined by the web layer)."""
+    """One chat message (content parts are joined by the web layer).
+
+    ``tool_calls``: an assistant message's calls (its ``content`` may then be empty);
+    ``tool_call_id``: a ``tool`` message's answer to that call (its content is the result).
+    """
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call (OpenAI's ``tools[].function``). ``parameters`` is the
+    JSON schema of its arguments as canonical JSON text (sorted keys, no spaces);
+    ``{"type":"object","properties":{}}`` when the client gave none."""
+
+    name: str
+    parameters: str
+    description: str | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NamedTool:
+    """``tool_choice`` naming one function: the answer is a call of it."""
+
+    name: str
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedTool
+ConstraintKind = Literal["json_object", "json_schema", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """The answer must be JSON of a shape: grammar-constrained sampling on llama.cpp,
+    vLLM's structured outputs on a vLLM replica.
+
+    ``kind``: ``json_object`` (any JSON object; ``schema`` None), ``json_schema`` (the
+    client's ``response_format.json_schema``), or ``tool`` (``tool_choice`` named a function
+    or was ``required``: the answer is a tool call, see below).
+    ``schema``: the JSON schema as canonical JSON text (sorted keys, no spaces), already
+    checked by :func:`medserve.engines.grammar.check_schema` (every keyword it holds can be
+    enforced); ``sha256``: hex digest of ``schema``'s UTF-8 bytes (the audit log records it,
+    never the schema: property names can name patient fields), "" without a schema.
+    ``name``: the json_schema's name, or the named tool's name (None for ``required``).
+    For ``tool``: with a name, ``schema`` is that function's parameters and the constrained
+    text is its arguments; without (``required``), ``schema`` is
+    ``{"anyOf": [{"type":"object","properties":{"name":{"const":NAME},"arguments":PARAMS},
+    "required":["name","arguments"]}, ...]}`` over the request's tools and the text is one
+    ``{"name", "arguments"}`` object. The engine turns that text into one tool call.
+    """
+
+    kind: ConstraintKind
+    schema: str | None = None
+    sha256: str = ""
+    name: str | None = None
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +149,10 @@ class GenerationRequest:
     user: str | None = None
     deadline: float | None = None
     cache_salt: str | None = None
+    constraint: Constraint | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -95,6 +165,32 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of the answer's tool call number ``index`` (OpenAI's stream shape): the
+    first piece of a call has its ``id`` and ``name``, later pieces append ``arguments``
+    text. The non-streaming answer joins them per index."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token's log-probability and, in ``top``, the most likely alternatives
+    (as TokenLogprob with empty ``top``), most likely first. ``token`` is the token's text
+    (its bytes decoded as UTF-8, a partial character replaced), ``token_bytes`` its exact
+    bytes. Log-probabilities are natural logs of the model's distribution before
+    penalties, temperature and truncation (vLLM's default ``raw_logprobs``)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationChunk:
     """A piece of generated text. The last chunk carries the finish reason and counts.
 
@@ -104,6 +200,10 @@ class GenerationChunk:
     for none. A chunk may carry only ``extra`` (empty ``text``). Streaming, the web layer
     adds them to the event's delta; non-streaming, it merges them into the message (see
     :class:`medserve.api.serving.DeltaFields`). Completions have no delta: not sent there.
+
+    ``tool_calls``: pieces of the answer's tool calls (the last chunk then has
+    ``finish_reason`` ``tool_calls``); ``logprobs``: one entry per token whose text this
+    chunk carries, in order, when the request asked for them (else empty).
     """
 
     text: str
@@ -112,6 +212,8 @@ class GenerationChunk:
     completion_tokens: int | None = None
     queue_s: float | None = None  # last chunk: time the request waited for a slot
     extra: Mapping[str, Any] | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def __post_init__(self) -> None:
         if self.extra is not None and ("content" in self.extra or "role" in self.extra):
