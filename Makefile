@@ -62,13 +62,15 @@ bench: $(VENV)/.installed-bench
 
 ## What a gateway adds in front of a fast vLLM (a fake one): direct vs medserve with the
 ## audit log off and on vs LiteLLM's proxy, at 1 and 64 concurrent users, streaming and
-## not, with the issue's targets marked PASS/FAIL (about 10 min). LiteLLM goes into its own
+## not, with the issue's targets marked PASS/FAIL; then requests/s against LiteLLM with a 2 ms
+## upstream, where the gateways are the limit (about 12 min). LiteLLM goes into its own
 ## .venv-litellm first (pinned, hash-checked; first time ~0.8 GB, 2 min); if that fails,
 ## its column is skipped and the reason printed.
 bench-gateway: $(VENV)/.installed-dev
 	PYTHON=$(PYTHON) scripts/setup-litellm-venv.sh \
 		|| echo "bench-gateway: LiteLLM's column will be skipped (reason above)"
-	$(BIN)/python tests/bench/gateway.py
+	$(BIN)/python tests/bench/gateway.py --judge latency
+	$(BIN)/python tests/bench/gateway.py --levels 64 --ttft-ms 2 --token-delay-ms 2 --judge throughput
 
 ## Only the shared-prefix workload: a ~1,200-token preamble + a short question, medserve vs
 ## llama.cpp's server with its prompt cache on and off, at 1 and 8 users (about 6 minutes)
