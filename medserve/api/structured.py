@@ -7,7 +7,8 @@ What is accepted (OpenAI's shapes; the reasons for each 400 are in the functions
 - ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object),
   ``json_schema`` (``name``, ``schema``, ``strict``, ``description``). The schema is checked
   by :func:`medserve.engines.grammar.check_schema` (a keyword the grammar cannot enforce is
-  a 400 naming the keyword) and travels as canonical JSON text with its sha256.
+  a 400 naming the keyword) and travels as compact JSON text (:func:`schema_json`) with
+  its sha256.
 - ``tools`` (functions only, unique names) and ``tool_choice`` (``none``, ``auto``,
   ``required`` or a named function; ``auto`` when tools come without one, as OpenAI).
   ``required`` and a named function become a ``tool`` constraint: the answer is one call.
@@ -44,16 +45,22 @@ from medserve.errors import InvalidRequestError, UnsupportedParameterError
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
-def canonical_json(value: Any) -> str:
-    """The one text form of a schema: sorted keys, no spaces, UTF-8 left unescaped."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def schema_json(value: Any) -> str:
+    """The one text form of a schema: no spaces, UTF-8 left unescaped, and the client's
+    key order kept, NOT sorted (a deliberate departure from the seam's first docstring):
+    the order of ``properties`` is the order the answer's keys are generated in, on
+    llama.cpp's grammar (required properties first, in schema order) as in OpenAI's
+    structured outputs, and a schema that puts ``reasoning`` before ``answer``, or a
+    call's ``name`` before its ``arguments``, means it. Sorting would reorder them."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def schema_constraint(
     kind: Literal["json_schema", "tool"], schema: Any, name: str | None, strict: bool
 ) -> Constraint:
-    """A Constraint holding ``schema`` as canonical text and its sha256 (hex of its UTF-8)."""
-    text = canonical_json(schema)
+    """A Constraint holding ``schema`` as :func:`schema_json` text and its sha256 (hex of
+    that text's UTF-8)."""
+    text = schema_json(schema)
     return Constraint(kind, text, hashlib.sha256(text.encode()).hexdigest(), name, strict)
 
 
@@ -144,7 +151,7 @@ def _tools(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], list[dict[str
                 "A function's parameters must be a JSON schema of type object.", param=param
             )
         check_schema(params, param=param)
-        tools.append(Tool(f.name, canonical_json(params), f.description, bool(f.strict)))
+        tools.append(Tool(f.name, schema_json(params), f.description, bool(f.strict)))
         parameters.append(params)
     return tuple(tools), parameters
 
@@ -165,6 +172,7 @@ def _tool_constraint(
     any_of = [
         {
             "type": "object",
+            # name first: the model says which function before writing its arguments
             "properties": {"name": {"const": tool.name}, "arguments": params},
             "required": ["name", "arguments"],
         }

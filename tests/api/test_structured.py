@@ -50,7 +50,7 @@ SCHEMA = {
     "properties": {SECRET: {"type": "string"}, "n": {"type": "integer", "minimum": 0}},
     "required": [SECRET],
 }
-CANONICAL = json.dumps(SCHEMA, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+CANONICAL = json.dumps(SCHEMA, separators=(",", ":"), ensure_ascii=False)
 PARAMS = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
 
 
@@ -70,7 +70,8 @@ def named(name: str) -> dict[str, Any]:
 
 
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The schema's text on the seam: compact, the client's key order kept."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def sha(text: str) -> str:
@@ -192,6 +193,23 @@ def test_a_request_becomes_the_seams_types(
         choice,
         logprobs,
     )
+
+
+def test_the_schemas_key_order_is_kept_as_it_is_the_generation_order(
+    client: TestClient, fake_engine: FakeEngine
+) -> None:
+    """Sorted keys would make the model write `answer` before its `reasoning`, and a
+    required call's arguments before the function's name."""
+    schema = {"type": "object", "properties": {"reasoning": {}, "answer": {}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    assert post(client, CHAT, chat(response_format=rf)).status_code == 200
+    text = last_request(fake_engine).constraint.schema  # type: ignore[union-attr]
+    assert text == '{"type":"object","properties":{"reasoning":{},"answer":{}}}'
+    assert post(client, CHAT, chat(tools=TWO_TOOLS, tool_choice="required")).status_code == 200
+    required = last_request(fake_engine).constraint.schema  # type: ignore[union-attr]
+    assert required is not None
+    first = json.loads(required)["anyOf"][0]["properties"]
+    assert list(first) == ["name", "arguments"]
 
 
 def test_tool_history_reaches_the_engine_as_typed_messages(
