@@ -32,6 +32,8 @@ from medserve.health import BREAKER_STATES, STATUSES, ReplicaView
 # What one attempt on a replica came to (serving's classification): the replica answered
 # (ok), failed (fault), refused as full (busy); or the client erred or left.
 ATTEMPT_OUTCOMES = ("ok", "fault", "busy", "client_error", "cancelled")
+# Constraints on an answer's shape (engines.base.ConstraintKind): the `kind` label's values.
+CONSTRAINT_KINDS = ("json_object", "json_schema", "tool")
 
 # Seconds. Wide enough for a 135M model on two CPU cores and an 8B model on an H100.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -57,6 +59,7 @@ class RequestObservation:
     error: str | None = None
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)
+    constraint: str | None = None  # one of CONSTRAINT_KINDS, or None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,14 @@ class Metrics:
         self.generation_tokens = Counter(
             "medserve_generation_tokens", "Tokens generated.", ["model"], registry=r
         )
+        self.constrained = Counter(
+            "medserve_constrained_requests",
+            "Generation requests whose answer was constrained to a shape, by model and kind: "
+            "json_object, json_schema (response_format) or tool (tool_choice required or "
+            "named); counted once the request was parsed, whatever its outcome.",
+            ["model", "kind"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "medserve_client_disconnects",
             "Requests whose client left before the response completed.",
@@ -188,6 +199,8 @@ class Metrics:
                 family.labels(model)
             for histogram in (self.e2e, self.queue, self.ttft, self.itl):
                 histogram.labels(model)
+            for kind in CONSTRAINT_KINDS:
+                self.constrained.labels(model, kind)
 
     def declare_replicas(self, replicas: Iterable[ReplicaView]) -> None:
         """Create each replica's attempt series at zero, one per outcome, and each fallback
@@ -212,6 +225,8 @@ class Metrics:
         self.request_duration.labels(o.endpoint).observe(o.duration_s)
         if o.status == 499:
             self.disconnects.labels(o.model).inc()
+        if o.constraint in CONSTRAINT_KINDS:
+            self.constrained.labels(o.model, o.constraint).inc()
         reason = AUTH_REASONS.get(o.error or "")
         if reason is not None:
             self.auth_failures.labels(reason).inc()

@@ -129,6 +129,9 @@ class Auditor:
             prompt_hmac=ex.prompt_hmac,
             completion_hmac=ex.completion_hmac,
             content_sha256=ex.content_sha256,
+            constraint=ex.constraint,
+            schema_sha256=ex.schema_sha256,
+            tools=ex.tools,
         )
 
     async def generation(self, ex: Exchange, prompt: bytes, completion: str) -> None:

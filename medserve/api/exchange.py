@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.types import Scope
 
+from medserve.engines.base import GenerationRequest
 from medserve.errors import MedserveError
 
 # RFC 9110's methods and PATCH (RFC 5789): a bounded set; anything else is "OTHER".
@@ -74,6 +75,12 @@ class Exchange:
     prompt_hmac: str | None = None
     completion_hmac: str | None = None
     content_sha256: str | None = None
+    # Structured answers: the constraint's kind (json_object, json_schema, tool), its
+    # schema's sha256 (never the schema: property names can name patient fields), and
+    # how many tools the request offered.
+    constraint: str | None = None
+    schema_sha256: str | None = None
+    tools: int | None = None
     audited: bool = False
     # Generation timing, for the metrics (seconds).
     queue_s: float | None = None
@@ -85,6 +92,13 @@ class Exchange:
     def begin(cls, scope: Scope) -> Exchange:
         """A new exchange for ``scope``, with a fresh id and bounded client facts."""
         return cls(uuid.uuid4().hex, method_of(scope), client=client_of(scope))
+
+    def structured(self, request: GenerationRequest) -> None:
+        """Note what ``request`` asks of its answer's shape (bounded values and a digest)."""
+        c = request.constraint
+        self.constraint = None if c is None else c.kind
+        self.schema_sha256 = c.sha256 if c is not None and c.sha256 else None
+        self.tools = len(request.tools) or None
 
     def failed(self, exc: MedserveError) -> None:
         """Note the error's code (or type): bounded values, never its message."""

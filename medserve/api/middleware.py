@@ -212,6 +212,7 @@ def _observation(ex: Exchange) -> RequestObservation:
         error=ex.error,
         ttft_s=ex.ttft_s,
         token_gaps_s=ex.token_gaps_s,
+        constraint=ex.constraint,
     )
 
 

@@ -1,10 +1,11 @@
 """OpenAI wire models, in the order of OpenAI's API reference.
 
 Only schemas live here; turning a request into a :class:`GenerationRequest` is
-:mod:`medserve.api.serving`'s job. Parameters medserve understands but does not implement
-(tools, logprobs, n>1, ...) are accepted by the schema and refused there with a 400 that
-names them, rather than silently ignored. Unknown fields are ignored, as OpenAI's own
-clients add new ones over time.
+:mod:`medserve.api.serving`'s job (structured answers: :mod:`medserve.api.structured`).
+Parameters medserve understands but does not implement (n>1, logit_bias, the legacy
+``functions``, ...) are accepted by the schema and refused there with a 400 that names
+them, rather than silently ignored. Unknown fields are ignored, as OpenAI's own clients add
+new ones over time.
 """
 
 from __future__ import annotations
@@ -97,14 +98,84 @@ class TextPart(_Wire):
     text: Text
 
 
+# OpenAI's pattern for function and json_schema names.
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+# A tool call's id, as a client echoes it back (OpenAI's and vLLM's are under 64 chars).
+CallId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
+
+
+class FunctionCallIn(_Wire):
+    """An assistant message's call: the function's name and its arguments as JSON text."""
+
+    name: Name
+    arguments: Text
+
+
+class ToolCallIn(_Wire):
+    id: CallId
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Wire):
-    role: Literal["system", "developer", "user", "assistant"]
+    """One message. ``assistant``: ``tool_calls`` (then ``content`` may be null or empty);
+    ``tool``: ``tool_call_id`` names the earlier call its content answers."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=64), AfterValidator(_utf8)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=128)] | None = None
+    tool_call_id: CallId | None = None
 
 
 class StreamOptions(_Wire):
     include_usage: Bool = False
+
+
+class JsonSchemaFormat(_Wire):
+    """``response_format.json_schema``: OpenAI's shape. ``schema`` is required here (OpenAI
+    makes it optional; without it there is nothing to constrain to: use json_object)."""
+
+    name: Name
+    description: Text | None = None
+    # The Python name avoids BaseModel's own `schema`; the wire name is `schema`.
+    schema_: JsonObject = Field(alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(_Wire):
+    """``response_format``: ``text``, ``json_object``, or ``json_schema`` with its
+    ``json_schema`` (one flat model rather than a tagged union, so that an error's
+    parameter is ``response_format.json_schema.name`` and never a union tag)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Wire):
+    """``tools[].function``: ``parameters`` is the JSON schema of the arguments (default
+    an object with no declared properties)."""
+
+    name: Name
+    description: Text | None = None
+    parameters: JsonObject | None = None
+    strict: Bool | None = None
+
+
+class ToolDef(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Wire):
+    name: Name
+
+
+class NamedToolChoice(_Wire):
+    """``tool_choice`` naming one function: ``{"type": "function", "function": {"name"}}``."""
+
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class _Sampling(_Wire):
@@ -147,9 +218,12 @@ class ChatCompletionRequest(_Sampling):
     # OpenAI documents no minimum for these and its API refuses 0 ("expected a value >= 1").
     max_tokens: Annotated[Integer, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
-    response_format: JsonObject | None = None
-    tools: list[JsonValue] | None = None
-    tool_choice: JsonValue = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # Accepted (OpenAI's default true): llama.cpp answers with at most one call anyway.
+    parallel_tool_calls: Bool | None = None
+    # The deprecated forms of tools/tool_choice: refused, naming `tools` instead.
     functions: list[JsonValue] | None = None
     function_call: JsonValue = None
 
@@ -172,8 +246,24 @@ def field_names() -> frozenset[str]:
     """Every field name of the request models: all an error's ``param`` may hold besides
     list indexes. Anything else in a validation error's location is a union branch label
     or client text (a dictionary key)."""
-    models = (ChatCompletionRequest, CompletionRequest, ChatMessageIn, TextPart, StreamOptions)
-    return frozenset(name for model in models for name in model.model_fields)
+    models = (
+        ChatCompletionRequest,
+        CompletionRequest,
+        ChatMessageIn,
+        TextPart,
+        StreamOptions,
+        ToolCallIn,
+        FunctionCallIn,
+        ResponseFormat,
+        JsonSchemaFormat,
+        ToolDef,
+        FunctionDef,
+        NamedToolChoice,
+        ChosenFunction,
+    )
+    return frozenset(
+        info.alias or name for model in models for name, info in model.model_fields.items()
+    )
 
 
 class Usage(BaseModel):
@@ -182,21 +272,67 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
-    """The answer's message. Extra fields: an engine's delta fields beyond the text (a
-    vLLM replica's ``reasoning_content``), merged over the stream (serving.DeltaFields)."""
+    """The answer's message. ``content`` is null when the answer is only tool calls;
+    ``tool_calls`` is left out when there are none. Extra fields: an engine's delta fields
+    beyond the text (a vLLM replica's ``reasoning_content``), merged over the stream
+    (answers.DeltaFields)."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class TopLogprob(BaseModel):
+    """An alternative token: its text, natural-log probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A sampled token, with the most likely alternatives (``top_logprobs`` of them)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """``choices[].logprobs`` of chat (when ``logprobs`` was true): one entry per token."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of the legacy endpoint (when ``logprobs`` was sent): per
+    token its text, log-probability, alternatives (``{token: logprob}``, the sampled one
+    included) and the character offset of its start in the answer's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -212,7 +348,7 @@ class ChatCompletion(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str
 
 
@@ -225,20 +361,38 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class FunctionDeltaOut(BaseModel):
+    """A piece of a call: the name on its first piece only, then arguments text."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaOut(BaseModel):
+    """A piece of tool call ``index``; ``id`` and ``type`` on its first piece only."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDeltaOut
+
+
 class ChatDelta(BaseModel):
-    """What a chat stream event adds: the role (first event only), then content, then an
-    engine's other delta fields as it sent them (a vLLM replica's ``reasoning_content``)."""
+    """What a chat stream event adds: the role (first event only), then content, pieces
+    of tool calls, then an engine's other delta fields as it sent them (a vLLM replica's
+    ``reasoning_content``)."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -258,7 +412,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -22,33 +22,30 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from medserve.api.answers import Answer, Events, Job, Kind
 from medserve.api.exchange import Exchange, exchange
 from medserve.api.protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessageIn,
-    ChatMessageOut,
     Completion,
-    CompletionChoice,
     CompletionRequest,
     Usage,
 )
 from medserve.api.security import principal, role
 from medserve.api.sse import EventStream
-from medserve.audit.record import chat_input
+from medserve.api.structured import chat_messages, chat_structure, completion_logprobs
+from medserve.audit.record import chat_input, chat_message
 from medserve.auth import require_model
 from medserve.config import ModelSpec
-from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Message, Sampling
+from medserve.engines.base import Engine, GenerationChunk, GenerationRequest, Sampling
 from medserve.errors import (
     ContextLengthError,
     EngineError,
@@ -66,36 +63,12 @@ from medserve.router import Router, Served
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["chat", "completion"]
 # llama.cpp reads seed 0xFFFFFFFF as "pick a random seed"; stay below it.
 SEED_RANGE = 0xFFFFFFFF
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 # OpenAI's default budget for the legacy endpoint when the client sent no max_tokens.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 T = TypeVar("T")
-# Stream events' JSON: compact and UTF-8 unescaped, pydantic's form (see _Events). One
-# encoder: json.dumps with options builds a new one per call.
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A validated request plus what the response needs to echo."""
-
-    kind: Kind
-    request: GenerationRequest
-    stream: bool
-    include_usage: bool
-    created: int
-    # The client's input in one canonical form, for the audit log's keyed hash (and its
-    # encrypted capture, when on): chat messages as JSON, or the completion prompt.
-    audit_input: bytes
-
-    @property
-    def wire_id(self) -> str:
-        """The response id on the wire: the exchange's id with OpenAI's prefix."""
-        prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
-        return prefix + self.request.request_id
 
 
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
@@ -147,18 +120,6 @@ def _refuse(param: str, what: str) -> UnsupportedParameterError:
     return UnsupportedParameterError(
         f"`{param}` is not supported by medserve: {what}.", param=param
     )
-
-
-def _messages(messages: list[ChatMessageIn]) -> tuple[Message, ...]:
-    out = []
-    for i, m in enumerate(messages):
-        if m.content is None:
-            raise InvalidRequestError(
-                "Every message needs text content.", param=f"messages[{i}].content"
-            )
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append(Message("system" if m.role == "developer" else m.role, text))
-    return tuple(out)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -241,22 +202,9 @@ def chat_job(
     into the request as is (see :func:`_cache_salt`).
     """
     _common_checks(body)
-    if body.logprobs or body.top_logprobs is not None:
-        # Named as sent: `top_logprobs` alone is refused under its own name.
-        raise _refuse(
-            "logprobs" if body.logprobs else "top_logprobs", "log probabilities are not returned"
-        )
-    if body.tools or body.functions:
-        raise _refuse("tools" if body.tools else "functions", "tool calling is not implemented")
-    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
-        raise _refuse(
-            "tool_choice" if body.tool_choice not in (None, "none") else "function_call",
-            "tool calling is not implemented",
-        )
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise _refuse("response_format", "only plain text output is implemented")
+    structure = chat_structure(body)
     _bound_messages(served, len(body.messages))
-    messages = _messages(body.messages)
+    messages = chat_messages(body.messages)
     requested = _sent(body, "max_completion_tokens", "max_tokens")
     sampling = _sampling(body, served.spec, requested, served.spec.defaults.max_tokens)
     request = GenerationRequest(
@@ -267,8 +215,22 @@ def chat_job(
         user=body.user,
         deadline=arrived + served.spec.timeout_s,
         cache_salt=cache_salt,
+        constraint=structure.constraint,
+        tools=structure.tools,
+        tool_choice=structure.tool_choice,
+        logprobs=structure.logprobs,
     )
-    audit_input = chat_input([(m.role, m.content) for m in messages])
+    audit_input = chat_input(
+        [
+            chat_message(
+                m.role,
+                m.content,
+                [(c.id, c.name, c.arguments) for c in m.tool_calls],
+                m.tool_call_id,
+            )
+            for m in messages
+        ]
+    )
     return _job("chat", body, request, audit_input)
 
 
@@ -286,8 +248,6 @@ def completion_job(
         raise _refuse("best_of", "one candidate per request")
     if body.echo:
         raise _refuse("echo", "the prompt is not echoed back")
-    if body.logprobs is not None:
-        raise _refuse("logprobs", "log probabilities are not returned")
     if body.suffix:
         raise _refuse("suffix", "fill-in-the-middle is not implemented")
     if isinstance(body.prompt, str):
@@ -307,6 +267,7 @@ def completion_job(
         user=body.user,
         deadline=arrived + served.spec.timeout_s,
         cache_salt=cache_salt,
+        logprobs=completion_logprobs(body),
     )
     return _job("completion", body, request, text.encode())
 
@@ -331,6 +292,7 @@ async def _serve(job: Job, served: Served, http: Request) -> Response:
     """Admit, generate up to the commit point, answer; the permit lives with the response."""
     ex = exchange(http)
     ex.prompt_hmac = http.app.state.auditor.hash_text(job.audit_input)
+    ex.structured(job.request)
     try:
         attempt = await _commit(job, served, http)
         if attempt is None:
@@ -514,61 +476,23 @@ async def complete(
     http: Request,
 ) -> ChatCompletion | Completion | None:
     """Drain the engine's stream (``first``, pulled at the commit point, then ``chunks``)
-    into one response; None if it ended without a last chunk."""
-    parts: list[str] = []
-    fields = DeltaFields()
+    into one response (:meth:`Answer.response`); None if it ended without a last chunk."""
+    answer = Answer(job)
     last: GenerationChunk | None = None
     ex = exchange(http)
     chunk = first
     while chunk is not None:
-        extra = chunk.extra if job.kind == "chat" else None  # completions have no delta
-        if chunk.text or extra:
+        if answer.add(chunk):
             ex.token()
-        if extra:
-            fields.add(extra)
-        parts.append(chunk.text)
         last = chunk
         chunk = await anext(chunks, None)
     if last is None or last.finish_reason is None:
         return None
     usage = _finished(http, last)
-    text = "".join(parts)
     # The record is durable before the response exists; in fail-closed mode a failed
     # write raises the 503 that replaces it.
-    await http.app.state.auditor.generation(ex, job.audit_input, audited_output(text, fields))
-    r = job.request
-    if job.kind == "chat":
-        return ChatCompletion(
-            id=job.wire_id,
-            created=job.created,
-            model=r.model,
-            choices=[ChatChoice(message=_message(text, fields), finish_reason=last.finish_reason)],
-            usage=usage,
-        )
-    return Completion(
-        id=job.wire_id,
-        created=job.created,
-        model=r.model,
-        choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-        usage=usage,
-    )
-
-
-def audited_output(text: str, fields: DeltaFields) -> str:
-    """What the audit log hashes (and captures) as the answer: its text, or, when the
-    answer also carried other message fields the client received (``reasoning_content``
-    and the like, :class:`DeltaFields`), the JSON object of ``content`` and those fields,
-    keys sorted, so that no text sent to the client is left out of the record."""
-    merged = fields.merged()
-    if not merged:
-        return text
-    return json.dumps({"content": text, **merged}, sort_keys=True, ensure_ascii=False)
-
-
-def _message(text: str, fields: DeltaFields) -> ChatMessageOut:
-    """The answer's message: ``content``, then the stream's extra delta fields merged
-    (built unvalidated: the fields are the engine's, passed on as they came)."""
-    return ChatMessageOut.model_construct(content=text, **fields.merged())
+    await http.app.state.auditor.generation(ex, job.audit_input, answer.audited())
+    return answer.response(last.finish_reason, usage)
 
 
 def _finished(http: Request, chunk: GenerationChunk) -> Usage:
@@ -580,102 +504,14 @@ def _finished(http: Request, chunk: GenerationChunk) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-class _Events:
-    """Serialises one stream's events: OpenAI's chunk JSON built as dictionaries, one
-    ``json`` encoding per event. The bytes are exactly what the chunk models of
-    :mod:`medserve.api.protocol` (ChatCompletionChunk, CompletionChunk) give with
-    ``model_dump_json(exclude_unset=True)``: the same field order, compact separators,
-    UTF-8 left unescaped, and a string without a UTF-8 form (a lone surrogate) raises
-    (tests/api/test_events.py holds them to it). Building three models per event instead
-    cost about 6 µs more per event (measured; see tests/bench/gateway.py).
-
-    A chat delta holds ``content`` (when there is text), then the chunk's ``extra`` fields
-    as the engine passed them.
-    """
-
-    def __init__(self, job: Job) -> None:
-        self.chat = job.kind == "chat"
-        self.head: dict[str, Any] = {
-            "id": job.wire_id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": job.created,
-            "model": job.request.model,
-        }
-        # exclude_unset: `usage` is on every event (null until the last) only when asked.
-        self.tail: dict[str, Any] = {"usage": None} if job.include_usage else {}
-
-    def role(self) -> str:
-        delta = {"role": "assistant", "content": ""}
-        return self._dump([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
-
-    def piece(
-        self, text: str, finish: str | None = None, extra: Mapping[str, Any] | None = None
-    ) -> str:
-        """One event of generated ``text`` (chat: and ``extra`` delta fields), or the
-        last one with its ``finish`` reason."""
-        choice: dict[str, Any]
-        if self.chat:
-            delta: dict[str, Any] = {"content": text} if text else {}
-            if extra:
-                delta.update(extra)
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._dump([choice])
-
-    def usage(self, usage: Usage) -> str:
-        return self._dump([], {"usage": usage.model_dump()})
-
-    def _dump(self, choices: list[dict[str, Any]], tail: dict[str, Any] | None = None) -> str:
-        event = _JSON.encode(
-            {**self.head, "choices": choices, **(self.tail if tail is None else tail)}
-        )
-        event.encode()  # raises UnicodeEncodeError, as the models' dump does, on a lone surrogate
-        return event
-
-
-class DeltaFields:
-    """A stream's ``GenerationChunk.extra`` fields merged into one chat message's fields
-    (the non-streaming answer), in the order each field first came. A string value is
-    appended to the field's string so far (``reasoning_content`` pieces make the whole
-    reasoning); any other value (number, boolean, list, object) replaces the field's value
-    so far, so the last one wins (lists and objects are not merged: tool-call fragments,
-    which medserve never asks for as it refuses ``tools``, would not be joined); null is
-    skipped."""
-
-    def __init__(self) -> None:
-        self._fields: dict[str, Any] = {}  # a string field holds its pieces, as _Pieces
-
-    def add(self, extra: Mapping[str, Any]) -> None:
-        for name, value in extra.items():
-            if value is None:
-                continue
-            held = self._fields.get(name)
-            if not isinstance(value, str):
-                self._fields[name] = value
-            elif isinstance(held, _Pieces):
-                held.append(value)
-            else:
-                self._fields[name] = _Pieces([value])
-
-    def merged(self) -> dict[str, Any]:
-        return {
-            name: "".join(value) if isinstance(value, _Pieces) else value
-            for name, value in self._fields.items()
-        }
-
-
-class _Pieces(list[str]):
-    """The pieces of one string field (a list value of the upstream's stays a list)."""
-
-
 async def stream(
     job: Job,
     first: GenerationChunk | None,
     chunks: AsyncIterator[GenerationChunk],
     http: Request,
 ) -> AsyncGenerator[str, None]:
-    """SSE ``data:`` payloads in OpenAI's chunk format, ending with ``[DONE]``.
+    """SSE ``data:`` payloads in OpenAI's chunk format (:class:`Events`), ending with
+    ``[DONE]``.
 
     ``first`` is the engine's first chunk, pulled before the response started; the rest
     come from ``chunks``. ``[DONE]`` means the answer is complete and its audit record
@@ -683,21 +519,22 @@ async def stream(
     it is sent as an ``{"error": ...}`` event that ends the stream instead, with no
     ``[DONE]`` after it (engine error, timeout, failed audit write, unexpected exception).
     """
-    events = _Events(job)
+    events = Events(job)
     ex = exchange(http)
-    parts: list[str] = []
-    fields = DeltaFields()
+    answer = Answer(job)
     try:
         if events.chat:
             yield events.role()
         chunk = first
         while chunk is not None:
-            parts.append(chunk.text)
-            if chunk.text or (chunk.extra and events.chat):
+            if answer.add(chunk):
                 ex.token()
-                if chunk.extra and events.chat:
-                    fields.add(chunk.extra)
-                yield events.piece(chunk.text, extra=chunk.extra)
+                yield events.piece(
+                    chunk.text,
+                    extra=chunk.extra if events.chat else None,
+                    tool_calls=chunk.tool_calls if events.chat else (),
+                    logprobs=chunk.logprobs,
+                )
             if chunk.finish_reason is not None:
                 yield events.piece("", chunk.finish_reason)
                 usage = _finished(http, chunk)
@@ -705,8 +542,7 @@ async def stream(
                     yield events.usage(usage)
             chunk = await anext(chunks, None)
         # Recorded before [DONE]: a client that saw the end of the stream has its record.
-        output = audited_output("".join(parts), fields)
-        await http.app.state.auditor.generation(ex, job.audit_input, output)
+        await http.app.state.auditor.generation(ex, job.audit_input, answer.audited())
     except MedserveError as exc:
         ex.failed(exc)
         yield json.dumps(envelope(exc))

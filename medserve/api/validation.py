@@ -44,6 +44,7 @@ MESSAGES = {
     "string_too_short": "must be at least {min_length} character(s) long",
     "string_too_long": "must be at most {max_length} characters long",
     "finite_number": "must be a finite number",
+    "string_pattern_mismatch": "must match {pattern}",
     "logit_bias_key": "its keys must be token ids (decimal integers as strings)",
     "logit_bias_value": "its values must be numbers from -100 to 100",
 }

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ from medserve.audit.keys import (
     load_public_key,
     signing_key_paths,
 )
-from medserve.audit.record import chat_input, parse_time
+from medserve.audit.record import chat_input, chat_message, parse_time
 from medserve.audit.store import connect, read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, load_settings
@@ -228,12 +228,26 @@ def hash_command(
         data = file.read_bytes()
         if chat:
             messages = json.loads(data)
-            data = chat_input([(str(m["role"]), str(m["content"])) for m in messages])
+            data = chat_input([_chat_message(m) for m in messages])
     except OSError as exc:
         raise fail(f"cannot read {file}: {exc.strerror}") from None
     except (ValueError, TypeError, KeyError):
         raise fail(f'{file} is not a JSON list of {{"role", "content"}} messages') from None
     sys.stdout.write(keys.text_hmac(data) + "\n")
+
+
+def _chat_message(m: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message as the server hashes it (``developer`` is ``system`` there)."""
+    calls = [
+        (str(c["id"]), str(c["function"]["name"]), str(c["function"]["arguments"]))
+        for c in m.get("tool_calls") or ()
+    ]
+    role = "system" if m["role"] == "developer" else str(m["role"])
+    content = m["content"]
+    if isinstance(content, list):  # text parts, joined as the server joins them
+        content = "".join(str(part["text"]) for part in content)
+    call_id = m.get("tool_call_id")
+    return chat_message(role, "" if content is None else str(content), calls, call_id)
 
 
 @app.command("checkpoints")

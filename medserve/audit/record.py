@@ -15,6 +15,7 @@ Records written before this field existed carry ``user`` in clear; they still ve
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -58,6 +59,13 @@ class RequestFacts:
     prompt_hmac: str | None = None
     completion_hmac: str | None = None
     content_sha256: str | None = None
+    # Structured answers (absent in older records): the constraint on the answer's shape
+    # (json_object, json_schema or tool: a forced tool call), the sha256 of its schema's
+    # canonical JSON (never the schema: property names can name patient fields), and how
+    # many tools the request offered (null: none).
+    constraint: str | None = None
+    schema_sha256: str | None = None
+    tools: int | None = None
 
     def fields(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies, and this runs once per request.
@@ -101,13 +109,32 @@ def body(facts: Facts, seq: int, ts: str) -> bytes:
     return canonical({"v": VERSION, "seq": seq, "ts": ts, **facts.fields()})
 
 
-def chat_input(messages: list[tuple[str, str]]) -> bytes:
-    """The form of a chat request's messages that ``prompt_hmac`` covers.
+def chat_message(
+    role: str,
+    content: str,
+    tool_calls: Sequence[tuple[str, str, str]] = (),
+    tool_call_id: str | None = None,
+) -> dict[str, Any]:
+    """One message as ``prompt_hmac`` covers it: ``{"role", "content"}``, then, only when
+    present, an assistant's ``tool_calls`` as ``[{"id", "name", "arguments"}]`` (from
+    (id, name, arguments)) and a tool message's ``tool_call_id``, so that a message
+    without them hashes as it always did."""
+    message: dict[str, Any] = {"role": role, "content": content}
+    if tool_calls:
+        message["tool_calls"] = [{"id": i, "name": n, "arguments": a} for i, n, a in tool_calls]
+    if tool_call_id is not None:
+        message["tool_call_id"] = tool_call_id
+    return message
+
+
+def chat_input(messages: Sequence[tuple[str, str] | Mapping[str, Any]]) -> bytes:
+    """The form of a chat request's messages that ``prompt_hmac`` covers: each message
+    (role, content), or a :func:`chat_message`, as JSON in order.
 
     Completion prompts are hashed as their UTF-8 text. An auditor holding a suspect text
     computes the same hash with ``medserve audit hash`` and looks for it in an export.
     """
-    given = [{"role": role, "content": content} for role, content in messages]
+    given = [m if isinstance(m, Mapping) else {"role": m[0], "content": m[1]} for m in messages]
     return json.dumps(given, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -9,6 +9,16 @@ Tests can script it: :meth:`FakeEngine.script` queues, per request, the text chu
 exceptions to produce instead of the echo; :attr:`FakeEngine.history` keeps every request
 that reached generation, with its rendering and budget.
 
+Structured answers, for the wire's tests: an unscripted request with a ``tool``
+constraint is answered with one call of the named function (``required``: the first
+tool) whose arguments are :attr:`FakeEngine.tool_arguments`; one with a json constraint
+with :attr:`FakeEngine.json_reply`; both in pieces of :data:`PIECE_CHARS` characters, one
+"token" each, cut with ``length`` at the budget. Nothing checks them against the schema:
+the fake honours the constraint's kind, not its schema. With ``logprobs`` asked, every
+piece of text or arguments carries one :class:`TokenLogprob`: the piece itself, natural
+log-probability ``-(i % 4) / 4`` for the i-th token (0 first), and ``logprobs``
+alternatives, the j-th (from 0) the token itself for j = 0, else ``alt{j}`` at ``lp - j``.
+
 With ``prefix_cache_entries`` set it keeps a prefix cache in the same terms as a real one
 (:class:`FakePrefixCache`): it counts, for the gateway's metrics and ``/ready``, the
 leading tokens each prompt shares with a recent prompt of the same ``cache_salt``. Nothing
@@ -34,12 +44,15 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from medserve.engines.base import (
     EngineInfo,
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     Health,
     Message,
     PrefixCacheStats,
     Prompt,
+    TokenLogprob,
+    ToolCallDelta,
 )
 from medserve.engines.prepare import bound_chars, budget, in_time
 from medserve.engines.stops import StopMatcher
@@ -52,6 +65,9 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT = 2048
 # What the fake's prefix cache counts per token held: the token id (a 4-byte integer).
 TOKEN_BYTES = 4
+
+# Characters per "token" of a structured answer (JSON reply, tool-call arguments).
+PIECE_CHARS = 4
 
 # One scripted response: text chunks (str) in order, an exception raised at its place, or
 # a GenerationChunk yielded as is (one with a finish_reason ends the response).
@@ -174,6 +190,20 @@ class FakePrefixCache:
         return self._stats
 
 
+def _logprobs(request: GenerationRequest, token: str, i: int) -> tuple[TokenLogprob, ...]:
+    """The i-th token's scripted log-probability when the request asked for them."""
+    if request.logprobs is None:
+        return ()
+    lp = -(i % 4) / 4
+    top = tuple(
+        TokenLogprob(token, token.encode(), lp)
+        if j == 0
+        else TokenLogprob(f"alt{j}", b"alt%d" % j, lp - j)
+        for j in range(request.logprobs)
+    )
+    return (TokenLogprob(token, token.encode(), lp, top),)
+
+
 def _common_head(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = 0
@@ -217,6 +247,9 @@ class FakeEngine:
         self.fail_after: int | None = None
         self.history: list[Generation] = []
         self._scripts: deque[tuple[Step, ...]] = deque()
+        # The answers to constrained requests (see the module docstring).
+        self.tool_arguments = '{"code": "I10"}'
+        self.json_reply = '{"answer": "yes"}'
         entries = s.prefix_cache_entries
         self.prefix_cache = FakePrefixCache(entries, s.context_length) if entries else None
 
@@ -294,11 +327,12 @@ class FakeEngine:
                         self.prefix_cache.lookup(request.cache_salt, prompt.token_ids)
                     queue_s = time.monotonic() - arrived
                     steps = self._scripts.popleft() if self._scripts else None
-                    body = (
-                        self._echo(request, prompt, max_tokens, queue_s)
-                        if steps is None
-                        else self._play(steps, prompt, queue_s)
-                    )
+                    if steps is not None:
+                        body = self._play(steps, prompt, queue_s)
+                    elif request.constraint is not None:
+                        body = self._structured(request, prompt, max_tokens, queue_s)
+                    else:
+                        body = self._echo(request, prompt, max_tokens, queue_s)
                     async for chunk in body:
                         yield chunk
                 finally:
@@ -345,7 +379,7 @@ class FakeEngine:
             self.generated_tokens += 1
             text = matcher.feed(word if i == 0 else " " + word)
             if text:
-                yield GenerationChunk(text)
+                yield GenerationChunk(text, logprobs=_logprobs(request, text, count - 1))
             if matcher.stopped:
                 break
         tail = matcher.flush()
@@ -354,6 +388,40 @@ class FakeEngine:
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=len(prompt.token_ids),
             completion_tokens=count,
+            queue_s=queue_s,
+        )
+
+    async def _structured(
+        self, request: GenerationRequest, prompt: Prompt, max_tokens: int, queue_s: float
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """The scripted answer to a constrained request (see the module docstring)."""
+        constraint = request.constraint
+        assert constraint is not None
+        tool = constraint.kind == "tool"
+        reply = self.tool_arguments if tool else self.json_reply
+        pieces = [reply[i : i + PIECE_CHARS] for i in range(0, len(reply), PIECE_CHARS)]
+        finish: FinishReason = "tool_calls" if tool else "stop"
+        if len(pieces) > max_tokens:
+            pieces, finish = pieces[:max_tokens], "length"
+        if tool:
+            name = constraint.name or request.tools[0].name
+            call_id = "call_" + f"{zlib.crc32(request.request_id.encode()):024d}"
+            yield GenerationChunk("", tool_calls=(ToolCallDelta(0, call_id, name),))
+        for i, piece in enumerate(pieces):
+            await asyncio.sleep(self.settings.token_delay_s)
+            self.generated_tokens += 1
+            logprobs = _logprobs(request, piece, i)
+            if tool:
+                yield GenerationChunk(
+                    "", tool_calls=(ToolCallDelta(0, arguments=piece),), logprobs=logprobs
+                )
+            else:
+                yield GenerationChunk(piece, logprobs=logprobs)
+        yield GenerationChunk(
+            "",
+            finish_reason=finish,
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=len(pieces),
             queue_s=queue_s,
         )
 

@@ -257,3 +257,26 @@ def test_an_auditor_can_find_a_text_by_its_keyed_hash(audit_path: Path, tmp_path
     text_hash = CliRunner().invoke(app, ["audit", "hash", str(text), *key]).stdout
     recorded = [r["prompt_hmac"] for r in requests(audit_path)]
     assert recorded == [chat_hash.strip(), text_hash.strip()]
+
+
+def test_an_auditor_finds_a_chat_with_tool_calls_by_its_keyed_hash(
+    audit_path: Path, tmp_path: Path
+) -> None:
+    """The messages as the client sent them (OpenAI's form: developer role, text parts,
+    an assistant's tool_calls with null content, a tool message) hash as the server did."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": SECRET},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": SECRET},
+    ]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with serving(audit_path) as client:
+        body = {"model": MODEL, "messages": messages, "tools": tools, "tool_choice": "none"}
+        assert client.post(CHAT, json=body).status_code == 200
+    (file := tmp_path / "suspect.json").write_text(json.dumps(messages))
+    key = ["--key", str(audit_path.with_name("audit.key"))]
+    chat_hash = CliRunner().invoke(app, ["audit", "hash", "--chat", str(file), *key]).stdout
+    (record,) = requests(audit_path)
+    assert record["prompt_hmac"] == chat_hash.strip()

@@ -13,16 +13,29 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
+from medserve.api.answers import DeltaFields, Events, Job, Kind
 from medserve.api.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
+    FunctionDeltaOut,
+    ToolCallDeltaOut,
+    TopLogprob,
     Usage,
 )
-from medserve.api.serving import DeltaFields, Job, Kind, _Events
-from medserve.engines.base import GenerationChunk, GenerationRequest, Message, Sampling
+from medserve.engines.base import (
+    GenerationChunk,
+    GenerationRequest,
+    Message,
+    Sampling,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from medserve.engines.fake import FakeEngine
 from tests.sse import events as sse
 
@@ -46,7 +59,7 @@ TEXTS = [
 EXTRAS: list[dict[str, Any]] = [
     {"reasoning_content": "think 🙂"},
     {"reasoning": "a", "unknown": [1, 2.5, True, None, {"k": "ü"}]},
-    {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]},
+    {"annotations": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]},
 ]
 
 
@@ -90,7 +103,7 @@ CASES = [(kind, usage) for kind in KINDS for usage in (True, False)]
 @pytest.mark.parametrize(("kind", "include_usage"), CASES)
 def test_every_event_kind_is_byte_identical_to_the_models(kind: Kind, include_usage: bool) -> None:
     j = job(kind, include_usage)
-    events = _Events(j)
+    events = Events(j)
     for text in TEXTS:
         assert events.piece(text) == reference(j, [choice(j, text, None)])
     for finish in ("stop", "length", "tool_calls"):
@@ -113,7 +126,7 @@ def test_every_event_kind_is_byte_identical_to_the_models(kind: Kind, include_us
 def test_any_text_is_byte_identical(text: str, finish: str | None) -> None:
     for kind, include_usage in CASES:
         j = job(kind, include_usage)
-        assert _Events(j).piece(text, finish) == reference(j, [choice(j, text, finish)])
+        assert Events(j).piece(text, finish) == reference(j, [choice(j, text, finish)])
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
@@ -122,7 +135,7 @@ def test_a_lone_surrogate_raises_as_the_models_do(kind: Kind) -> None:
     with pytest.raises(ValueError, match="surrogate"):  # pydantic's error is a ValueError
         reference(j, [choice(j, "a\ud800", None)])
     with pytest.raises(UnicodeEncodeError):
-        _Events(j).piece("a\ud800")
+        Events(j).piece("a\ud800")
 
 
 def test_delta_fields_join_strings_and_keep_the_last_other_value() -> None:
@@ -218,3 +231,95 @@ def test_completions_have_no_delta_for_extra_fields(
     assert all(
         set(e["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for e in events[:-1]
     )
+
+
+# Typed tool-call pieces and logprobs: the same byte-for-byte rule.
+CALLS = [
+    (ToolCallDelta(0, "call_1", "lookup_code"),),
+    (ToolCallDelta(0, arguments='{"a": "ü'),),
+    (ToolCallDelta(0, arguments='"}'), ToolCallDelta(1, "call_2", "other", "{}")),
+]
+ALT = TokenLogprob("alt", b"alt", -2.5)
+LOGPROBS = [
+    (TokenLogprob("hé", "hé".encode(), -0.5, (TokenLogprob("hé", "hé".encode(), -0.5), ALT)),),
+    (TokenLogprob(" x", b" x", 0.0), TokenLogprob("\ufffd", b"\xe2\x80", -1.25, (ALT,))),
+]
+
+
+def _call_model(d: ToolCallDelta) -> ToolCallDeltaOut:
+    head: dict[str, Any] = {} if d.id is None else {"id": d.id, "type": "function"}
+    name: dict[str, Any] = {} if d.name is None else {"name": d.name}
+    function = FunctionDeltaOut.model_construct(**name, arguments=d.arguments)
+    return ToolCallDeltaOut.model_construct(index=d.index, **head, function=function)
+
+
+def _top(t: TokenLogprob) -> TopLogprob:
+    return TopLogprob.model_construct(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes))
+
+
+def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> ChatLogprobs:
+    content = [
+        ChatTokenLogprob.model_construct(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=list(t.token_bytes),
+            top_logprobs=[_top(a) for a in t.top],
+        )
+        for t in entries
+    ]
+    return ChatLogprobs.model_construct(content=content, refusal=None)
+
+
+def test_tool_call_pieces_are_byte_identical_to_the_models() -> None:
+    j = job("chat", False)
+    events = Events(j)
+    for calls in CALLS:
+        for text in ("", "x"):
+            content: dict[str, Any] = {"content": text} if text else {}
+            delta = ChatDelta.model_construct(**content, tool_calls=[_call_model(d) for d in calls])
+            reference_choice = ChatChunkChoice.model_construct(
+                index=0, logprobs=None, finish_reason=None, delta=delta
+            )
+            assert events.piece(text, tool_calls=calls) == reference(j, [reference_choice])
+
+
+def test_chat_logprobs_are_byte_identical_to_the_models() -> None:
+    j = job("chat", True)
+    events = Events(j)
+    for entries in LOGPROBS:
+        text = "".join(t.token for t in entries)
+        got = events.piece(text, logprobs=entries)
+        delta = ChatDelta.model_construct(content=text)
+        want = ChatChunkChoice.model_construct(
+            index=0, logprobs=_chat_logprobs(entries), finish_reason=None, delta=delta
+        )
+        assert got == reference(j, [want])
+
+
+def test_completion_logprobs_are_byte_identical_with_running_offsets() -> None:
+    j = job("completion", False)
+    events = Events(j)
+    offset = 0
+    for entries in LOGPROBS:
+        text = "".join(t.token for t in entries)
+        got = events.piece(text, logprobs=entries)
+        tops = []
+        for t in entries:
+            top = {a.token: a.logprob for a in t.top}
+            top.setdefault(t.token, t.logprob)  # the sampled token is always there
+            tops.append(top)
+        offsets = []
+        for t in entries:
+            offsets.append(offset)
+            offset += len(t.token)
+        lp = CompletionLogprobs.model_construct(
+            tokens=[t.token for t in entries],
+            token_logprobs=[t.logprob for t in entries],
+            top_logprobs=tops,
+            text_offset=offsets,
+        )
+        want = CompletionChunkChoice.model_construct(
+            index=0, text=text, logprobs=lp, finish_reason=None
+        )
+        assert got == reference(j, [want])
+    assert offset == 5  # "hé", " x", "\ufffd": characters, not bytes

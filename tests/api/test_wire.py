@@ -102,16 +102,51 @@ UNICODE_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "response_format nested",
         CHAT,
-        chat(response_format={"type": "json_schema", "json_schema": {"schema": {CUT: CUT}}}),
-        "response_format",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {CUT: CUT}},
+            }
+        ),
+        "response_format.json_schema.schema",
     ),
     (
         "tools nested",
         CHAT,
-        chat(tools=[{"type": "function", "function": {"name": CUT}}]),
-        "tools[0]",
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"x": CUT}}}]),
+        "tools[0].function.parameters",
     ),
-    ("tool_choice", CHAT, chat(tool_choice={"function": {"name": CUT}}), "tool_choice"),
+    (
+        "tool description",
+        CHAT,
+        chat(tools=[{"type": "function", "function": {"name": "f", "description": CUT}}]),
+        "tools[0].function.description",
+    ),
+    (
+        "tool call arguments",
+        CHAT,
+        chat(
+            messages=[
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": CUT},
+                        }
+                    ],
+                }
+            ]
+        ),
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    (
+        "tool_call_id",
+        CHAT,
+        chat(messages=[{"role": "tool", "content": "x", "tool_call_id": CUT}]),
+        "messages[0].tool_call_id",
+    ),
     ("functions", CHAT, chat(functions=[{"name": CUT}]), "functions[0]"),
     ("function_call", CHAT, chat(function_call=CUT), "function_call"),
     ("prompt", COMPLETIONS, completion(prompt=CUT), "prompt"),
@@ -252,8 +287,9 @@ RANGES: list[tuple[str, str, list[tuple[Any, str | None]], list[Any]]] = [
     (COMPLETIONS, "seed", [(-INT64, None), (INT64 - 1, None)], [-INT64 - 1, INT64]),
     (CHAT, "n", [(1, None), (128, UNSUPPORTED)], [0, 129]),
     (CHAT, "stop", [(["a", "b", "c", "d"], None), ("a", None)], [["a", "b", "c", "d", "e"]]),
-    (CHAT, "top_logprobs", [(0, UNSUPPORTED), (20, UNSUPPORTED)], [-1, 21]),
-    (COMPLETIONS, "logprobs", [(0, UNSUPPORTED), (5, UNSUPPORTED)], [-1, 6]),
+    # top_logprobs inside its range: with logprobs true, in tests/api/test_structured.py
+    (CHAT, "top_logprobs", [], [-1, 21]),
+    (COMPLETIONS, "logprobs", [(0, None), (5, None)], [-1, 6]),
     (COMPLETIONS, "best_of", [(0, None), (1, None), (20, UNSUPPORTED)], [-1, 21]),
     (
         CHAT,
@@ -384,10 +420,8 @@ ALIASES: list[tuple[str, str, dict[str, Any], str, str | None]] = [
     ),
     ("functions", CHAT, chat(functions=[{"name": "f"}]), "functions", UNSUPPORTED),
     ("function_call", CHAT, chat(function_call="auto"), "function_call", UNSUPPORTED),
-    ("tools", CHAT, chat(tools=[{"type": "function"}]), "tools", UNSUPPORTED),
-    ("tool_choice", CHAT, chat(tool_choice="auto"), "tool_choice", UNSUPPORTED),
-    ("top_logprobs alone", CHAT, chat(top_logprobs=2), "top_logprobs", UNSUPPORTED),
-    ("logprobs", CHAT, chat(logprobs=True, top_logprobs=2), "logprobs", UNSUPPORTED),
+    ("tool_choice without tools", CHAT, chat(tool_choice="auto"), "tool_choice", None),
+    ("top_logprobs alone", CHAT, chat(top_logprobs=2), "top_logprobs", None),
     (
         "developer role",
         CHAT,
@@ -437,10 +471,10 @@ LEAKS: list[tuple[str, str, str, Any, int, str | None]] = [
         CHAT,
         chat(response_format={"type": SECRET}),
         400,
-        "response_format",
+        "response_format.type",
     ),
     ("response_format wrong", "POST", CHAT, chat(response_format=[SECRET]), 400, "response_format"),
-    ("tools", "POST", CHAT, chat(tools=[{SECRET: {SECRET: SECRET}}]), 400, "tools"),
+    ("tools", "POST", CHAT, chat(tools=[{SECRET: {SECRET: SECRET}}]), 400, "tools[0].type"),
     ("tools not a list", "POST", CHAT, chat(tools={SECRET: 1}), 400, "tools"),
     ("five stops", "POST", CHAT, chat(stop=[SECRET] * 5), 400, "stop"),
     ("stop too long", "POST", CHAT, chat(stop=SECRET * 10), 400, "stop"),

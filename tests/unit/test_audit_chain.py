@@ -272,3 +272,32 @@ def test_genesis_links_the_first_record(log: Log) -> None:
     conn = sqlite3.connect(log.db)
     assert conn.execute("SELECT prev_hash FROM records WHERE seq = 1").fetchone()[0] == GENESIS
     conn.close()
+
+
+class _OlderFacts(RequestFacts):
+    """A request record as written before the structured-answer fields existed."""
+
+    def fields(self) -> dict[str, object]:
+        new = {"constraint", "schema_sha256", "tools"}
+        return {k: v for k, v in super().fields().items() if k not in new}
+
+
+def test_records_from_before_the_structured_answer_fields_still_verify(tmp_path: Path) -> None:
+    """Verification reads the stored bytes, never re-serialises: a log whose older records
+    lack `constraint`, `schema_sha256` and `tools` verifies before and after newer ones."""
+    conf = AuditSettings(path=tmp_path / "audit.db", checkpoint_every=EVERY)
+    store = open_store(conf)
+    try:
+        write(store, [_OlderFacts("old-1", "POST", "/v1/chat/completions", 200)])
+        write(store, [RequestFacts("new", "POST", "/v1/chat/completions", 200, constraint="tool")])
+        write(store, [_OlderFacts("old-2", "POST", "/v1/chat/completions", 200)])
+    finally:
+        store.close()
+    conn = sqlite3.connect(conf.path)
+    bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records ORDER BY seq")]
+    conn.close()
+    requests = [b for b in bodies if b["kind"] == "request"]
+    assert ["constraint" in b for b in requests] == [False, True, False]
+    keys = ChainKeys.from_secret(load_or_create_secret(conf.key_path()))
+    public = load_public_key(conf.signing_key_path().with_suffix(".pub"))
+    assert verify(conf.path, keys, public).ok
