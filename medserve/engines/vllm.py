@@ -16,9 +16,14 @@ new run). Connections are kept and reused: a stream is read to its end after ``[
   always with ``stream: true`` and ``stream_options.include_usage``, and relays each text
   delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes), with
   the delta's other non-null fields (``reasoning_content``, ``reasoning``, unknown ones) in
-  ``GenerationChunk.extra``. The last chunk carries the finish reason (OpenAI's ``stop``,
-  ``length``, ``tool_calls``, ``content_filter`` as sent; ``abort``/``error`` end the
-  stream as a failure; any other value is ``stop``) and vLLM's exact usage counts.
+  ``GenerationChunk.extra``, its ``tool_calls`` pieces and the choice's ``logprobs`` as
+  ``tool_calls``/``logprobs`` (:func:`~medserve.engines.vllm_wire.choice_chunk`); a
+  structured request's ``response_format``, ``tools``, ``tool_choice`` and ``logprobs``
+  go upstream in OpenAI's names (:func:`~medserve.engines.vllm_wire.structured_fields`).
+  The last chunk carries the finish reason (OpenAI's ``stop``, ``length``,
+  ``tool_calls``, ``content_filter`` as sent, but ``stop`` after tool-call pieces is
+  ``tool_calls``, vLLM's named tool_choice; ``abort``/``error`` end the stream as a
+  failure; any other value is ``stop``) and vLLM's exact usage counts.
   Closing the iterator, or cancelling the task that awaits it, closes the upstream
   response at any stage, so vLLM aborts the request.
 - Upstream headers come from an allow-list: ``Content-Type``, ``Accept``, a fresh
@@ -26,7 +31,11 @@ new run). Connections are kept and reused: a stream is read to its end after ``[
   own ``api_key``; never anything of the client's. The client's ``user`` is not sent.
 - Errors are typed and never carry the upstream URL or body (which may echo the prompt):
   400 about the context window → ContextLengthError naming ``messages``/``prompt`` or the
-  budget field; other 400/413/422 → InvalidRequestError; 429/503 → OverloadedError with
+  budget field; 400 about a tool_choice the server has no tool-call parser for → a 400
+  naming ``tool_choice`` (:func:`~medserve.engines.vllm_wire.tool_choice_error`; a
+  supervised replica gets one from ``launch.tool_call_parser``, a remote one from its own
+  operator; replicas of one model should agree, a 400 never fails over); other
+  400/413/422 → InvalidRequestError; 429/503 → OverloadedError with
   the upstream's ``Retry-After``; other statuses → EngineError; connect errors →
   UnavailableError; timeouts → RequestTimeoutError (504); an error event in the stream →
   EngineError. Only the status code and the replica name are logged.
@@ -77,7 +86,6 @@ from medserve.engines.upstream import (
     FAILED_REASONS,
     FINISH_REASONS,
     METRICS_BYTES,
-    delta_fields,
     error_message,
     parse_event,
     parse_load,
@@ -614,7 +622,7 @@ class VllmEngine:
         reads = response.aiter_raw()
         finish: FinishReason | None = None
         usage: dict[str, Any] | None = None
-        deltas = 0
+        deltas, called = 0, False
         first, stage = True, "waiting for its first event"
         while True:
             timeout = first_by - time.monotonic() if first else self._spec.read_timeout_s
@@ -643,13 +651,21 @@ class VllmEngine:
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text, extra = delta_fields(choice)
-                    if text or extra:
+                    try:
+                        piece = vw.choice_chunk(choice)
+                    except ValueError as exc:
+                        raise self._broken(str(exc)) from None
+                    if piece is not None:
                         deltas += 1
-                        yield GenerationChunk(text, extra=extra)
+                        called = called or bool(piece.tool_calls)
+                        yield piece
                     reason = choice.get("finish_reason")
                     if reason is not None:
                         finish = self._finish(reason)
+                        # vLLM ends a named tool_choice's call with "stop", as OpenAI
+                        # does; the engine contract (and llama.cpp) says "tool_calls".
+                        if called and finish == "stop":
+                            finish = "tool_calls"
         if finish is None:
             raise self._broken("the stream ended before a finish reason")
         yield self._last(finish, usage, deltas)
