@@ -1,7 +1,8 @@
 """Real vLLM (CPU build) as a remote replica behind `medserve serve`, driven by the
 official openai client: chat, streams with and without the usage chunk, completions, a
 context overflow as medserve's own 400, vLLM's /metrics names, abort on client disconnect,
-and no connect() or bind() of vLLM's process tree off loopback.
+and no connect() or bind() of vLLM's process tree off loopback. A json_schema constraint
+through medserve's vllm engine (engine level) gives an answer that validates.
 
 One vLLM server for the module (start-up is slow), traced with strace when it can be.
 The tiny model is random, and greedy decoding never picks EOS (its logit is fixed at 0),
@@ -11,10 +12,15 @@ comes through medserve is compared with what vLLM answers directly.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import importlib
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import AUTH, DEV_KEY, SECRET
+from medserve.engines.base import (
+    Constraint,
+    GenerationChunk,
+    GenerationRequest,
+    Message,
+    Sampling,
+)
+from medserve.engines.vllm import VllmEngine, VllmSpec
+from tests.conftest import AUTH, DEV_KEY, SECRET, flat_spec
 from tests.serverproc import Server, running_server
 from tests.vllm.conftest import VLLM_MARKS
 from tests.vllm.vllmproc import (
@@ -59,7 +73,14 @@ def vllm(
     # MEDSERVE_VLLM_STRACE=0: no strace (the network check reads /proc instead).
     trace = os.environ.get("MEDSERVE_VLLM_STRACE", "1") != "0"
     home = tmp_path_factory.mktemp("vllm-remote")
-    args = ["--no-enable-prefix-caching"]
+    # Compact JSON under a schema: with random weights, greedy decoding under xgrammar's
+    # default (any whitespace between JSON tokens) can pick whitespace forever. (vLLM
+    # takes disable_any_whitespace only with the backend named: xgrammar, its default.)
+    args = [
+        "--no-enable-prefix-caching",
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]
     with running_vllm(vllm_python, tiny_model, home, args, trace=trace) as server:
         yield server
 
@@ -307,3 +328,87 @@ def test_no_connect_or_bind_of_vllm_leaves_loopback(
     )
     assert len({line.split()[0] for _, _, line in calls}) >= 2
     assert [line for _, address, line in calls if not loopback(address)] == []
+
+
+# One code from a closed list inside nested single-property objects and a one-item array:
+# a finite language (no comma, where xgrammar 0.2.8 may still put whitespace), so the
+# random model's greedy answer closes the JSON and then can only end (EOS).
+ICD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["diagnoses"],
+    "properties": {
+        "diagnoses": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["code"],
+                "properties": {"code": {"enum": ["J45", "R06.2", "I10"]}},
+            },
+        }
+    },
+}
+
+
+def validate(instance: object, schema: dict[str, Any], vllm_python: Path) -> None:
+    """jsonschema's verdict: imported here when the project venv has it, else run in
+    vLLM's venv (vLLM depends on it)."""
+    try:
+        jsonschema = importlib.import_module("jsonschema")
+    except ImportError:
+        code = "import json, sys, jsonschema; jsonschema.validate(*map(json.loads, sys.argv[1:]))"
+        args = [json.dumps(instance), json.dumps(schema)]
+        done = subprocess.run(
+            [str(vllm_python), "-c", code, *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return
+    jsonschema.validate(instance, schema)
+
+
+def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python: Path) -> None:
+    """A json_schema constraint through medserve's vllm engine: vLLM's structured outputs
+    (xgrammar on CPU) enforce it, and the relayed text parses and validates."""
+    text = json.dumps(ICD_SCHEMA, sort_keys=True, separators=(",", ":"))
+    constraint = Constraint(
+        "json_schema", text, hashlib.sha256(text.encode()).hexdigest(), "icd", strict=True
+    )
+    sampling = Sampling(
+        max_tokens=64,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        seed=0,
+    )
+    request = GenerationRequest(
+        "json-1", MODEL, sampling, messages=(Message("user", QUESTION),), constraint=constraint
+    )
+    spec = VllmSpec(engine="vllm", url=vllm.url, served_model_name=SERVED_NAME)
+
+    async def ask() -> tuple[list[GenerationChunk], list[GenerationChunk]]:
+        engine = VllmEngine(flat_spec(id=MODEL, engine="fake"), spec)
+        await engine.start()
+        try:
+            constrained = [chunk async for chunk in engine.generate(request)]
+            free = [chunk async for chunk in engine.generate(replace(request, constraint=None))]
+            return constrained, free
+        finally:
+            await engine.close()
+
+    (*body, last), free = asyncio.run(ask())
+    answer = "".join(chunk.text for chunk in body)
+    assert last.finish_reason == "stop", answer  # the grammar closed the JSON, then EOS
+    parsed = json.loads(answer)
+    validate(parsed, ICD_SCHEMA, vllm_python)
+    assert parsed["diagnoses"][0]["code"] in ("J45", "R06.2", "I10")
+    # The constraint did it: the same greedy request without it is no JSON (random
+    # weights; it runs to max_tokens since greedy never picks EOS here).
+    assert free[-1].finish_reason == "length"
+    assert not "".join(chunk.text for chunk in free).lstrip().startswith('{"diagnoses"')
