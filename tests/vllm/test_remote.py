@@ -1,8 +1,9 @@
 """Real vLLM (CPU build) as a remote replica behind `medserve serve`, driven by the
 official openai client: chat, streams with and without the usage chunk, completions, a
 context overflow as medserve's own 400, vLLM's /metrics names, abort on client disconnect,
-and no connect() or bind() of vLLM's process tree off loopback. A json_schema constraint
-through medserve's vllm engine (engine level) gives an answer that validates.
+and no connect() or bind() of vLLM's process tree off loopback. Through medserve's vllm
+engine (engine level): a json_schema constraint gives an answer that validates, and
+vLLM's logprobs come back one per token.
 
 One vLLM server for the module (start-up is slow), traced with strace when it can be.
 The tiny model is random, and greedy decoding never picks EOS (its logit is fixed at 0),
@@ -16,6 +17,7 @@ import asyncio
 import hashlib
 import importlib
 import json
+import math
 import os
 import subprocess
 import threading
@@ -369,15 +371,10 @@ def validate(instance: object, schema: dict[str, Any], vllm_python: Path) -> Non
     jsonschema.validate(instance, schema)
 
 
-def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python: Path) -> None:
-    """A json_schema constraint through medserve's vllm engine: vLLM's structured outputs
-    (xgrammar on CPU) enforce it, and the relayed text parses and validates."""
-    text = json.dumps(ICD_SCHEMA, sort_keys=True, separators=(",", ":"))
-    constraint = Constraint(
-        "json_schema", text, hashlib.sha256(text.encode()).hexdigest(), "icd", strict=True
-    )
-    sampling = Sampling(
-        max_tokens=64,
+def greedy(max_tokens: int) -> Sampling:
+    """Greedy sampling with nothing else on: the raw distribution's argmax every step."""
+    return Sampling(
+        max_tokens=max_tokens,
         temperature=0.0,
         top_p=1.0,
         top_k=0,
@@ -387,22 +384,38 @@ def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python:
         presence_penalty=0.0,
         seed=0,
     )
-    request = GenerationRequest(
-        "json-1", MODEL, sampling, messages=(Message("user", QUESTION),), constraint=constraint
-    )
+
+
+def through_engine(vllm: VllmServer, *requests: GenerationRequest) -> list[list[GenerationChunk]]:
+    """Each request's chunks from medserve's vllm engine on this server, one at a time."""
     spec = VllmSpec(engine="vllm", url=vllm.url, served_model_name=SERVED_NAME)
 
-    async def ask() -> tuple[list[GenerationChunk], list[GenerationChunk]]:
+    async def ask() -> list[list[GenerationChunk]]:
         engine = VllmEngine(flat_spec(id=MODEL, engine="fake"), spec)
         await engine.start()
         try:
-            constrained = [chunk async for chunk in engine.generate(request)]
-            free = [chunk async for chunk in engine.generate(replace(request, constraint=None))]
-            return constrained, free
+            return [[chunk async for chunk in engine.generate(r)] for r in requests]
         finally:
             await engine.close()
 
-    (*body, last), free = asyncio.run(ask())
+    return asyncio.run(ask())
+
+
+def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python: Path) -> None:
+    """A json_schema constraint through medserve's vllm engine: vLLM's structured outputs
+    (xgrammar on CPU) enforce it, and the relayed text parses and validates."""
+    text = json.dumps(ICD_SCHEMA, sort_keys=True, separators=(",", ":"))
+    constraint = Constraint(
+        "json_schema", text, hashlib.sha256(text.encode()).hexdigest(), "icd", strict=True
+    )
+    request = GenerationRequest(
+        "json-1",
+        MODEL,
+        greedy(64),
+        messages=(Message("user", QUESTION),),
+        constraint=constraint,
+    )
+    (*body, last), free = through_engine(vllm, request, replace(request, constraint=None))
     answer = "".join(chunk.text for chunk in body)
     assert last.finish_reason == "stop", answer  # the grammar closed the JSON, then EOS
     parsed = json.loads(answer)
@@ -412,3 +425,27 @@ def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python:
     # weights; it runs to max_tokens since greedy never picks EOS here).
     assert free[-1].finish_reason == "length"
     assert not "".join(chunk.text for chunk in free).lstrip().startswith('{"diagnoses"')
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_logprobs_from_vllm_come_back_one_per_token(vllm: VllmServer, chat: bool) -> None:
+    """vLLM's own logprobs shapes (chat entries with bytes; completions' legacy lists)
+    parse into one TokenLogprob per generated token; greedy's token is the most likely."""
+    fields: dict[str, Any] = (
+        {"messages": (Message("user", QUESTION),)} if chat else {"prompt": "The patient"}
+    )
+    request = GenerationRequest("lp-1", MODEL, greedy(8), logprobs=3, **fields)
+    ((*body, last),) = through_engine(vllm, request)
+    entries = [entry for chunk in body for entry in chunk.logprobs]
+    assert last.finish_reason == "length" and len(entries) == last.completion_tokens == 8
+    for entry in entries:
+        # Completions' alternatives are a dict keyed by token text: the sampled token is
+        # in it (so up to 4), and tokens that decode alike share one key.
+        assert 1 <= len(entry.top) <= (3 if chat else 4)
+        values = [alternative.logprob for alternative in entry.top]
+        assert values == sorted(values, reverse=True)
+        assert values[0] <= entry.logprob + 1e-4  # greedy took the raw argmax
+        if chat:
+            assert len(entry.top) == 3 and values[0] == pytest.approx(entry.logprob, abs=1e-4)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-3
+        assert entry.logprob <= 0
