@@ -68,8 +68,8 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+import medserve.engines.vllm_wire as vw
 from medserve import manifest as mf
-from medserve.engines import vllm_wire as vw
 from medserve.engines.base import (
     EngineInfo,
     FinishReason,
