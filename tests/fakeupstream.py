@@ -13,7 +13,10 @@ that does not fit the context gets vLLM's 400 with its "maximum context length" 
 LiteLLM users hit; :attr:`FakeUpstream.seen` records each generation request's headers and
 body, sets ``stalled`` when a stall knob starts waiting and counts the token events ``sent``
 (so a test can leave at a given stage without sleeping), and sets ``left`` when it saw the
-client go away before the response ended.
+client go away before the response ended. It answers structured requests as vLLM does:
+scripted tool-call deltas (``Knobs.tool_calls``), logprobs of every content token when the
+body asks for them (:func:`logprobs_of`), JSON when ``Knobs.text`` is JSON, and vLLM's 400
+for tool_choice "auto" on a server without a tool-call parser (``Knobs.auto_tools``).
 
 ``python -m tests.fakeupstream --port N --knobs '{"token_delay_s": 0.01}'`` serves one in
 its own process (benchmarks: the load generator must not share its interpreter).
@@ -79,6 +82,13 @@ class Knobs:
     reasoning_field: str = "reasoning_content"  # vLLM < 0.10; newer ones send "reasoning"
     delta_extra: dict[str, Any] | None = None  # more fields in every content delta
     finish: str | None = None  # this finish_reason instead of stop/length
+    # Chat: after the content, one delta per entry as {"tool_calls": [entry]} (OpenAI's
+    # stream shape, e.g. {"index": 0, "id": "call_1", "type": "function", "function":
+    # {"name": "f", "arguments": ""}}); the finish is then "tool_calls" unless `finish`.
+    tool_calls: list[dict[str, Any]] | None = None
+    # vLLM started without --enable-auto-tool-choice: tool_choice "auto" (or tools without
+    # a tool_choice) gets its 400.
+    auto_tools: bool = True
 
 
 @dataclass
@@ -183,6 +193,18 @@ class FakeUpstream:
             await _json(send, k.status, error, extra)
             return
         chat = "messages" in body
+        if (
+            chat
+            and not k.auto_tools
+            and body.get("tools")
+            and body.get("tool_choice", "auto") == "auto"
+        ):
+            message = (
+                '"auto" tool choice requires --enable-auto-tool-choice and '
+                f"--tool-call-parser to be set ({self.url})"
+            )
+            await _json(send, 400, _error(message))
+            return
         prompt = _prompt(body).split()
         max_tokens = body.get("max_tokens")
         n = len(prompt)
@@ -216,11 +238,26 @@ class FakeUpstream:
         finish = k.finish or finish
         thoughts = k.reasoning.split() if chat and k.reasoning is not None else []
         steps: list[dict[str, Any]]  # one per token: a chat delta or a completion's text
+        # The choice's logprobs of each step (None: not asked, or a step without content).
+        scored: list[dict[str, Any] | None]
+        asked = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        top_n = int((body.get("top_logprobs") if chat else body.get("logprobs")) or 0)
         if chat:
             steps = [{k.reasoning_field: w if i == 0 else " " + w} for i, w in enumerate(thoughts)]
+            scored = [None] * len(steps)
             steps += [{"content": p, **(k.delta_extra or {})} for p in pieces]
+            scored += [
+                logprobs_of(p, i, top_n, chat) if asked else None for i, p in enumerate(pieces)
+            ]
+            steps += [{"tool_calls": [call]} for call in k.tool_calls or []]
+            scored += [None] * len(k.tool_calls or [])
+            if k.tool_calls:
+                finish = k.finish or "tool_calls"
         else:
             steps = [{"text": p} for p in pieces]
+            scored = [
+                logprobs_of(p, i, top_n, chat) if asked else None for i, p in enumerate(pieces)
+            ]
         rid, completion = "cmpl-fake", len(steps)
         usage = {
             "prompt_tokens": n,
@@ -243,10 +280,13 @@ class FakeUpstream:
         def event(payload: object) -> bytes:
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
-        def choice(step: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        def choice(
+            step: dict[str, Any], reason: str | None, logprobs: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+            scores = {} if logprobs is None else {"logprobs": logprobs}
             if chat:
-                return {"index": 0, "delta": step, "finish_reason": reason}
-            return {"index": 0, **step, "finish_reason": reason}
+                return {"index": 0, "delta": step, **scores, "finish_reason": reason}
+            return {"index": 0, **step, **scores, "finish_reason": reason}
 
         async def write(data: bytes) -> None:
             if not k.split:
@@ -277,7 +317,7 @@ class FakeUpstream:
                 raise ConnectionResetError("fake upstream drops the connection")
             if i and k.token_delay_s and await pause(k.token_delay_s):
                 return
-            await write(event({"id": rid, "choices": [choice(step, None)]}))
+            await write(event({"id": rid, "choices": [choice(step, None, scored[i])]}))
             seen.sent += 1
             if gone.is_set():
                 return
@@ -324,6 +364,33 @@ class FakeUpstream:
         await _json(send, 200, {**answer, "choices": [choice], "usage": usage})
 
 
+def logprobs_of(piece: str, i: int, top: int, chat: bool) -> dict[str, Any]:
+    """The fake's logprobs of its ``i``-th content token ``piece``, in vLLM's shape: chat
+    ``{"content": [entry]}`` (bytes included), completions the legacy lists (its
+    ``top_logprobs`` dict holds the sampled token too, as vLLM's does). The token's
+    log-probability is ``-(i + 1) / 4``; alternative ``alt{j}`` scores ``j`` less than it,
+    so the sampled token is the most likely; ``top`` alternatives."""
+    value = -(i + 1) / 4
+    alternatives = [(piece, value)] + [(f"alt{j}", value - j) for j in range(1, top)]
+    alternatives = alternatives[:top]
+    if chat:
+        entry = {
+            "token": piece,
+            "logprob": value,
+            "bytes": list(piece.encode()),
+            "top_logprobs": [
+                {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in alternatives
+            ],
+        }
+        return {"content": [entry]}
+    return {
+        "text_offset": [0],
+        "tokens": [piece],
+        "token_logprobs": [value],
+        "top_logprobs": [{piece: value, **dict(alternatives)}],
+    }
+
+
 def metrics_text(k: Knobs, running: int) -> str:
     """A vLLM ``/metrics`` body: the load gauges medserve reads, as vLLM names and labels
     them (``engine``, ``model_name``), among other families it exports."""
@@ -357,7 +424,7 @@ def metrics_text(k: Knobs, running: int) -> str:
 
 def _prompt(body: dict[str, Any]) -> str:
     if "messages" in body:
-        lines = [f"{m['role']}: {m['content']}" for m in body["messages"]]
+        lines = [f"{m['role']}: {m.get('content') or ''}" for m in body["messages"]]
         return "\n".join(lines) + "\nassistant:"
     return str(body.get("prompt", ""))
 

@@ -16,7 +16,8 @@ N whose lock it can take, so two replicas, or two medserve processes, never shar
 
 Each start runs ``python -m vllm.entrypoints.openai.api_server`` (or ``command``) with
 ``--model MODEL --served-model-name NAME --host 127.0.0.1 --port P
---no-enable-log-requests`` and ``args``, under the shim (:mod:`medserve.engines.shim`:
+--no-enable-log-requests`` (with ``tool_call_parser``: ``--enable-auto-tool-choice
+--tool-call-parser NAME``) and ``args``, under the shim (:mod:`medserve.engines.shim`:
 own session, parent-death signal, subreaper, group kill), in an environment built from
 nothing: PATH, LANG, HOME, the offline variables, the per-instance directories, a fresh
 per-start VLLM_API_KEY (so other local users cannot use the loopback port behind medserve's
@@ -98,6 +99,8 @@ MANAGED_ARGS = {
     "--api-key": "medserve sets a fresh key at every start",
     "--enable-log-requests": "request logging writes prompts into the log",
     "--enable-log-outputs": "output logging writes completions into the log",
+    "--tool-call-parser": "it comes from `tool_call_parser`",
+    "--enable-auto-tool-choice": "it comes from `tool_call_parser`",
     "--disable-log-requests": "retired in vLLM 0.12 (argparse exits 2); request logging is "
     "off by default and medserve passes --no-enable-log-requests",
 }
@@ -196,6 +199,15 @@ class LaunchSpec(BaseModel):
         "PYTHONPATH, HF_HOME, TZ, TOKENIZERS_PARALLELISM or with a prefix VLLM_, OMP_, MKL_, "
         "KMP_, CUDA_, NCCL_, NVIDIA_, TORCH_, PYTORCH_, TRITON_, FLASHINFER_, GLOO_.",
     )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's tool-call parser for this model's output format (e.g. `hermes` "
+        "for Qwen 2.5/3, `llama3_json` for Llama 3.1+, `mistral`), passed as "
+        "`--enable-auto-tool-choice --tool-call-parser NAME`: the server then serves "
+        'tool_choice "auto", "required" and a named function. None: no tool choice but '
+        '"none" (vLLM 0.32 needs a parser for "required" and named ones too); such a '
+        "request gets a 400 naming tool_choice.",
+    )
     startup_timeout_s: float = Field(
         900.0,
         gt=0,
@@ -275,6 +287,11 @@ def vllm_argv(spec: LaunchSpec, served: str, port: int) -> list[str]:
         "--port",
         str(port),
         "--no-enable-log-requests",
+        *(
+            ("--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser)
+            if spec.tool_call_parser
+            else ()
+        ),
         *spec.args,
     ]
 

@@ -34,7 +34,8 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "content_filter": "content_filter",
 }
 FAILED_REASONS = frozenset({"abort", "error"})
-OWN_DELTA = frozenset({"role", "content"})  # delta fields medserve writes itself
+# Delta fields medserve writes itself: tool_calls become GenerationChunk.tool_calls.
+OWN_DELTA = frozenset({"role", "content", "tool_calls"})
 
 
 def parse_load(text: str) -> LoadStats:
@@ -78,7 +79,8 @@ def parse_event(data: str) -> dict[str, Any] | None:
 
 def delta_fields(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """One upstream choice's text (chat ``delta.content``, completions ``text``) and its
-    delta's other fields with a non-null value, in upstream order (None for none: the
+    delta's other fields (but ``tool_calls``, see :func:`medserve.engines.vllm_wire.
+    tool_call_deltas`) with a non-null value, in upstream order (None for none: the
     common content-only delta costs no dictionary). Null fields are dropped: a delta field
     that is null adds nothing, and a chunk of nothing but nulls must not commit a request."""
     delta = choice.get("delta")
@@ -87,7 +89,7 @@ def delta_fields(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         return (text if isinstance(text, str) else ""), None
     text = delta.get("content")
     extra = None
-    if len(delta) > ("content" in delta) + ("role" in delta):
+    if len(delta) > sum(name in delta for name in OWN_DELTA):
         extra = {k: v for k, v in delta.items() if v is not None and k not in OWN_DELTA} or None
     return (text if isinstance(text, str) else ""), extra
 
@@ -108,6 +110,11 @@ PARAMS = {
         "stop",
         "frequency_penalty",
         "presence_penalty",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "logprobs",
+        "top_logprobs",
     )
 } | {"repetition_penalty": "repeat_penalty"}
 
@@ -148,12 +155,35 @@ def text_token_bound(text: str) -> int:
 
 def prompt_token_bound(body: dict[str, Any], slack: int) -> int:
     """At most how many tokens the prompt of an upstream request ``body`` renders to: the
-    text of its messages (role and content, :func:`text_token_bound`) or its prompt, plus
-    ``slack`` tokens for what the chat template adds (special tokens, a default system
-    prompt)."""
+    text of its messages (role, content, an assistant's tool calls, a tool result's call
+    id: :func:`text_token_bound`) and its tools, or its prompt, plus ``slack`` tokens for
+    what the chat template adds (special tokens, a default system prompt). Tools and tool
+    calls count as JSON indented by 4 (templates render them with ``tojson``, some
+    indented: Llama 3.1's by 4)."""
     messages = body.get("messages")
     if messages is None:
         return text_token_bound(str(body.get("prompt") or "")) + slack
-    return slack + sum(
-        text_token_bound(m["role"]) + text_token_bound(m["content"]) for m in messages
-    )
+    total = slack
+    for m in messages:
+        total += text_token_bound(m["role"]) + text_token_bound(m.get("content") or "")
+        for call in m.get("tool_calls") or ():
+            # The arguments as the string they are, or parsed and re-rendered: either.
+            total += text_token_bound(_rendered(call)) + text_token_bound(
+                _rendered(_parsed(call["function"]["arguments"]))
+            )
+        if m.get("tool_call_id"):
+            total += text_token_bound(m["tool_call_id"])
+    if body.get("tools"):
+        total += text_token_bound(_rendered(body["tools"]))
+    return total
+
+
+def _rendered(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=4)
+
+
+def _parsed(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

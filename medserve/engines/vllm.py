@@ -16,9 +16,14 @@ new run). Connections are kept and reused: a stream is read to its end after ``[
   always with ``stream: true`` and ``stream_options.include_usage``, and relays each text
   delta as it arrives (no buffering; :mod:`medserve.engines.sse` frames the bytes), with
   the delta's other non-null fields (``reasoning_content``, ``reasoning``, unknown ones) in
-  ``GenerationChunk.extra``. The last chunk carries the finish reason (OpenAI's ``stop``,
-  ``length``, ``tool_calls``, ``content_filter`` as sent; ``abort``/``error`` end the
-  stream as a failure; any other value is ``stop``) and vLLM's exact usage counts.
+  ``GenerationChunk.extra``, its ``tool_calls`` pieces and the choice's ``logprobs`` as
+  ``tool_calls``/``logprobs`` (:func:`~medserve.engines.vllm_wire.choice_chunk`); a
+  structured request's ``response_format``, ``tools``, ``tool_choice`` and ``logprobs``
+  go upstream in OpenAI's names (:func:`~medserve.engines.vllm_wire.structured_fields`).
+  The last chunk carries the finish reason (OpenAI's ``stop``, ``length``,
+  ``tool_calls``, ``content_filter`` as sent, but ``stop`` after tool-call pieces is
+  ``tool_calls``, vLLM's named tool_choice; ``abort``/``error`` end the stream as a
+  failure; any other value is ``stop``) and vLLM's exact usage counts.
   Closing the iterator, or cancelling the task that awaits it, closes the upstream
   response at any stage, so vLLM aborts the request.
 - Upstream headers come from an allow-list: ``Content-Type``, ``Accept``, a fresh
@@ -26,7 +31,11 @@ new run). Connections are kept and reused: a stream is read to its end after ``[
   own ``api_key``; never anything of the client's. The client's ``user`` is not sent.
 - Errors are typed and never carry the upstream URL or body (which may echo the prompt):
   400 about the context window → ContextLengthError naming ``messages``/``prompt`` or the
-  budget field; other 400/413/422 → InvalidRequestError; 429/503 → OverloadedError with
+  budget field; 400 about a tool_choice the server has no tool-call parser for → a 400
+  naming ``tool_choice`` (:func:`~medserve.engines.vllm_wire.tool_choice_error`; a
+  supervised replica gets one from ``launch.tool_call_parser``, a remote one from its own
+  operator; replicas of one model should agree, a 400 never fails over); other
+  400/413/422 → InvalidRequestError; 429/503 → OverloadedError with
   the upstream's ``Retry-After``; other statuses → EngineError; connect errors →
   UnavailableError; timeouts → RequestTimeoutError (504); an error event in the stream →
   EngineError. Only the status code and the replica name are logged.
@@ -37,7 +46,8 @@ For the router (:mod:`medserve.health`), ``health`` tells a refused connection a
 (``Health.unreachable``) and ``load_stats`` reads the server's ``/metrics``
 (:func:`medserve.engines.upstream.parse_load`: waiting and running requests, KV-cache
 usage; old metric names too). Parsing the upstream's events and errors is in
-:mod:`medserve.engines.upstream`.
+:mod:`medserve.engines.upstream`; the request bodies and the mapping of answers and
+refusals to chunks and typed errors in :mod:`medserve.engines.vllm_wire`.
 A supervised replica that is restarting is not ready (``health``) and refuses requests
 with UnavailableError (503) before anything is sent.
 """
@@ -46,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -59,6 +68,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+import medserve.engines.vllm_wire as vw
 from medserve import manifest as mf
 from medserve.engines.base import (
     EngineInfo,
@@ -76,7 +86,6 @@ from medserve.engines.upstream import (
     FAILED_REASONS,
     FINISH_REASONS,
     METRICS_BYTES,
-    delta_fields,
     error_message,
     parse_event,
     parse_load,
@@ -86,9 +95,7 @@ from medserve.errors import (
     ConfigError,
     ContextLengthError,
     EngineError,
-    InvalidRequestError,
     MedserveError,
-    OverloadedError,
     RequestTimeoutError,
     UnavailableError,
 )
@@ -99,12 +106,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CLIENT_FAULT = frozenset({400, 413, 422})
 # An idle connection is reused for this long, below the 5 s after which vLLM's server
 # (uvicorn's default keep-alive) closes it: a request never races the server's close.
 KEEPALIVE_S = 4.0
-BUSY = frozenset({429, 503})
-TOKENS = re.compile(r"(\d+) (?:input tokens|tokens in the messages|in the messages|in the prompt)")
 
 
 class VllmSpec(BaseModel):
@@ -493,39 +497,6 @@ class VllmEngine:
             return None
         return parse_load(body.decode("utf-8", "replace"))
 
-    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        s = request.sampling
-        body: dict[str, Any] = {"model": self._served}
-        if request.messages is not None:
-            path = "/v1/chat/completions"
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-        else:
-            path = "/v1/completions"
-            body["prompt"] = request.prompt or ""
-        body |= {
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            # OpenAI's top_p 0 is greedy; vLLM wants top_p in (0, 1]: greedy is temperature 0.
-            "temperature": 0.0 if s.top_p == 0 else s.temperature,
-            "top_p": s.top_p or 1.0,
-            "frequency_penalty": s.frequency_penalty,
-            "presence_penalty": s.presence_penalty,
-            "seed": s.seed,
-            "min_p": s.min_p,
-            "repetition_penalty": s.repeat_penalty,
-        }
-        if s.top_k > 0:
-            body["top_k"] = s.top_k
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.max_tokens is not None:  # None: the upstream's default, within the context
-            body["max_tokens"] = s.max_tokens
-        if request.cache_salt is not None:
-            # vLLM's own field (since 0.9): its prefix cache reuses a block only for
-            # requests with the same salt. Absent: the server's shared cache.
-            body["cache_salt"] = request.cache_salt
-        return path, body
-
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         lanes = self._lanes
         if lanes is None:
@@ -534,7 +505,7 @@ class VllmEngine:
             raise UnavailableError(
                 "The model's engine is restarting; retry shortly.", code="engine_unavailable"
             )
-        path, body = self._body(request)
+        path, body = vw.request_body(request, self._served)
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
@@ -595,13 +566,11 @@ class VllmEngine:
         bound = prompt_token_bound(body, self._spec.budget_slack_tokens)
         if bound + s.max_tokens <= self._info.context_length:
             return  # fits whatever the tokenizer: no round trip (about 20% of the CPU)
-        ask: dict[str, Any] = {"model": body["model"]}
-        if "messages" in body:
-            ask |= {"messages": body["messages"], "add_generation_prompt": True}
-        else:
-            ask["prompt"] = body["prompt"]
         req = client.build_request(
-            "POST", "/tokenize", json=ask, headers={**headers, "Accept": "application/json"}
+            "POST",
+            "/tokenize",
+            json=vw.tokenize_body(body),
+            headers={**headers, "Accept": "application/json"},
         )
         try:
             async with asyncio.timeout(max(first_by - time.monotonic(), 0.0)):
@@ -653,7 +622,7 @@ class VllmEngine:
         reads = response.aiter_raw()
         finish: FinishReason | None = None
         usage: dict[str, Any] | None = None
-        deltas = 0
+        deltas, called = 0, False
         first, stage = True, "waiting for its first event"
         while True:
             timeout = first_by - time.monotonic() if first else self._spec.read_timeout_s
@@ -672,7 +641,7 @@ class VllmEngine:
                 raise self._broken(str(exc)) from None
             for event in events:
                 if event.data.strip() == "[DONE]":
-                    yield self._last(request, finish, usage, deltas)
+                    yield self._last(finish, usage, deltas)
                     await read_to_end(reads)
                     return
                 chunk = parse_event(event.data)
@@ -682,16 +651,24 @@ class VllmEngine:
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text, extra = delta_fields(choice)
-                    if text or extra:
+                    try:
+                        piece = vw.choice_chunk(choice)
+                    except ValueError as exc:
+                        raise self._broken(str(exc)) from None
+                    if piece is not None:
                         deltas += 1
-                        yield GenerationChunk(text, extra=extra)
+                        called = called or bool(piece.tool_calls)
+                        yield piece
                     reason = choice.get("finish_reason")
                     if reason is not None:
                         finish = self._finish(reason)
+                        # vLLM ends a named tool_choice's call with "stop", as OpenAI
+                        # does; the engine contract (and llama.cpp) says "tool_calls".
+                        if called and finish == "stop":
+                            finish = "tool_calls"
         if finish is None:
             raise self._broken("the stream ended before a finish reason")
-        yield self._last(request, finish, usage, deltas)
+        yield self._last(finish, usage, deltas)
 
     def _finish(self, reason: object) -> FinishReason:
         """The finish reason to pass on for an upstream's ``finish_reason``; raises
@@ -708,71 +685,30 @@ class VllmEngine:
         return "stop"
 
     def _last(
-        self,
-        request: GenerationRequest,
-        finish: FinishReason | None,
-        usage: dict[str, Any] | None,
-        deltas: int,
+        self, finish: FinishReason | None, usage: dict[str, Any] | None, deltas: int
     ) -> GenerationChunk:
         if finish is None:
             raise self._broken("[DONE] before a finish reason")
         if usage is None:  # include_usage was asked: an upstream that ignores it
             log.warning("vllm replica sent no usage", extra={"replica": self._info.name})
-            return GenerationChunk(
-                "", finish_reason=finish, prompt_tokens=0, completion_tokens=deltas
-            )
-        return GenerationChunk(
-            "",
-            finish_reason=finish,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
+        return vw.last_chunk(finish, usage, deltas)
 
     async def _refusal(self, request: GenerationRequest, response: httpx.Response) -> MedserveError:
         """The typed error for a non-200 answer (its body read, bounded, never echoed)."""
         status = response.status_code
         log.warning("vllm replica refused", extra={"replica": self._info.name, "status": status})
-        if status in BUSY:
-            retry = response.headers.get("retry-after", "")
-            return OverloadedError(
-                "The model's engine is busy; retry shortly.",
-                retry_after=int(retry) if retry.isdigit() else self._info.retry_after_s,
-            )
-        if status not in CLIENT_FAULT:
-            return EngineError("The model's engine failed to answer.", code="engine_error")
-        message, param = await error_message(response)
-        # "maximum context length" (the prompt; older vLLM also the budget), or vLLM
-        # 0.32's "max_tokens=N cannot be greater than max_model_len=M" (the budget alone).
-        if any(words in message.lower() for words in ("maximum context length", "max_model_len")):
-            return self._context_error(request, message)
-        return InvalidRequestError(
-            "The model's engine refused the request as invalid"
-            + (f": check `{param}`." if param else "."),
-            param=param,
+        message, param = "", None
+        if status in vw.CLIENT_FAULT:
+            message, param = await error_message(response)
+        return vw.refusal_error(
+            request,
+            status,
+            message,
+            param,
+            response.headers.get("retry-after", ""),
+            self._info.retry_after_s,
+            self._info.context_length,
         )
-
-    def _context_error(self, request: GenerationRequest, message: str) -> ContextLengthError:
-        found = TOKENS.search(message)
-        prompt_tokens = int(found.group(1)) if found else None
-        budget = "max_tokens" in message or "max_completion_tokens" in message
-        context = self._info.context_length
-        if prompt_tokens is not None and prompt_tokens >= context:
-            budget = False
-        if budget and request.sampling.max_tokens is not None:
-            s = request.sampling
-            prompt = "" if prompt_tokens is None else f"The prompt ({prompt_tokens} tokens) plus "
-            exc = ContextLengthError(
-                f"{prompt}{s.max_tokens_param} ({s.max_tokens}) exceeds this model's context "
-                f"window of {context} tokens.",
-                param=s.max_tokens_param,
-            )
-        else:
-            exc = ContextLengthError(
-                f"The prompt does not fit this model's context window of {context} tokens.",
-                param=request.input_param,
-            )
-        exc.prompt_tokens = prompt_tokens if prompt_tokens is not None else 0
-        return exc
 
     def _unreachable(self, exc: httpx.HTTPError) -> MedserveError:
         log.warning(

@@ -9,7 +9,8 @@ upstreams; the router asks the first while both are idle).
   Retry-After and vLLM queues what it admits; leaving while vLLM queues is "before its
   first event".)
 - After the commit point nothing is retried: a dropped connection or a stall mid-stream
-  ends the answer with an error, and only one upstream request was made.
+  ends the answer with an error, and only one upstream request was made; a tool call's
+  first piece is such a point too.
 - The upstream's exact usage reaches the audit record and the metrics, with the client's
   include_usage on or off, whichever shape of usage chunk the upstream sends.
 - Extra delta fields (vLLM's reasoning_content) reach the client, streaming or not.
@@ -197,6 +198,32 @@ def test_a_fault_after_the_first_tokens_is_the_answer_and_never_retried(
     assert (len(a.seen), len(b.seen)) == (1, 0)
     facts = server.audit_record(r.headers["x-request-id"])
     assert (facts["attempts"], facts["finish_reason"], facts["error"]) == (1, None, code)
+
+
+# A tool call's first piece (its id and name) commits the answer like text: a fault
+# after it is the answer, never a retry on the other replica.
+CALL_PIECES = [
+    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"a": 1}'}},
+]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
+def test_a_fault_after_a_tool_call_piece_is_never_retried(
+    server: Server, fresh: tuple[FakeUpstream, FakeUpstream], stream: bool
+) -> None:
+    a, b = fresh
+    a.knobs = Knobs(text="", tool_calls=CALL_PIECES, drop_after=1)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat(stream), headers=AUTH, timeout=60)
+    if stream:
+        assert r.status_code == 200
+        sent = events(r.text)
+        assert DONE not in sent and sent[-1]["error"]["code"] == "engine_error"
+    else:
+        assert (r.status_code, r.json()["error"]["code"]) == (500, "engine_error")
+    assert (len(a.seen), len(b.seen)) == (1, 0)
+    facts = server.audit_record(r.headers["x-request-id"])
+    assert (facts["attempts"], facts["error"]) == (1, "engine_error")
 
 
 # --- exact usage in the audit record and the metrics -----------------------------------

@@ -121,6 +121,7 @@ ORDER = [
     "medserve.engines.shim",
     "medserve.engines.supervisor",
     "medserve.engines.upstream",
+    "medserve.engines.vllm_wire",
     "medserve.engines.vllm",
     "medserve.engines",
     "medserve.config",

@@ -1,7 +1,9 @@
 """Real vLLM (CPU build) as a remote replica behind `medserve serve`, driven by the
 official openai client: chat, streams with and without the usage chunk, completions, a
 context overflow as medserve's own 400, vLLM's /metrics names, abort on client disconnect,
-and no connect() or bind() of vLLM's process tree off loopback.
+and no connect() or bind() of vLLM's process tree off loopback. Through medserve's vllm
+engine (engine level): a json_schema constraint gives an answer that validates, and
+vLLM's logprobs come back one per token.
 
 One vLLM server for the module (start-up is slow), traced with strace when it can be.
 The tiny model is random, and greedy decoding never picks EOS (its logit is fixed at 0),
@@ -11,10 +13,16 @@ comes through medserve is compared with what vLLM answers directly.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import importlib
 import json
+import math
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +30,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import AUTH, DEV_KEY, SECRET
+from medserve.engines.base import (
+    Constraint,
+    GenerationChunk,
+    GenerationRequest,
+    Message,
+    Sampling,
+)
+from medserve.engines.vllm import VllmEngine, VllmSpec
+from tests.conftest import AUTH, DEV_KEY, SECRET, flat_spec
 from tests.serverproc import Server, running_server
 from tests.vllm.conftest import VLLM_MARKS
 from tests.vllm.vllmproc import (
@@ -59,7 +75,14 @@ def vllm(
     # MEDSERVE_VLLM_STRACE=0: no strace (the network check reads /proc instead).
     trace = os.environ.get("MEDSERVE_VLLM_STRACE", "1") != "0"
     home = tmp_path_factory.mktemp("vllm-remote")
-    args = ["--no-enable-prefix-caching"]
+    # Compact JSON under a schema: with random weights, greedy decoding under xgrammar's
+    # default (any whitespace between JSON tokens) can pick whitespace forever. (vLLM
+    # takes disable_any_whitespace only with the backend named: xgrammar, its default.)
+    args = [
+        "--no-enable-prefix-caching",
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]
     with running_vllm(vllm_python, tiny_model, home, args, trace=trace) as server:
         yield server
 
@@ -307,3 +330,122 @@ def test_no_connect_or_bind_of_vllm_leaves_loopback(
     )
     assert len({line.split()[0] for _, _, line in calls}) >= 2
     assert [line for _, address, line in calls if not loopback(address)] == []
+
+
+# One code from a closed list inside nested single-property objects and a one-item array:
+# a finite language (no comma, where xgrammar 0.2.8 may still put whitespace), so the
+# random model's greedy answer closes the JSON and then can only end (EOS).
+ICD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["diagnoses"],
+    "properties": {
+        "diagnoses": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["code"],
+                "properties": {"code": {"enum": ["J45", "R06.2", "I10"]}},
+            },
+        }
+    },
+}
+
+
+def validate(instance: object, schema: dict[str, Any], vllm_python: Path) -> None:
+    """jsonschema's verdict: imported here when the project venv has it, else run in
+    vLLM's venv (vLLM depends on it)."""
+    try:
+        jsonschema = importlib.import_module("jsonschema")
+    except ImportError:
+        code = "import json, sys, jsonschema; jsonschema.validate(*map(json.loads, sys.argv[1:]))"
+        args = [json.dumps(instance), json.dumps(schema)]
+        done = subprocess.run(
+            [str(vllm_python), "-c", code, *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return
+    jsonschema.validate(instance, schema)
+
+
+def greedy(max_tokens: int) -> Sampling:
+    """Greedy sampling with nothing else on: the raw distribution's argmax every step."""
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        seed=0,
+    )
+
+
+def through_engine(vllm: VllmServer, *requests: GenerationRequest) -> list[list[GenerationChunk]]:
+    """Each request's chunks from medserve's vllm engine on this server, one at a time."""
+    spec = VllmSpec(engine="vllm", url=vllm.url, served_model_name=SERVED_NAME)
+
+    async def ask() -> list[list[GenerationChunk]]:
+        engine = VllmEngine(flat_spec(id=MODEL, engine="fake"), spec)
+        await engine.start()
+        try:
+            return [[chunk async for chunk in engine.generate(r)] for r in requests]
+        finally:
+            await engine.close()
+
+    return asyncio.run(ask())
+
+
+def test_a_json_schema_answer_from_vllm_validates(vllm: VllmServer, vllm_python: Path) -> None:
+    """A json_schema constraint through medserve's vllm engine: vLLM's structured outputs
+    (xgrammar on CPU) enforce it, and the relayed text parses and validates."""
+    text = json.dumps(ICD_SCHEMA, sort_keys=True, separators=(",", ":"))
+    constraint = Constraint(
+        "json_schema", text, hashlib.sha256(text.encode()).hexdigest(), "icd", strict=True
+    )
+    request = GenerationRequest(
+        "json-1",
+        MODEL,
+        greedy(64),
+        messages=(Message("user", QUESTION),),
+        constraint=constraint,
+    )
+    (*body, last), free = through_engine(vllm, request, replace(request, constraint=None))
+    answer = "".join(chunk.text for chunk in body)
+    assert last.finish_reason == "stop", answer  # the grammar closed the JSON, then EOS
+    parsed = json.loads(answer)
+    validate(parsed, ICD_SCHEMA, vllm_python)
+    assert parsed["diagnoses"][0]["code"] in ("J45", "R06.2", "I10")
+    # The constraint did it: the same greedy request without it is no JSON (random
+    # weights; it runs to max_tokens since greedy never picks EOS here).
+    assert free[-1].finish_reason == "length"
+    assert not "".join(chunk.text for chunk in free).lstrip().startswith('{"diagnoses"')
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_logprobs_from_vllm_come_back_one_per_token(vllm: VllmServer, chat: bool) -> None:
+    """vLLM's own logprobs shapes (chat entries with bytes; completions' legacy lists)
+    parse into one TokenLogprob per generated token; greedy's token is the most likely."""
+    fields: dict[str, Any] = (
+        {"messages": (Message("user", QUESTION),)} if chat else {"prompt": "The patient"}
+    )
+    request = GenerationRequest("lp-1", MODEL, greedy(8), logprobs=3, **fields)
+    ((*body, last),) = through_engine(vllm, request)
+    entries = [entry for chunk in body for entry in chunk.logprobs]
+    assert last.finish_reason == "length" and len(entries) == last.completion_tokens == 8
+    for entry in entries:
+        # Completions' alternatives are a dict keyed by token text: the sampled token is
+        # in it (so up to 4), and tokens that decode alike share one key.
+        assert 1 <= len(entry.top) <= (3 if chat else 4)
+        values = [alternative.logprob for alternative in entry.top]
+        assert values == sorted(values, reverse=True)
+        assert values[0] <= entry.logprob + 1e-4  # greedy took the raw argmax
+        if chat:
+            assert len(entry.top) == 3 and values[0] == pytest.approx(entry.logprob, abs=1e-4)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-3
+        assert entry.logprob <= 0
