@@ -48,7 +48,8 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class Tool:
     """A function the model may call (OpenAI's ``tools[].function``). ``parameters`` is the
-    JSON schema of its arguments as canonical JSON text (sorted keys, no spaces);
+    JSON schema of its arguments as compact JSON text in the client's key order (property
+    order is the order a constrained answer writes its keys in, as OpenAI keeps it);
     ``{"type":"object","properties":{}}`` when the client gave none."""
 
     name: str
@@ -76,7 +77,8 @@ class Constraint:
     ``kind``: ``json_object`` (any JSON object; ``schema`` None), ``json_schema`` (the
     client's ``response_format.json_schema``), or ``tool`` (``tool_choice`` named a function
     or was ``required``: the answer is a tool call, see below).
-    ``schema``: the JSON schema as canonical JSON text (sorted keys, no spaces), already
+    ``schema``: the JSON schema as compact JSON text (no spaces) in the client's key order
+    (the answer writes properties in that order, as OpenAI's structured outputs do), already
     checked by :func:`medserve.engines.grammar.check_schema` (every keyword it holds can be
     enforced); ``sha256``: hex digest of ``schema``'s UTF-8 bytes (the audit log records it,
     never the schema: property names can name patient fields), "" without a schema.
@@ -199,7 +201,7 @@ class GenerationChunk:
     does not know), JSON values keyed by field name, never ``role`` or ``content``; None
     for none. A chunk may carry only ``extra`` (empty ``text``). Streaming, the web layer
     adds them to the event's delta; non-streaming, it merges them into the message (see
-    :class:`medserve.api.serving.DeltaFields`). Completions have no delta: not sent there.
+    :class:`medserve.api.answers.DeltaFields`). Completions have no delta: not sent there.
 
     ``tool_calls``: pieces of the answer's tool calls (the last chunk then has
     ``finish_reason`` ``tool_calls``); ``logprobs``: one entry per token whose text this
