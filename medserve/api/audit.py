@@ -132,6 +132,7 @@ class Auditor:
             constraint=ex.constraint,
             schema_sha256=ex.schema_sha256,
             tools=ex.tools,
+            tools_sha256=ex.tools_sha256,
         )
 
     async def generation(self, ex: Exchange, prompt: bytes, completion: str) -> None:

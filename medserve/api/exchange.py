@@ -15,7 +15,9 @@ is our own code.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.types import Scope
 
-from medserve.engines.base import GenerationRequest
+from medserve.engines.base import GenerationRequest, Tool
 from medserve.errors import MedserveError
 
 # RFC 9110's methods and PATCH (RFC 5789): a bounded set; anything else is "OTHER".
@@ -77,10 +79,11 @@ class Exchange:
     content_sha256: str | None = None
     # Structured answers: the constraint's kind (json_object, json_schema, tool), its
     # schema's sha256 (never the schema: property names can name patient fields), and
-    # how many tools the request offered.
+    # how many tools the request offered and the digest of their definitions.
     constraint: str | None = None
     schema_sha256: str | None = None
     tools: int | None = None
+    tools_sha256: str | None = None
     audited: bool = False
     # Generation timing, for the metrics (seconds).
     queue_s: float | None = None
@@ -99,6 +102,7 @@ class Exchange:
         self.constraint = None if c is None else c.kind
         self.schema_sha256 = c.sha256 if c is not None and c.sha256 else None
         self.tools = len(request.tools) or None
+        self.tools_sha256 = tools_digest(request.tools) if request.tools else None
 
     def failed(self, exc: MedserveError) -> None:
         """Note the error's code (or type): bounded values, never its message."""
@@ -121,3 +125,21 @@ def exchange(request: Request) -> Exchange:
     """The exchange of ``request`` (set by :class:`medserve.api.middleware.RequestContext`)."""
     ex: Exchange = request.state.exchange
     return ex
+
+
+def tools_digest(tools: tuple[Tool, ...]) -> str:
+    """sha256 (hex) of the tools a request offered, as the compact JSON array
+    ``[{"name", "description", "parameters", "strict"}, ...]`` in the request's order (each
+    ``parameters`` the schema's JSON value as the client sent it): what the audit record
+    holds of them (descriptions and schemas are client text)."""
+    listed = [
+        {
+            "name": t.name,
+            "description": t.description,
+            "parameters": json.loads(t.parameters),
+            "strict": t.strict,
+        }
+        for t in tools
+    ]
+    text = json.dumps(listed, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()

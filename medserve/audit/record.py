@@ -62,10 +62,12 @@ class RequestFacts:
     # Structured answers (absent in older records): the constraint on the answer's shape
     # (json_object, json_schema or tool: a forced tool call), the sha256 of its schema's
     # canonical JSON (never the schema: property names can name patient fields), and how
-    # many tools the request offered (null: none).
+    # many tools the request offered (null: none) and the sha256 of their definitions
+    # (medserve.api.exchange.tools_digest; they shape the answer like the prompt does).
     constraint: str | None = None
     schema_sha256: str | None = None
     tools: int | None = None
+    tools_sha256: str | None = None
 
     def fields(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies, and this runs once per request.

@@ -687,25 +687,41 @@ def _keys(audit_path: Path) -> ChainKeys:
 
 
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
-# (id, body fields, constraint, schema sha256, tools)
-AUDITED: list[tuple[str, dict[str, Any], str | None, str | None, int | None]] = [
-    ("plain", {}, None, None, None),
-    ("json_object", {"response_format": {"type": "json_object"}}, "json_object", None, None),
-    ("json_schema", {"response_format": SCHEMA_FORMAT}, "json_schema", sha(CANONICAL), None),
-    ("auto", {"tools": TWO_TOOLS}, None, None, 2),
+# The digest of TWO_TOOLS' definitions, written out by hand: name, description (null when
+# absent), parameters (the default object schema when absent), strict, in request order.
+TWO_TOOLS_SHA = sha(
+    '[{"name":"lookup","description":"Find a code.","parameters":'
+    + canonical(PARAMS)
+    + ',"strict":true},{"name":"note","description":null,"parameters":'
+    '{"type":"object","properties":{}},"strict":false}]'
+)
+# (id, body fields, constraint, schema sha256, tools offered, their digest)
+AUDITED: list[tuple[str, dict[str, Any], str | None, str | None, int | None, str | None]] = [
+    ("plain", {}, None, None, None, None),
+    ("json_object", {"response_format": {"type": "json_object"}}, "json_object", None, None, None),
+    (
+        "json_schema",
+        {"response_format": SCHEMA_FORMAT},
+        "json_schema",
+        sha(CANONICAL),
+        None,
+        None,
+    ),
+    ("auto", {"tools": TWO_TOOLS}, None, None, 2, TWO_TOOLS_SHA),
     (
         "named",
         {"tools": TWO_TOOLS, "tool_choice": named("lookup")},
         "tool",
         sha(canonical(PARAMS)),
         2,
+        TWO_TOOLS_SHA,
     ),
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize(
-    ("fields", "constraint", "digest", "tools"),
+    ("fields", "constraint", "digest", "tools", "tools_digest"),
     [c[1:] for c in AUDITED],
     ids=[c[0] for c in AUDITED],
 )
@@ -716,16 +732,14 @@ def test_the_record_holds_the_constraint_and_schema_digest_never_the_schema(
     constraint: str | None,
     digest: str | None,
     tools: int | None,
+    tools_digest: str | None,
     stream: bool,
 ) -> None:
     r = post(client, CHAT, chat(stream=stream, **fields))
     assert r.status_code == 200, r.text
     (record,) = _records(audit_path)
-    assert (record["constraint"], record["schema_sha256"], record["tools"]) == (
-        constraint,
-        digest,
-        tools,
-    )
+    held = (record["constraint"], record["schema_sha256"], record["tools"], record["tools_sha256"])
+    assert held == (constraint, digest, tools, tools_digest)
     for path in audit_path.parent.iterdir():  # the database, its WAL, the keys
         assert SECRET.encode() not in path.read_bytes()
 
