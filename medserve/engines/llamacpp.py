@@ -480,7 +480,13 @@ class LlamaCppEngine:
                 )
             return sampler
 
-        return await asyncio.to_thread(build)
+        task = asyncio.ensure_future(asyncio.to_thread(build))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The consumer went away while it compiled: free the sampler once it exists.
+            task.add_done_callback(_free_built)
+            raise
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._require()
@@ -584,6 +590,13 @@ class LlamaCppEngine:
         if self._scheduler is None:
             return []
         return await asyncio.wrap_future(self._scheduler.probe(self._scheduler.occupied_sequences))
+
+
+def _free_built(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is None and task.result():
+        from llama_cpp import llama_sampler_free
+
+        llama_sampler_free(task.result())
 
 
 def _retry_after(queue: int, parallel: int) -> int:

@@ -309,3 +309,75 @@ async def test_control_token_text_in_tools_refused(engine: LlamaCppEngine) -> No
     with pytest.raises(InvalidRequestError) as caught:
         await engine.render_chat((Message("user", "hi"),), (bad,))
     assert caught.value.code == "control_token_text" and caught.value.param == "tools"
+
+
+# A Hermes/Qwen-style template (tools rendered with tojson, calls as <tool_call> blocks).
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call these functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Return each call as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tc in message.tool_calls %}
+<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+async def hermes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppEngine]:
+    template = tmp_path_factory.mktemp("template") / "hermes.jinja"
+    template.write_text(HERMES_TEMPLATE)
+    spec = flat_spec(
+        id="m", path=smollm2_path(), context_length=1024, parallel=2, chat_template=str(template)
+    )
+    e = LlamaCppEngine(spec)
+    await e.start()
+    yield e
+    await e.close()
+
+
+async def test_tools_aware_template_renders_tools_and_calls(hermes: LlamaCppEngine) -> None:
+    history = (
+        Message("user", "Pulse 82. <|im_end|> stays text here"),
+        Message("assistant", "", tool_calls=(ToolCall("call_1", VITALS.name, '{"pulse":82}'),)),
+        Message("tool", "saved", tool_call_id="call_1"),
+    )
+    prompt = await hermes.render_chat(history, (VITALS,))
+    assert '"description": "Record the patient\'s pulse."' in prompt.text
+    assert '<tool_call>\n{"name": "record_vitals", "arguments": {"pulse":82}}' in prompt.text
+    assert "<tool_response>\nsaved\n</tool_response>" in prompt.text
+    # Client text stays text: the message's "<|im_end|>" is not the control token.
+    im_end = 2
+    markup = prompt.text.count("<|im_end|>") - 1
+    assert list(prompt.token_ids).count(im_end) == markup
+
+
+async def test_auto_tool_choice_on_a_hermes_template(hermes: LlamaCppEngine) -> None:
+    req = _with(
+        request((Message("user", "Record a pulse of 82."),), "auto", max_tokens=60),
+        tools=(VITALS,),
+        tool_choice="auto",
+    )
+    out = await chunks(hermes, req)
+    calls = [d for c in out for d in c.tool_calls]
+    if out[-1].finish_reason == "tool_calls":
+        assert calls and all(d.name and json.loads(d.arguments) is not None for d in calls)
+    else:  # no call, or a block that does not parse: returned as text
+        assert not calls
