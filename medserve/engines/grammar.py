@@ -23,9 +23,11 @@ Enforced: ``type`` (one or a list), ``properties``, ``required``, ``additionalPr
 property), ``items`` (schema or list), ``prefixItems``, ``minItems``, ``maxItems``,
 ``enum``, ``const``, ``anyOf``, ``allOf`` of one schema, local ``$ref`` (``#/...``,
 recursion included) with ``$defs``/``definitions``, strings' ``minLength``/``maxLength``
-and ``format`` date, time, date-time, uuid, and integers' bounds. Refused (:data:`REFUSED`
-says why): ``oneOf``, ``not``, ``if``/``then``/``else``, ``pattern``, ``patternProperties``,
-``uniqueItems``, ``multipleOf``, number (non-integer) bounds, remote ``$ref`` and more.
+and ``format`` date, time, date-time, uuid, integers' bounds, and numbers' inclusive
+whole-number bounds (a confidence from 0 to 1; such numbers are written without exponent).
+Refused (:data:`REFUSED` says why): ``oneOf``, ``not``, ``if``/``then``/``else``,
+``pattern``, ``patternProperties``, ``uniqueItems``, ``multipleOf``, exclusive or
+fractional number bounds, remote ``$ref`` and more.
 Grammars are stricter than their schemas in ways that keep every output valid: properties
 come in the schema's order, optional properties other than the listed ones never appear,
 tuples have exactly their listed items, whitespace is at most one space.
@@ -252,10 +254,35 @@ def _typed(kind: str, node: dict[str, Any]) -> dict[str, Any]:
     if kind == "integer":
         return _integer(node)
     if kind == "number":
-        for word in sorted(FAMILY["number"]):
-            if word in node:
-                raise _Refused(f"'{word}' on a non-integer number cannot be enforced")
+        return _number(node)
     return {"type": kind}
+
+
+def _number(node: dict[str, Any]) -> dict[str, Any]:
+    """Numbers: inclusive bounds that are whole numbers (``0``..``1``, ``minimum: 0``) are
+    enforced; exclusive or fractional ones are refused."""
+    if "multipleOf" in node:
+        raise _Refused(REFUSED["multipleOf"])
+    out: dict[str, Any] = {"type": "number"}
+    for word in ("exclusiveMinimum", "exclusiveMaximum"):
+        if word in node:
+            raise _Refused(f"'{word}' on a non-integer number cannot be enforced")
+    for word in ("minimum", "maximum"):
+        if word not in node:
+            continue
+        value = node[word]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise _Refused(f"'{word}' must be a number")
+        if value != int(value) or abs(value) >= 10**MAX_DIGITS:
+            raise _Refused(f"a fractional '{word}' on a non-integer number cannot be enforced")
+        out[word] = int(value)
+    if out.get("minimum", -math.inf) > out.get("maximum", math.inf):
+        raise _Refused("no number lies between 'minimum' and 'maximum'")
+    return out
 
 
 def _object(node: dict[str, Any]) -> dict[str, Any]:
@@ -469,6 +496,31 @@ def integer_rule(low: int | None, high: int | None) -> str:
     return "(" + " | ".join(alts) + ")"
 
 
+def number_rule(low: int | None, high: int | None) -> str:
+    """A GBNF expression for the decimal numbers from ``low`` to ``high`` (whole-number
+    bounds; None: unbounded), without exponents: an integer part in range with any
+    fraction (rule ``decimal-part``), or a bound itself with a fraction of zeros."""
+    frac = '("." decimal-part)?'
+    zero = '("." "0")?'
+    alts: list[str] = []
+
+    def side(least: int, most: int | None, sign: str) -> None:
+        # Magnitudes from least (any fraction) up to most (whole, zero fraction only).
+        if most is None:
+            alts.extend(f"{sign}{a} {frac}" for a in _natural_range(least, None))
+            return
+        if most > least:
+            alts.extend(f"{sign}{a} {frac}" for a in _natural_range(least, most - 1))
+        alts.append(f'{sign}"{most}" {zero}')
+
+    if high is None or high >= 0:
+        side(max(low or 0, 0), high, "")
+    if low is None or low < 0:
+        # -(n + f): n + f within [max(0, -high), -low]; "-0..." only when 0 is in range.
+        side(0 if high is None or high >= 0 else -high, None if low is None else -low, '"-" ')
+    return "(" + " | ".join(alts) + ")"
+
+
 def _converter(prop_order: dict[str, int]) -> Any:
     """llama-cpp-python's converter with the fixes the module docstring lists (imported
     here: importing llama_cpp loads llama.cpp's library, which the web layer never needs)."""
@@ -486,9 +538,14 @@ def _converter(prop_order: dict[str, int]) -> Any:
 
         def visit(self, schema: dict[str, Any], name: str) -> str:
             bounded = "minimum" in schema or "maximum" in schema
-            if schema.get("type") == "integer" and bounded:
+            if schema.get("type") in ("integer", "number") and bounded:
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
-                expr = integer_rule(schema.get("minimum"), schema.get("maximum"))
+                low, high = schema.get("minimum"), schema.get("maximum")
+                if schema["type"] == "integer":
+                    expr = integer_rule(low, high)
+                else:
+                    self._add_primitive("decimal-part", PRIMITIVE_RULES["decimal-part"])
+                    expr = number_rule(low, high)
                 return str(self._add_rule(rule, f"{expr} space"))
             return str(super().visit(schema, name))
 

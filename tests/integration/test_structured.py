@@ -56,7 +56,7 @@ SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "properties": {
                     "code": {"type": "string", "maxLength": 6},
-                    "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                 },
                 "required": ["code", "confidence"],
             },

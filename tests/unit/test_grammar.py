@@ -243,6 +243,19 @@ ENFORCED: list[tuple[str, dict[str, Any] | None, list[str], list[str]]] = [
     ),
     ("boolean", {"type": "boolean"}, ["true", "false"], ["1", "null"]),
     ("number", {"type": "number"}, ["1.5", "-2e3", "0"], ['"1"', "01"]),
+    (
+        "number minimum+maximum",
+        {"type": "number", "minimum": 0, "maximum": 1},
+        ["0", "1", "0.75", "1.0", "0.0"],
+        ["1.5", "-0.1", "2", "1.01"],
+    ),
+    (
+        "number minimum",
+        {"type": "number", "minimum": -2},
+        ["-2", "-1.5", "3.25", "100"],
+        ["-2.5", "-3"],
+    ),
+    ("number maximum", {"type": "number", "maximum": -1}, ["-1", "-1.5", "-20"], ["-0.5", "0"]),
 ]
 
 
@@ -269,6 +282,15 @@ def test_integer_ranges_exactly(recognizer: Recognizer, low: int, high: int) -> 
         assert recognizer.accepts(grammar, str(n)) == (low <= n <= high), n
 
 
+@pytest.mark.parametrize(("low", "high"), [(0, 1), (-3, 2), (-5, -2), (2, 12)])
+def test_number_ranges_exactly(recognizer: Recognizer, low: int, high: int) -> None:
+    grammar = json_schema_grammar(json.dumps({"type": "number", "minimum": low, "maximum": high}))
+    for k in range(4 * (low - 3), 4 * (high + 3) + 1):
+        x = k / 4
+        for text in {str(x), f"{x:g}"} - {"-0.0", "-0"}:  # (negative zero: not generated)
+            assert recognizer.accepts(grammar, text) == (low <= x <= high), text
+
+
 def secret(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` as the value of a property named with patient text."""
     return {"type": "object", "properties": {SECRET: schema}, "required": [SECRET]}
@@ -289,7 +311,7 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("contains", {"type": "array", "contains": {"const": SECRET}}),
     ("multipleOf", {"type": "integer", "multipleOf": 5}),
     ("minimum", {"type": "number", "minimum": 0.5}),
-    ("maximum", {"type": "number", "maximum": 1}),
+    ("maximum", {"type": "number", "maximum": 1.5}),
     ("exclusiveMinimum", {"type": "number", "exclusiveMinimum": 0}),
     ("$ref", {"$ref": "https://example.org/schema.json"}),
     ("$ref", {"$ref": "#/$defs/missing"}),
