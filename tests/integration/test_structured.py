@@ -107,7 +107,7 @@ def schema_constraint(schema: dict[str, Any]) -> Constraint:
 
 
 def structured(rid: str, constraint: Constraint | None, **sampling: object) -> GenerationRequest:
-    req = request(LETTER, rid, **{"max_tokens": 120, **sampling})
+    req = request(LETTER, rid, **{"max_tokens": 200, **sampling})
     return _with(req, constraint=constraint)
 
 
