@@ -139,6 +139,7 @@ async def medserve_rows(args: argparse.Namespace) -> dict[str, dict[int, float]]
             for level in args.levels:
                 tps, _ = await engine_run(engine, level, level * args.per_user, c, args.max_tokens)
                 rows.setdefault(name, {})[level] = tps
+                print(f"{name} c={level}: {tps:.1f} tok/s", flush=True)
         scheduler.grammar_in_chain = False
     finally:
         await engine.close()
@@ -191,6 +192,7 @@ def llamacpp_rows(args: argparse.Namespace) -> dict[str, dict[int, float]]:
                     if report.completed < report.requests:
                         print(f"{name} c={level}: {report.completed}/{report.requests} completed")
                     rows.setdefault(name, {})[level] = report.output_tokens_per_s
+                    print(f"{name} c={level}: {report.output_tokens_per_s:.1f} tok/s", flush=True)
     return rows
 
 
