@@ -19,7 +19,7 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
-.PHONY: install serve test test-vllm lint typecheck unit bench bench-prefix bench-gateway clean
+.PHONY: install serve test test-vllm lint typecheck unit bench bench-prefix bench-gateway bench-structured clean
 
 install: $(VENV)/.installed-serve
 
@@ -52,13 +52,21 @@ typecheck: $(VENV)/.installed-dev
 ## Benchmarks: single-stream HTTP vs in-process, then medserve vs llama-cpp-python's
 ## server vs llama.cpp's server at 1, 4 and 8 concurrent users, then the audit log's
 ## cost, then the shared-prefix workload (bench-prefix), then bench-gateway (what medserve
-## adds in front of a fast vLLM) (about half an hour; run it on an otherwise idle machine)
+## adds in front of a fast vLLM), then bench-structured (about 40 minutes; run it on an
+## otherwise idle machine)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/single_stream.py
 	$(BIN)/python tests/bench/compare.py
 	$(BIN)/python tests/bench/audit.py
 	$(BIN)/python tests/bench/prefix.py
 	$(MAKE) --no-print-directory bench-gateway
+	$(MAKE) --no-print-directory bench-structured
+
+## JSON-schema-constrained vs free decoding on SmolLM2 at 1 and 8 concurrent requests:
+## medserve's engine (as served, and with the grammar applied to the whole vocabulary),
+## then llama.cpp's server with the same schema; one run, ratios (a few minutes)
+bench-structured: $(VENV)/.installed-bench
+	$(BIN)/python tests/bench/structured.py
 
 ## What a gateway adds in front of a fast vLLM (a fake one): direct vs medserve with the
 ## audit log off and on vs LiteLLM's proxy, at 1 and 64 concurrent users, streaming and

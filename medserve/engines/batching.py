@@ -13,6 +13,17 @@ thread-safe). Other threads talk to it only through its inbox: jobs to run, and 
 Sampling uses llama.cpp's sampler chains, built exactly as ``Llama.generate`` builds them,
 so a greedy request gives the same tokens here as through the library's own loop.
 
+Constrained requests (a JSON schema, a tool call) carry one llama.cpp grammar sampler per
+sequence and share decode steps with free ones; :class:`~medserve.engines.picker.Picker`
+applies it (sample as if free, check that token, resample with the grammar only when it
+refuses: greedy answers equal the grammar inside the chain). When the grammar is complete
+it allows only end-of-generation; a budget that ends first gives ``length``.
+
+Log-probabilities (requests that ask) are the log-softmax of the raw logits of the sampled
+position (before penalties, temperature, truncation and grammar: vLLM's default), with the
+top alternatives, attached to the chunk that carries the token's text (see
+:meth:`Scheduler._advance`).
+
 Prefix reuse (:mod:`medserve.engines.prefix`): when a request's prefill begins, the KV of
 its prompt's longest computed head is taken from wherever it is — left in this slot or
 another free slot by an earlier request, held by a running request, or saved in the
@@ -37,7 +48,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medserve.engines.base import FinishReason, GenerationChunk, PrefixCacheStats, Sampling
+from medserve.engines.base import (
+    FinishReason,
+    GenerationChunk,
+    PrefixCacheStats,
+    Sampling,
+    TokenLogprob,
+)
+from medserve.engines.picker import Picker
 from medserve.engines.prefix import (
     BLOCK,
     Counters,
@@ -83,6 +101,10 @@ class Job:
     on_release: Callable[[bool], None] = lambda started: None
     cancel: threading.Event = field(default_factory=threading.Event)
     salt: str | None = None  # the request's cache_salt: prefixes are shared between equals
+    # A llama.cpp grammar sampler (llama_sampler_init_grammar) the tokens must follow, or
+    # None. Owned by the scheduler once submitted: it frees it when the job is over.
+    grammar: Any = None
+    logprobs: int | None = None  # None: none; N: the sampled token's and N alternatives
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,12 @@ class _Slot:
     count: int = 0
     next_token: int = -1
     started: bool = False  # its prefill began (its KV is its own prompt's from then on)
+    grammar: Any = None  # the job's grammar sampler, applied beside the chain
+    # Log-probabilities not yet sent: (start, end) of the token's text in the text fed to
+    # the stop matcher, and the entry; ``fed``/``sent``: characters fed / sent so far.
+    pending: deque[tuple[int, int, TokenLogprob]] = field(default_factory=deque)
+    fed: int = 0
+    sent: int = 0
 
     @property
     def decoding(self) -> bool:
@@ -186,6 +214,10 @@ class Scheduler:
         self.counters = Counters()
         self.store = PrefixStore(prefix_capacity, self.counters)
         self._held = [_Held() for _ in range(parallel)]
+        self._picker = Picker(self._ctx.ctx, llama.n_vocab(), self._eog, self._piece)
+        # Tests set this to put grammars inside the chain (Llama._init_sampler's way): the
+        # reference the sample-then-check path must equal for greedy requests.
+        self.grammar_in_chain = False
 
     # -- called from other threads -------------------------------------------------------
 
@@ -229,6 +261,7 @@ class Scheduler:
                     break
             for item in leftovers:
                 if isinstance(item, Job):
+                    _free_grammar(item)
                     item.emit(ending)
                     item.emit(None)
                     item.on_release(False)
@@ -310,6 +343,12 @@ class Scheduler:
             s.frequency_penalty,
             s.presence_penalty,
         )
+        grammar, job.grammar = job.grammar, None
+        if grammar is not None and self.grammar_in_chain:
+            from llama_cpp import llama_sampler_chain_add
+
+            llama_sampler_chain_add(sampler.sampler, grammar)  # the chain owns it now
+            grammar = None
         # top_p 0 keeps only the most likely token (OpenAI's reading, and llama.cpp's top-p
         # with min_keep 1 would do the same): say so rather than rely on it.
         if s.temperature == 0.0 or s.top_p == 0.0:
@@ -328,6 +367,7 @@ class Scheduler:
             prompt=job.prompt,
             matcher=StopMatcher(s.stop),
             utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            grammar=grammar,
         )
         self._slots.append(slot)
         job.on_start()
@@ -461,6 +501,7 @@ class Scheduler:
         for job in list(self._waiting):
             if job.cancel.is_set() or now > job.deadline:
                 self._waiting.remove(job)
+                _free_grammar(job)
                 if not job.cancel.is_set():
                     job.emit(RequestTimeoutError())
                 job.emit(None)
@@ -521,8 +562,11 @@ class Scheduler:
                 self._release(slot, EngineError("The engine failed while generating."), keep=False)
             return
         for slot, index in wanted:
-            token = llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, index)
-            self._advance(slot, int(token))
+            if slot.grammar is None:
+                token = int(llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, index))
+            else:
+                token = self._picker.constrained(slot.sampler.sampler, slot.grammar, index)
+            self._advance(slot, token, index)
 
     @staticmethod
     def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -539,17 +583,29 @@ class Scheduler:
             piece = self._pieces[token] = self._vocab.piece(token, special=False)
         return piece
 
-    def _advance(self, slot: _Slot, token: int) -> None:
-        """Handle one sampled token: emit text, or finish the request."""
+    def _advance(self, slot: _Slot, token: int, index: int) -> None:
+        """Handle one sampled token (from batch position ``index``): emit text, or finish.
+
+        Log-probabilities go out with the chunk that sends the end of their token's text
+        (a token that completes a character another began goes with it); the last chunk
+        also takes the tokens whose text it sends only in part. Tokens of a matched stop
+        sequence, whose text is never sent, get no entry; end-of-generation gets none.
+        """
         finish: FinishReason | None = None
         if token in self._eog:
             finish = "stop"
         else:
             slot.count += 1
             self.generated_tokens += 1
-            text = slot.matcher.feed(slot.utf8.decode(self._piece(token)))
+            piece = slot.utf8.decode(self._piece(token))
+            top = slot.job.logprobs
+            if top is not None:
+                start, slot.fed = slot.fed, slot.fed + len(piece)
+                slot.pending.append((start, slot.fed, self._picker.logprob(index, token, top)))
+            text = slot.matcher.feed(piece)
             if text:
-                slot.job.emit(GenerationChunk(text))
+                slot.sent += len(text)
+                slot.job.emit(GenerationChunk(text, logprobs=self._sent(slot, False)))
             if slot.matcher.stopped:
                 finish = "stop"
             elif slot.count >= slot.job.max_tokens:
@@ -560,13 +616,31 @@ class Scheduler:
             slot.next_token = token
             return
         tail = slot.matcher.feed(slot.utf8.decode(b"", final=True)) + slot.matcher.flush()
+        slot.sent += len(tail)
         final = GenerationChunk(
             tail,
             finish_reason=finish,
             prompt_tokens=len(slot.prompt),
             completion_tokens=slot.count,
+            logprobs=self._sent(slot, True),
         )
         self._release(slot, final)
+
+    @staticmethod
+    def _sent(slot: _Slot, last: bool) -> tuple[TokenLogprob, ...]:
+        """The pending log-probabilities whose token's text is now sent (all of it; in the
+        last chunk, any of it); on the last chunk the rest (a stop sequence's) are dropped."""
+        out = []
+        while slot.pending:
+            start, end, entry = slot.pending[0]
+            if end <= slot.sent or (last and start < slot.sent):
+                out.append(entry)
+                slot.pending.popleft()
+            else:
+                break
+        if last:
+            slot.pending.clear()
+        return tuple(out)
 
     def _release(self, slot: _Slot, last: Item, keep: bool = True) -> None:
         """Free the slot and its sampler, and tell the job it is over. With prefix reuse on
@@ -583,12 +657,26 @@ class Scheduler:
             llama_memory_seq_rm(self._memory, slot.seq, kept, -1)
             self._held[slot.seq] = _Held(slot.job.salt, slot.prompt[:kept])
         slot.sampler.close()
+        if slot.grammar is not None:
+            from llama_cpp import llama_sampler_free
+
+            llama_sampler_free(slot.grammar)
+            slot.grammar = None
         self._slots.remove(slot)
         self._free.append(slot.seq)
         if last is not None:
             slot.job.emit(last)
         slot.job.emit(None)
         slot.job.on_release(True)
+
+
+def _free_grammar(job: Job) -> None:
+    """Free a job's grammar sampler that never reached a slot."""
+    if job.grammar is not None:
+        from llama_cpp import llama_sampler_free
+
+        llama_sampler_free(job.grammar)
+        job.grammar = None
 
 
 def _end_of_generation_tokens(llama: Llama) -> frozenset[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
@@ -28,7 +29,8 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,6 +38,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medserve.engines.base import (
+    Constraint,
     EngineInfo,
     GenerationChunk,
     GenerationRequest,
@@ -43,9 +46,20 @@ from medserve.engines.base import (
     Message,
     PrefixCacheStats,
     Prompt,
+    Tool,
 )
 from medserve.engines.batching import Item, Job, Scheduler
+from medserve.engines.grammar import json_schema_grammar
 from medserve.engines.prepare import bound_chars, budget, in_time
+from medserve.engines.toolcalls import (
+    HermesCalls,
+    ToolCallStream,
+    auto_format,
+    client_strings,
+    supports_tools,
+    template_messages,
+    template_tools,
+)
 from medserve.engines.vocab import VOCAB_BPE, VOCAB_SPM, Segment, Vocab, metadata
 from medserve.errors import ConfigError, EngineError, InvalidRequestError, UnavailableError
 
@@ -59,6 +73,9 @@ log = logging.getLogger(__name__)
 # (SentencePiece, byte-level BPE): for these a prompt of more than context_length times the
 # longest piece cannot fit the context (EngineInfo.max_token_bytes).
 BYTE_LEVEL = (VOCAB_SPM, VOCAB_BPE)
+# Compiled grammars (GBNF text) kept per engine, by schema digest: a repeated schema (the
+# usual case: an app sends the same one every time) skips the conversion.
+GRAMMAR_CACHE = 64
 
 
 class LlamaCppSpec(BaseModel):
@@ -181,6 +198,9 @@ class LlamaCppEngine:
         self._thread: threading.Thread | None = None
         self._info: EngineInfo | None = None
         self._formatter: Any = None
+        self._template = ""
+        self._grammars: OrderedDict[tuple[str, tuple[str, ...]], str] = OrderedDict()
+        self._grammar_lock = threading.Lock()
         self._vocab: Vocab | None = None
         self._submitted = 0  # handed to the scheduler and not yet released
         self._running = 0
@@ -247,6 +267,7 @@ class LlamaCppEngine:
             llama.close()
             raise EngineError(f"model {self._model.id!r}: no llama.cpp context: {exc}") from exc
         template = self._chat_template(llama)
+        self._template = template or ""
         if template is not None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -303,8 +324,13 @@ class LlamaCppEngine:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
         return self._llama
 
-    async def render_chat(self, messages: tuple[Message, ...]) -> Prompt:
-        """The chat template applied and tokenized (used by :meth:`generate`; tests read it)."""
+    async def render_chat(
+        self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()
+    ) -> Prompt:
+        """The chat template applied and tokenized (used by :meth:`generate`; tests read it).
+
+        ``tools``: function definitions for the template (rendered where it mentions
+        tools; see :mod:`medserve.engines.toolcalls` for templates that do not)."""
         self._require()
         if self._formatter is None:
             raise InvalidRequestError(
@@ -312,9 +338,9 @@ class LlamaCppEngine:
                 param="messages",
                 code="chat_not_supported",
             )
-        return await asyncio.to_thread(self._render_chat, messages)
+        return await asyncio.to_thread(self._render_chat, messages, tools)
 
-    def _render_chat(self, messages: tuple[Message, ...]) -> Prompt:
+    def _render_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> Prompt:
         """Render and tokenize (on a worker thread): only the template's markup is special.
 
         The template is rendered twice: plainly, and with each message's content between
@@ -326,16 +352,27 @@ class LlamaCppEngine:
         no client string contains a special token's text and it holds exactly the special
         tokens of the template's markup; otherwise the request is refused (400
         ``control_token_text``), never tokenized with the client's text parsed as special.
+
+        Tool definitions, calls and results are client text too: their string values are
+        marked the same way (keys and ``type`` values are not: templates look them up), and
+        a request whose tool strings hold a special token's text is refused outright.
         """
         vocab = self._vocab
         assert vocab is not None
-        text = self._apply([(m.role, m.content) for m in messages])
-        contents = [m.content for m in messages]
+        extra = client_strings(messages, tools)
+        if any(vocab.contains_special(s) for s in extra):
+            raise InvalidRequestError(
+                "A tool definition or call contains text of this model's control tokens.",
+                param="tools" if tools else "messages",
+                code="control_token_text",
+            )
+        text = self._apply(messages, tools, lambda s: s)
+        contents = [m.content for m in messages] + extra
         nonce = secrets.token_hex(12)
         while any(nonce in c for c in contents):  # 2**-96 per message: ends at once
             nonce = secrets.token_hex(12)
         open_, close = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
-        marked = self._apply([(m.role, f"{open_}{m.content}{close}") for m in messages])
+        marked = self._apply(messages, tools, lambda s: f"{open_}{s}{close}")
         segments = _segments(marked, open_, close)
         if segments is not None and "".join(s.text for s in segments) == text:
             return Prompt(text, tuple(vocab.encode(segments)))
@@ -353,10 +390,14 @@ class LlamaCppEngine:
             code="control_token_text",
         )
 
-    def _apply(self, messages: list[tuple[str, str]]) -> str:
-        wire = [{"role": role, "content": content} for role, content in messages]
+    def _apply(
+        self, messages: tuple[Message, ...], tools: tuple[Tool, ...], wrap: Callable[[str], str]
+    ) -> str:
+        aware = supports_tools(self._template)
+        wire = template_messages(messages, wrap, aware)
+        functions = template_tools(tools, wrap) if tools and aware else None
         try:
-            return str(self._formatter(messages=wire).prompt)
+            return str(self._formatter(messages=wire, tools=functions).prompt)
         except Exception as exc:
             # Templates raise on message shapes they refuse (roles that do not alternate,
             # a system message in the wrong place). Their message text is not forwarded.
@@ -380,18 +421,82 @@ class LlamaCppEngine:
         """Render, tokenize and check ``request``: its prompt and completion budget."""
         bound_chars(self.info, request)  # before any rendering: what cannot fit costs nothing
         if request.messages is not None:
-            prompt = await self.render_chat(request.messages)
+            shown = request.tools if request.tool_choice not in (None, "none") else ()
+            prompt = await self.render_chat(request.messages, shown)
         else:
             prompt = await self.render_text(request.prompt or "")
         in_time(request, len(prompt.token_ids))
         return prompt, budget(request, len(prompt.token_ids), self.info.context_length)
 
+    def _answer_shape(self, request: GenerationRequest) -> ToolCallStream | HermesCalls | None:
+        """What turns this request's output into tool calls, if anything: the constraint's
+        call, or for ``tool_choice`` ``auto`` the template's own call format; 400 (param
+        ``tool_choice``) for ``auto`` where medserve knows no such format."""
+        constraint = request.constraint
+        if constraint is not None:
+            return ToolCallStream(constraint) if constraint.kind == "tool" else None
+        if request.tool_choice != "auto" or not request.tools or request.messages is None:
+            return None
+        if auto_format(self._template) is None:
+            raise InvalidRequestError(
+                "This model's chat template has no tool support, so tool_choice 'auto' "
+                "cannot be served: name a function in tool_choice, or use 'required'.",
+                param="tool_choice",
+                code="tool_choice_unsupported",
+            )
+        return HermesCalls()
+
+    async def _grammar(self, constraint: Constraint) -> Any:
+        """A fresh llama.cpp grammar sampler for ``constraint`` (compiled off the event
+        loop; the GBNF text is cached by schema digest). The scheduler frees it."""
+        llama = self._require()
+        tool = constraint.kind == "tool"
+        order = ("name", "arguments") if tool and constraint.name is None else ()
+        param = "tools" if tool else "response_format"
+        schema = constraint.schema
+
+        def build() -> Any:
+            from llama_cpp import llama_model_get_vocab, llama_sampler_init_grammar
+
+            digest = hashlib.sha256((schema or "").encode()).hexdigest() if schema else ""
+            key = (digest, order)
+            with self._grammar_lock:
+                text = self._grammars.get(key)
+                if text is not None:
+                    self._grammars.move_to_end(key)
+            if text is None:
+                text = json_schema_grammar(schema, prop_order=order, param=param)
+                with self._grammar_lock:
+                    self._grammars[key] = text
+                    while len(self._grammars) > GRAMMAR_CACHE:
+                        self._grammars.popitem(last=False)
+            vocab = llama_model_get_vocab(llama.model)
+            sampler = llama_sampler_init_grammar(vocab, text.encode(), b"root")
+            if not sampler:
+                raise InvalidRequestError(
+                    "The JSON schema could not be compiled to a grammar.",
+                    param=param,
+                    code="unsupported_schema",
+                )
+            return sampler
+
+        task = asyncio.ensure_future(asyncio.to_thread(build))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The consumer went away while it compiled: free the sampler once it exists.
+            task.add_done_callback(_free_built)
+            raise
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._require()
+        shape = self._answer_shape(request)
         prompt, max_tokens = await self._prepare(request)
         scheduler = self._scheduler
         if scheduler is None:
             raise UnavailableError("The model is not loaded.", code="model_not_ready")
+        constraint = request.constraint
+        grammar = None if constraint is None else await self._grammar(constraint)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -423,6 +528,8 @@ class LlamaCppEngine:
             on_start=on_start,
             on_release=on_release,
             salt=request.cache_salt,
+            grammar=grammar,
+            logprobs=request.logprobs,
         )
         self._submitted += 1
         scheduler.submit(job)
@@ -432,6 +539,10 @@ class LlamaCppEngine:
                     raise item
                 if item.finish_reason is not None and waited:
                     item = dataclasses.replace(item, queue_s=waited[0])
+                if shape is not None:
+                    item = shape.feed(item)
+                    if not (item.text or item.tool_calls or item.logprobs or item.finish_reason):
+                        continue  # text held back (a call's envelope, a possible call)
                 yield item
         finally:
             # Finished, failed or abandoned: the scheduler frees the slot before its next
@@ -479,6 +590,13 @@ class LlamaCppEngine:
         if self._scheduler is None:
             return []
         return await asyncio.wrap_future(self._scheduler.probe(self._scheduler.occupied_sequences))
+
+
+def _free_built(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is None and task.result():
+        from llama_cpp import llama_sampler_free
+
+        llama_sampler_free(task.result())
 
 
 def _retry_after(queue: int, parallel: int) -> int:
