@@ -47,10 +47,10 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 def schema_json(value: Any) -> str:
     """The one text form of a schema: no spaces, UTF-8 left unescaped, and the client's
-    key order kept, not sorted: the order of ``properties`` is the order the answer's keys are generated in, on
-    llama.cpp's grammar (required properties first, in schema order) as in OpenAI's
-    structured outputs, and a schema that puts ``reasoning`` before ``answer``, or a
-    call's ``name`` before its ``arguments``, means it. Sorting would reorder them."""
+    key order kept, not sorted: the order of ``properties`` is the order the answer's keys
+    are generated in, on llama.cpp's grammar (required properties first, in schema order)
+    as in OpenAI's structured outputs, and a schema that puts ``reasoning`` before
+    ``answer``, or a call's ``name`` before its ``arguments``, means it."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 

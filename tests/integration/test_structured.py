@@ -1,7 +1,7 @@
 """Structured answers on the real SmolLM2 engine: JSON schemas, tool calls, logprobs.
 
-Answers are validated with jsonschema_rs (a dependency of the pinned schemathesis dev
-tool), independent of medserve's grammar code.
+Answers are validated with jsonschema (the dev extra's oracle), independent of medserve's
+grammar code.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import jsonschema_rs
+import jsonschema
 import pytest
 
 from medserve.engines.base import (
@@ -138,7 +138,7 @@ async def chunks(engine: LlamaCppEngine, req: GenerationRequest) -> list[Generat
 
 
 async def test_seeded_answers_parse_and_validate(engine: LlamaCppEngine) -> None:
-    validator = jsonschema_rs.validator_for(SCHEMA)
+    validator = jsonschema.Draft202012Validator(SCHEMA)
     constraint = schema_constraint(SCHEMA)
     reqs = [
         structured(f"s{seed}", constraint, temperature=0.9, seed=seed, repeat_penalty=1.1)
@@ -166,7 +166,7 @@ async def test_constrained_and_free_share_a_batch_greedy_unchanged(
     assert [t for t, _ in together] == [t for t, _ in alone]
     for text, last in alone[:4]:
         assert last.finish_reason == "stop"
-        jsonschema_rs.validate(SCHEMA, json.loads(text))
+        jsonschema.validate(json.loads(text), SCHEMA)
     # The reference: the grammar inside the sampler chain (Llama._init_sampler's order),
     # applied to the whole vocabulary at every token.
     scheduler = engine._scheduler
@@ -254,7 +254,7 @@ async def test_named_tool_call(engine: LlamaCppEngine) -> None:
     out = await chunks(engine, req)
     call_id, name, arguments = call_of(out)
     assert CALL_ID.match(call_id) and name == VITALS.name
-    jsonschema_rs.validate(json.loads(VITALS.parameters), json.loads(arguments))
+    jsonschema.validate(json.loads(arguments), json.loads(VITALS.parameters))
     assert out[-1].finish_reason == "tool_calls"
     assert sum(len(c.tool_calls) for c in out) > 1  # the arguments came in pieces
 
@@ -281,7 +281,7 @@ async def test_required_tool_call(engine: LlamaCppEngine) -> None:
     call_id, name, arguments = call_of(out)
     assert CALL_ID.match(call_id)
     chosen = {t.name: t for t in tools}[name]
-    jsonschema_rs.validate(json.loads(chosen.parameters), json.loads(arguments))
+    jsonschema.validate(json.loads(arguments), json.loads(chosen.parameters))
     assert out[-1].finish_reason == "tool_calls"
 
 
