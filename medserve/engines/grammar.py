@@ -270,13 +270,7 @@ def _number(node: dict[str, Any]) -> dict[str, Any]:
     for word in ("minimum", "maximum"):
         if word not in node:
             continue
-        value = node[word]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _Refused(f"'{word}' must be a number")
+        value = _finite(word, node[word])
         if value != int(value) or abs(value) >= 10**MAX_DIGITS:
             raise _Refused(f"a fractional '{word}' on a non-integer number cannot be enforced")
         out[word] = int(value)
@@ -368,13 +362,7 @@ def _integer(node: dict[str, Any]) -> dict[str, Any]:
     for word in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         if word not in node:
             continue
-        value = node[word]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _Refused(f"'{word}' must be a number")
+        value = _finite(word, node[word])
         if word == "minimum":
             bound = math.ceil(value)
         elif word == "exclusiveMinimum":
@@ -398,6 +386,13 @@ def _integer(node: dict[str, Any]) -> dict[str, Any]:
     if high is not None:
         out["maximum"] = high
     return out
+
+
+def _finite(word: str, value: Any) -> int | float:
+    """A numeric keyword's value, which must be a finite JSON number (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Refused(f"'{word}' must be a number")
+    return value
 
 
 def _bound(word: str, value: Any) -> None:
