@@ -239,6 +239,13 @@ class CompletionRequest(_Sampling):
     # with `echo` (refused here): medserve asks for at least one token.
     max_tokens: Annotated[Integer, Field(ge=1)] | None = 16
     suffix: Text | None = None
+    # Chat's structured-answer fields, which this endpoint does not take: modelled only so
+    # that serving refuses them by name instead of ignoring them (an app would believe its
+    # JSON constrained).
+    response_format: JsonValue = None
+    tools: JsonValue = None
+    tool_choice: JsonValue = None
+    top_logprobs: JsonValue = None
 
 
 @cache

@@ -250,6 +250,9 @@ def completion_job(
         raise _refuse("echo", "the prompt is not echoed back")
     if body.suffix:
         raise _refuse("suffix", "fill-in-the-middle is not implemented")
+    for name in ("response_format", "tools", "tool_choice", "top_logprobs"):
+        if getattr(body, name) is not None:
+            raise _refuse(name, "a chat parameter, not on /v1/completions")
     if isinstance(body.prompt, str):
         text = body.prompt
     elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):

@@ -82,7 +82,8 @@ def chat_structure(body: ChatCompletionRequest) -> Structure:
     schema the grammar cannot enforce (``check_schema``), a repeated tool name, function
     parameters that are not an object schema, ``tool_choice`` without ``tools`` or naming
     no function among them, a forcing ``tool_choice`` together with a JSON
-    ``response_format``, ``top_logprobs`` without ``logprobs``.
+    ``response_format``, ``top_logprobs`` without ``logprobs``, ``stop`` with a JSON
+    ``response_format`` or a forcing ``tool_choice``.
     """
     if body.functions or body.function_call not in (None, "none"):
         param = "functions" if body.functions else "function_call"
@@ -114,6 +115,14 @@ def chat_structure(body: ChatCompletionRequest) -> Structure:
                 param="response_format",
             )
         constraint = forced
+    if constraint is not None and body.stop:
+        # A stop sequence would end the answer inside its JSON, and the answer would say
+        # "stop" over a cut object or a call without a name.
+        raise InvalidRequestError(
+            "`stop` cannot be combined with a JSON `response_format` or a `tool_choice` "
+            "that forces a call: a stop sequence would cut the JSON.",
+            param="stop",
+        )
     return Structure(constraint, tools, choice, _chat_logprobs(body))
 
 

@@ -59,8 +59,6 @@ ANNOTATIONS = frozenset(
         "deprecated",
         "readOnly",
         "writeOnly",
-        "contentEncoding",
-        "contentMediaType",
         "$defs",
         "definitions",
     }
@@ -91,6 +89,10 @@ REFUSED = {
     "$anchor": "'$anchor' (references by anchor) cannot be enforced",
     "$dynamicAnchor": "'$dynamicAnchor' cannot be enforced",
     "$id": "'$id' inside a schema (a new base for references) cannot be enforced",
+    # Annotations in JSON Schema, but a client that sends them expects encoded content.
+    "contentEncoding": "'contentEncoding' cannot be enforced",
+    "contentMediaType": "'contentMediaType' cannot be enforced",
+    "contentSchema": "'contentSchema' cannot be enforced",
 }
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 # Keywords by the type of value they constrain (JSON Schema applies them to that type only).
@@ -100,6 +102,23 @@ FAMILY = {
     "string": {"minLength", "maxLength", "format"},
     "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
 }
+# Every keyword medserve reads or refuses by name; any other key of a subschema is refused
+# without being named (a misspelt keyword would otherwise be silently dropped, and a key
+# where a keyword belongs may be a property name: client text).
+KNOWN = (
+    ANNOTATIONS
+    | REFUSED.keys()
+    | {w for words in FAMILY.values() for w in words}
+    | {"type", "enum", "const", "anyOf", "allOf", "$ref"}
+)
+# OpenAI's documented limits for structured outputs' schemas, which bound the grammar's
+# size and its cost per sampled token (a 20,000-value enum took about 5 s a token here,
+# on the scheduler's thread, stalling every request of the model): enum values in all,
+# properties in all, and the characters of property names, definition names, enum and
+# const string values together.
+MAX_ENUM_VALUES = 1000
+MAX_PROPERTIES = 5000
+MAX_SCHEMA_CHARS = 120_000
 FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4"})
 # Any JSON value, in the form the converter turns into a union of its primitives.
 ANY: dict[str, Any] = {"type": ["object", "array", "string", "number", "boolean", "null"]}
@@ -147,6 +166,7 @@ def _compile(schema: Any, param: str, prop_order: Sequence[str]) -> str:
         for key, value in schema.items():  # $id names the document: harmless at the root
             if key == "$id" and not isinstance(value, str):
                 raise _Refused("'$id' must be a string")
+        _limits(schema)
         root = _prepare({k: v for k, v in schema.items() if k != "$id"})
         _check_refs(root, root)
         converter = _converter({n: i for i, n in enumerate(prop_order)})
@@ -182,6 +202,8 @@ def _prepare(node: Any) -> dict[str, Any]:
     for key in node:
         if key in REFUSED:
             raise _Refused(REFUSED[key])
+        if key not in KNOWN:
+            raise _Refused("a subschema has a key that is no JSON Schema keyword medserve knows")
     out: dict[str, Any] = {}
     for defs in ("$defs", "definitions"):
         if defs in node:
@@ -241,6 +263,41 @@ def _prepare(node: Any) -> dict[str, Any]:
     if kind not in TYPES:
         raise _Refused("'type' names an unknown type")
     return {**out, **_typed(kind, node)}
+
+
+def _limits(schema: Any) -> None:
+    """_Refused when the schema passes one of OpenAI's limits (MAX_ENUM_VALUES,
+    MAX_PROPERTIES, MAX_SCHEMA_CHARS), counted over every subschema (annotations'
+    values, such as ``default`` or ``examples``, are not subschemas and are skipped)."""
+    values = properties = chars = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in ("enum", "const"):
+                listed = value if key == "enum" and isinstance(value, list) else [value]
+                values += len(listed)
+                chars += sum(len(v) for v in listed if isinstance(v, str))
+            elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+                properties += len(value) if key == "properties" else 0
+                chars += sum(len(name) for name in value)
+                stack.extend(value.values())
+            elif key not in ANNOTATIONS:
+                stack.append(value)
+    if values > MAX_ENUM_VALUES:
+        raise _Refused(f"more than {MAX_ENUM_VALUES} 'enum'/'const' values in all")
+    if properties > MAX_PROPERTIES:
+        raise _Refused(f"more than {MAX_PROPERTIES} properties in all")
+    if chars > MAX_SCHEMA_CHARS:
+        raise _Refused(
+            f"property names, definition names and 'enum'/'const' strings of more than "
+            f"{MAX_SCHEMA_CHARS} characters in all"
+        )
 
 
 def _typed(kind: str, node: dict[str, Any]) -> dict[str, Any]:

@@ -149,9 +149,11 @@ class ToolCallStream:
     def feed(self, chunk: GenerationChunk) -> GenerationChunk:
         deltas = self._deltas(chunk.text)
         finish = chunk.finish_reason
-        if finish is not None and not self._started:
-            # Nothing came (e.g. a budget of zero tokens): still one call, with no arguments.
-            deltas.append(ToolCallDelta(0, id=self._id, name=self._name or ""))
+        if finish is not None and not self._started and self._name is not None:
+            # Nothing came (the budget ended first): still the named call, no arguments.
+            # Under ``required`` no call is sent before its name is complete: a call with
+            # an empty name would be dispatched by an app; the answer is empty, "length".
+            deltas.append(ToolCallDelta(0, id=self._id, name=self._name))
             self._started = True
         if finish == "stop" and self._complete():
             finish = "tool_calls"

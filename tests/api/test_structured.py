@@ -235,6 +235,28 @@ def test_tool_history_reaches_the_engine_as_typed_messages(
     )
 
 
+# Chat's structured-answer fields on the legacy endpoint: refused by name, never ignored
+# (an app would believe its answer constrained).
+CHAT_ONLY = [
+    ("response_format", {"type": "json_object"}),
+    ("tools", TWO_TOOLS),
+    ("tool_choice", "required"),
+    ("top_logprobs", 2),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), CHAT_ONLY, ids=[c[0] for c in CHAT_ONLY])
+def test_chat_only_fields_are_refused_on_completions(
+    client: TestClient, fake_engine: FakeEngine, name: str, value: Any
+) -> None:
+    r = post(client, COMPLETIONS, {"model": MODEL, "prompt": SECRET, name: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (name, "unsupported_parameter")
+    assert_clean(r)
+    assert fake_engine.requests == []
+
+
 def test_completion_logprobs_reach_the_engine(client: TestClient, fake_engine: FakeEngine) -> None:
     for n in (None, 0, 5):
         body: dict[str, Any] = {"model": MODEL, "prompt": "a b"}
@@ -249,6 +271,20 @@ def test_completion_logprobs_reach_the_engine(client: TestClient, fake_engine: F
 BAD_NAMES = ["bad name", "x" * 65, "", "naïve", SECRET + "!"]
 UNSUPPORTED = "unsupported_parameter"
 # (id, body fields, param, code)
+STOPPED: list[tuple[str, dict[str, Any]]] = [
+    ("json_object", {"response_format": {"type": "json_object"}}),
+    (
+        "json_schema",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": PARAMS},
+            }
+        },
+    ),
+    ("required", {"tools": TWO_TOOLS, "tool_choice": "required"}),
+    ("a named tool", {"tools": TWO_TOOLS, "tool_choice": named("lookup")}),
+]
 REFUSALS: list[tuple[str, dict[str, Any], str, str | None]] = [
     *[
         (
@@ -414,6 +450,9 @@ REFUSALS: list[tuple[str, dict[str, Any], str, str | None]] = [
         "messages[0].tool_calls[0].id",
         None,
     ),
+    # A stop sequence would cut the JSON and the answer would say "stop" (a call without
+    # a name, under `required`).
+    *[(f"stop with {what}", {**fields, "stop": ['"']}, "stop", None) for what, fields in STOPPED],
 ]
 
 

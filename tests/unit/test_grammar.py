@@ -326,6 +326,11 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("$id", {"properties": {"a": {"$id": "x"}}}),
     ("type", {"type": "date"}),
     ("type", {"minLength": 2, "minItems": 1}),
+    ("contentEncoding", {"type": "string", "contentEncoding": "base64"}),
+    ("contentMediaType", {"type": "string", "contentMediaType": "application/json"}),
+    ("enum", {"enum": [f"v{i}" for i in range(1001)]}),
+    ("enum", {"anyOf": [{"enum": [f"{SECRET}{i}"] * 2} for i in range(501)]}),
+    ("const", {"type": "array", "prefixItems": [{"const": i} for i in range(1001)]}),
 ]
 
 
@@ -341,6 +346,30 @@ def test_refused_keyword_is_named_and_nothing_else(keyword: str, schema: dict[st
         assert err.code == "unsupported_schema"
         assert f"'{keyword}'" in err.message
         assert SECRET not in err.message and "example.org" not in err.message
+
+
+# (what the schema passes, schema); none may be named in the message: client text
+UNNAMED: list[tuple[str, dict[str, Any]]] = [
+    ("a misspelt keyword", {"type": "string", "maxLenght": 3}),
+    ("a property name where a keyword goes", {"type": "object", SECRET: {"type": "string"}}),
+    ("5001 properties", {"type": "object", "properties": {f"p{i}": {} for i in range(5001)}}),
+    ("120,001 characters of names", {"type": "object", "properties": {"p" * 120_001: {}}}),
+    ("120,001 characters of enum strings", {"enum": ["x" * 60_001, SECRET + "y" * 60_000]}),
+]
+
+
+@pytest.mark.parametrize(("schema",), [(c[1],) for c in UNNAMED], ids=[c[0] for c in UNNAMED])
+def test_unknown_keys_and_oversized_schemas_are_refused_unnamed(schema: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        check_schema(schema, "response_format.json_schema.schema")
+    assert caught.value.code == "unsupported_schema"
+    assert SECRET not in caught.value.message and "maxLenght" not in caught.value.message
+
+
+def test_the_limits_admit_a_schema_at_them() -> None:
+    check_schema({"enum": [f"v{i}" for i in range(1000)]}, "p")
+    names = [f"p{i}" for i in range(5000)]
+    check_schema({"type": "object", "properties": dict.fromkeys(names, {}), "required": names}, "p")
 
 
 def test_grammar_refuses_what_check_refuses() -> None:

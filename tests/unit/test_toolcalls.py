@@ -67,12 +67,26 @@ def test_named_call_streams_arguments_as_they_come() -> None:
     assert joined(out)[0]["arguments"] == '{"a": 1}' and out[-1].finish_reason == "tool_calls"
 
 
-def test_cut_call_keeps_length() -> None:
-    out = run(
-        ToolCallStream(Constraint(kind="tool", schema="{}")), ['{"name": "f", "argu'], "length"
-    )
+CUT_CASES = [
+    # (id, tool name of a named choice or None for required, pieces, calls as (name, args))
+    ("required, cut in the envelope", None, ['{"name": "f", "argu'], {}),
+    ("required, cut inside the name", None, ['{"name": "lo'], {}),
+    ("required, nothing came", None, [], {}),
+    ("required, cut in the arguments", None, ['{"name": "f", "arguments": {"a'], {"f": '{"a'}),
+    ("named, nothing came", "g", [], {"g": ""}),
+    ("named, cut in the arguments", "g", ['{"a": '], {"g": '{"a": '}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "pieces", "calls"), [c[1:] for c in CUT_CASES], ids=[c[0] for c in CUT_CASES]
+)
+def test_a_cut_call_says_length_and_never_sends_a_call_without_a_name(
+    name: str | None, pieces: list[str], calls: dict[str, str]
+) -> None:
+    out = run(ToolCallStream(Constraint(kind="tool", schema="{}", name=name)), pieces, "length")
     assert out[-1].finish_reason == "length"
-    assert joined(out)[0]["name"] == ""  # the envelope never completed: a call without name
+    assert {c["name"]: c["arguments"] for c in joined(out).values()} == calls
 
 
 HERMES_CASES = [
