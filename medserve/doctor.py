@@ -23,8 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from medserve.auth.keys import KeyStore
-from medserve.config import ModelSpec, Settings
+from medserve.auth.keys import KeyStore, KeyStoreError
+from medserve.auth.pgkeys import SCHEMA_VERSION as PG_KEYS_SCHEMA
+from medserve.auth.pgkeys import PgKeyStore
+from medserve.config import AuthSettings, ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
@@ -44,6 +46,34 @@ class Check:
     name: str
     level: Level
     detail: str
+
+
+def _pg_keys(auth: AuthSettings) -> Check:
+    """Keys in PostgreSQL: reachable, schema version, active keys; read only. The
+    connection string is shown without its password, and so is any error."""
+    assert auth.url is not None
+    store = PgKeyStore(auth.url.get_secret_value())
+    where = f"keys in {store.shown}"
+    dev = "; a dev key is configured" if auth.dev_key is not None else ""
+    try:
+        version, active = store.inspect()
+    except KeyStoreError as exc:
+        return Check("auth", "danger", f"on; {exc}")
+    if version is None:
+        return Check("auth", "warn", f"on; {where}: no schema yet (created on first use){dev}")
+    if active is None:
+        return Check(
+            "auth",
+            "danger",
+            f"on; {where}: schema version {version}, this medserve knows {PG_KEYS_SCHEMA}",
+        )
+    level: Level = "warn" if not active or auth.dev_key else "ok"
+    return Check(
+        "auth",
+        level,
+        f"on; {active} active keys {where} (schema {version}; revocation within "
+        f"{auth.stale_after_s:g} s; shared rate limits){dev}",
+    )
 
 
 def loopback(host: str) -> bool:
@@ -70,6 +100,8 @@ def checks(
     )
     if not auth.enabled:
         yield Check("auth", "danger" if not local else "warn", "off: every request is anonymous")
+    elif auth.url is not None:
+        yield _pg_keys(auth)
     else:
         active: list[object] = []
         if not auth.keys_path.is_file():  # never create it here: doctor changes nothing

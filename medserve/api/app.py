@@ -82,17 +82,20 @@ def create_app(
             auditor.store.on_commit = metrics.audit_write.observe
         try:
             await auditor.event("config.loaded", **_posture(settings, router))
+            await security.start()
             await router.start()
             journal = asyncio.create_task(security.audit_key_changes(auditor, settings.instance))
+            refresh = asyncio.create_task(security.refresh_keys())
             try:
                 await auditor.event("server.start", version=__version__)
                 yield
             finally:
                 journal.cancel()
+                refresh.cancel()
                 await auditor.event("server.stop")
                 await router.close()
         finally:
-            security.close()
+            await security.aclose()
             if auditor.store is not None:
                 auditor.store.close()
 

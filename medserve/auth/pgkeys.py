@@ -1,0 +1,380 @@
+"""API keys in PostgreSQL, shared by every gateway on one database.
+
+The same interface as the SQLite :class:`~medserve.auth.keys.KeyStore` (``create``,
+``revoke``, ``all``, ``lookup``, ``changes``, ``mark_audited``, ``close``), chosen by
+``[auth] url = "postgresql://…"``; ``medserve keys … --db postgresql://…`` manages it.
+
+Revocation on every gateway, and the bound. A gateway never asks the database during a
+request: :meth:`PgKeyStore.lookup` reads an in-memory copy of the keys table.
+:meth:`PgKeyStore.refresh` (every ``refresh_s``, 0.5 s by default, from
+:meth:`medserve.api.security.Security.refresh_keys`) reads one row, the keys' generation
+(bumped by a trigger on every change to ``auth_keys``, whoever makes it, even by hand in
+``psql``), and reloads the table only when it moved. Each successful refresh confirms
+the copy as of the moment it *started*. A lookup made more than ``stale_after_s`` (2 s
+by default) after the last confirmation refuses with 503 ``key_store_unavailable``
+instead of trusting a copy it cannot confirm. Hence: a revocation committed at time t is
+refused by every gateway from t + ``stale_after_s`` at the latest, whatever happens to
+the network or the database (typically from t + ``refresh_s`` plus one round trip), and
+a new key works within the same time. The trigger also sends ``NOTIFY medserve_keys``
+for a listener to come (not used yet).
+
+Schema (versioned in ``auth_schema``, applied by :func:`medserve.pgconn.migrate` on first
+use): ``auth_keys`` (as the SQLite ``keys`` table; times are ``timestamptz``, models a
+``text[]``), ``auth_journal`` and ``auth_audited`` (the change journal each gateway copies
+into its audit log), ``auth_generation`` (one row), and ``auth_rate`` (the shared rate
+limit buckets of :mod:`medserve.auth.pglimits`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from medserve.auth.keys import (
+    PREFIX,
+    ROLES,
+    Key,
+    KeyStoreError,
+    Role,
+    digest,
+    new_secret,
+)
+from medserve.auth.pglimits import FUNCTIONS
+from medserve.errors import UnavailableError
+from medserve.pgconn import (
+    SchemaError,
+    connect_options,
+    display,
+    migrate,
+    schema_version,
+    scrub,
+)
+
+SCHEMA_TABLE = "auth_schema"
+CHANNEL = "medserve_keys"
+MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE auth_keys (
+        id text PRIMARY KEY,
+        name text NOT NULL,
+        role text NOT NULL CHECK (role IN ('user', 'admin', 'auditor')),
+        models text[] NOT NULL,
+        rpm integer CHECK (rpm > 0),
+        tpm integer CHECK (tpm > 0),
+        expires timestamptz,
+        created timestamptz NOT NULL,
+        revoked timestamptz,
+        secret_sha256 bytea NOT NULL,
+        fallback boolean NOT NULL DEFAULT true
+    );
+    CREATE TABLE auth_journal (
+        n bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ts timestamptz NOT NULL DEFAULT clock_timestamp(),
+        action text NOT NULL,
+        key_id text NOT NULL,
+        details jsonb NOT NULL
+    );
+    CREATE TABLE auth_audited (instance text PRIMARY KEY, last bigint NOT NULL);
+    CREATE TABLE auth_generation (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        generation bigint NOT NULL
+    );
+    INSERT INTO auth_generation VALUES (true, 0);
+    CREATE FUNCTION auth_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE auth_generation SET generation = generation + 1;
+        PERFORM pg_notify('{CHANNEL}', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER auth_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+        ON auth_keys FOR EACH STATEMENT EXECUTE FUNCTION auth_keys_changed();
+    CREATE TABLE auth_rate (
+        key_id text PRIMARY KEY,
+        requests double precision NOT NULL,
+        tokens double precision NOT NULL,
+        updated timestamptz NOT NULL
+    );
+    """
+    + FUNCTIONS,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
+REFRESH_S = 0.5
+STALE_AFTER_S = 2.0
+
+
+def stamp(moment: datetime | None) -> str | None:
+    """A ``timestamptz`` as the stored form of :func:`medserve.audit.record.now`."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_stamp(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class PgKeyStore:
+    """The keys in PostgreSQL at ``url``; see the module docstring for the cache bound.
+
+    Errors: operations raise :class:`KeyStoreError` (message without the password) when
+    the database cannot be reached or its schema is unusable; :meth:`lookup` raises
+    :class:`~medserve.errors.UnavailableError` (503) when its copy is older than
+    ``stale_after_s``. ``clock``: seconds, monotonic (tests may pass their own).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        refresh_s: float = REFRESH_S,
+        stale_after_s: float = STALE_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.refresh_s = refresh_s
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._keys: dict[str, tuple[Key, bytes]] = {}
+        self._generation: int | None = None
+        self._confirmed: float | None = None  # clock() when the last good refresh began
+        self._conn: Any = None  # the refresher's connection, kept between refreshes
+        self._lock = threading.Lock()  # one refresh at a time
+        self.schema: int | None = None  # the schema version, once migrated
+
+    @property
+    def shown(self) -> str:
+        """The connection string without its password (:func:`medserve.pgconn.display`)."""
+        return display(self.url)
+
+    def _fail(self, exc: BaseException) -> KeyStoreError:
+        kind = type(exc).__name__
+        return KeyStoreError(
+            f"keys database {self.shown}: {scrub(str(exc), self.url) or kind} ({kind})"
+        )
+
+    def _connect(self) -> Any:
+        """A new autocommit connection, the schema migrated once per store."""
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, **connect_options(self.url))
+        except psycopg.Error as exc:
+            raise self._fail(exc) from None
+        try:
+            if self.schema is None:
+                self.schema = migrate(conn, SCHEMA_TABLE, MIGRATIONS, "keys")
+        except (psycopg.Error, SchemaError) as exc:
+            conn.close()
+            raise self._fail(exc) from None
+        return conn
+
+    def _run(self, work: Callable[[Any], Any]) -> Any:
+        import psycopg
+
+        conn = self._connect()
+        try:
+            return work(conn)
+        except psycopg.Error as exc:
+            raise self._fail(exc) from None
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def create(
+        self,
+        name: str,
+        role: Role = "user",
+        models: Sequence[str] = ("*",),
+        rpm: int | None = None,
+        tpm: int | None = None,
+        expires: str | None = None,
+        fallback: bool = True,
+    ) -> tuple[Key, str]:
+        """A new key and its full token, shown once and never stored (as the SQLite store)."""
+        if role not in ROLES:
+            raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
+        if not name.strip() or len(name) > 100:
+            raise KeyStoreError("a key needs a name of 1-100 characters")
+        key_id, secret = new_secret()
+
+        def insert(conn: Any) -> Key:
+            with conn.transaction():
+                row = conn.execute(
+                    f"INSERT INTO auth_keys ({COLUMNS}) VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), NULL, %s, %s) "
+                    f"RETURNING {COLUMNS}",
+                    (
+                        key_id,
+                        name,
+                        role,
+                        list(models) or ["*"],
+                        rpm,
+                        tpm,
+                        parse_stamp(expires),
+                        digest(secret),
+                        fallback,
+                    ),
+                ).fetchone()
+                key = _key(row)
+                _journal(conn, "key.created", key)
+            return key
+
+        key: Key = self._run(insert)
+        return key, f"{PREFIX}{key_id}_{secret}"
+
+    def revoke(self, key_id: str) -> Key:
+        def update(conn: Any) -> Key:
+            with conn.transaction():
+                row = conn.execute(
+                    f"SELECT {COLUMNS} FROM auth_keys WHERE id = %s FOR UPDATE", (key_id,)
+                ).fetchone()
+                if row is None:
+                    raise KeyStoreError(f"no key with id {key_id}")
+                key = _key(row)
+                if key.revoked is None:
+                    conn.execute(
+                        "UPDATE auth_keys SET revoked = clock_timestamp() WHERE id = %s",
+                        (key_id,),
+                    )
+                    _journal(conn, "key.revoked", key)
+            return key
+
+        key: Key = self._run(update)
+        return key
+
+    def all(self) -> list[Key]:
+        query = f"SELECT {COLUMNS} FROM auth_keys ORDER BY created"
+        rows = self._run(lambda conn: conn.execute(query).fetchall())
+        return [_key(row) for row in rows]
+
+    def inspect(self) -> tuple[int | None, int | None]:
+        """(schema version, active keys) read without changing anything (for ``medserve
+        doctor``): (None, None) for a database without the schema yet, (version, None)
+        for a version this medserve does not know. Raises :class:`KeyStoreError`."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, autocommit=True, **connect_options(self.url)) as conn:
+                version = schema_version(conn, SCHEMA_TABLE)
+                if version != SCHEMA_VERSION:
+                    return version, None
+                row = conn.execute(
+                    "SELECT count(*) FROM auth_keys WHERE revoked IS NULL "
+                    "AND (expires IS NULL OR expires > clock_timestamp())"
+                ).fetchone()
+                return version, int(row[0]) if row else 0
+        except psycopg.Error as exc:
+            raise self._fail(exc) from None
+
+    def refresh(self) -> bool:
+        """Confirm the in-memory copy, reloading it if the keys changed; True when it
+        reloaded. Raises :class:`KeyStoreError` when the database cannot be read (the copy
+        then ages towards ``stale_after_s``). Blocking: call it off the event loop."""
+        import psycopg
+
+        with self._lock:
+            started = self.clock()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect()
+                conn = self._conn
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    row = conn.execute("SELECT generation FROM auth_generation").fetchone()
+                    generation = int(row[0])
+                    reloaded = generation != self._generation
+                    if reloaded:
+                        rows = conn.execute(f"SELECT {COLUMNS} FROM auth_keys").fetchall()
+                        self._keys = {str(r[0]): (_key(r), bytes(r[9])) for r in rows}
+                        self._generation = generation
+            except psycopg.Error as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                raise self._fail(exc) from None
+            self._confirmed = started
+            return reloaded
+
+    def age(self) -> float | None:
+        """Seconds since the copy was last confirmed; None before the first refresh."""
+        return None if self._confirmed is None else self.clock() - self._confirmed
+
+    def lookup(self, key_id: str) -> tuple[Key, bytes] | None:
+        """The key and its secret's hash from the copy, or None. No database round trip.
+        Raises :class:`~medserve.errors.UnavailableError` (503) when the copy is older than
+        ``stale_after_s`` or was never loaded."""
+        age = self.age()
+        if age is None or age > self.stale_after_s:
+            raise UnavailableError(
+                "API keys cannot be checked right now; retry shortly.",
+                code="key_store_unavailable",
+                retry_after=max(1, round(self.refresh_s * 2)),
+            )
+        return self._keys.get(key_id)
+
+    def changes(self, instance: str) -> list[dict[str, object]]:
+        """Journal entries gateway ``instance`` has not yet copied into its audit log."""
+
+        def read(conn: Any) -> list[Any]:
+            rows: list[Any] = conn.execute(
+                "SELECT n, ts, action, key_id, details FROM auth_journal "
+                "WHERE n > coalesce((SELECT last FROM auth_audited WHERE instance = %s), 0) "
+                "ORDER BY n",
+                (instance,),
+            ).fetchall()
+            return rows
+
+        rows = self._run(read)
+        return [
+            {"n": n, "ts": stamp(ts), "action": a, "key_id": k, **dict(d)}
+            for n, ts, a, k, d in rows
+        ]
+
+    def mark_audited(self, instance: str, last: int) -> None:
+        self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO auth_audited VALUES (%s, %s) "
+                "ON CONFLICT (instance) DO UPDATE SET last = excluded.last",
+                (instance, last),
+            )
+        )
+
+
+def _journal(conn: Any, action: str, key: Key) -> None:
+    details = {
+        "name": key.name,
+        "role": key.role,
+        "models": list(key.models),
+        "fallback": key.fallback,
+    }
+    conn.execute(
+        "INSERT INTO auth_journal (action, key_id, details) VALUES (%s, %s, %s::jsonb)",
+        (action, key.id, json.dumps(details)),
+    )
+
+
+def _key(row: Any) -> Key:
+    key_id, name, role, models, rpm, tpm, expires, created, revoked, _, fallback = row
+    return Key(
+        id=str(key_id),
+        name=str(name),
+        role=next((r for r in ROLES if r == role), "user"),
+        models=tuple(models),
+        rpm=rpm,
+        tpm=tpm,
+        expires=stamp(expires),
+        created=stamp(created) or "",
+        revoked=stamp(revoked),
+        fallback=bool(fallback),
+    )
