@@ -53,19 +53,19 @@ def _pg_keys(auth: AuthSettings) -> Check:
     connection string is shown without its password, and so is any error."""
     assert auth.url is not None
     store = PgKeyStore(auth.url.get_secret_value())
-    where = f"keys in {store.shown}"
+    where = f"in {store.shown}"
     dev = "; a dev key is configured" if auth.dev_key is not None else ""
     try:
         version, active = store.inspect()
     except KeyStoreError as exc:
         return Check("auth", "danger", f"on; {exc}")
     if version is None:
-        return Check("auth", "warn", f"on; {where}: no schema yet (created on first use){dev}")
+        return Check("auth", "warn", f"on; keys {where}: no schema yet (created on first use){dev}")
     if active is None:
         return Check(
             "auth",
             "danger",
-            f"on; {where}: schema version {version}, this medserve knows {PG_KEYS_SCHEMA}",
+            f"on; keys {where}: schema version {version}, this medserve knows {PG_KEYS_SCHEMA}",
         )
     level: Level = "warn" if not active or auth.dev_key else "ok"
     return Check(
