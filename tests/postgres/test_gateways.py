@@ -1,0 +1,123 @@
+"""Two `medserve serve` processes (fake engine) on one PostgreSQL keys database: one key's
+requests per minute hold across both, a revocation made once is refused by both, /ready
+reports the database, and the connection string's password shows nowhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from medserve.auth.pgkeys import SCHEMA_VERSION, PgKeyStore
+from tests import pg
+from tests.conftest import AUTH, ROOT
+from tests.serverproc import FAKE_MODEL, Server, fake_registry, running_server
+
+pytestmark = pytest.mark.e2e
+
+SECRET_PASSWORD = "Qx4-gateway-distinctive-PW-5519"
+REVOKED_WAIT_S = 30.0  # bound on polling for the refusal (the design bound is 2 s)
+BODY = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture
+def url(pg_db: pg.PgDatabase) -> str:
+    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {pg.OWNER} PASSWORD '{SECRET_PASSWORD}'")
+    pg_db.server.passwords[pg.OWNER] = SECRET_PASSWORD
+    return pg_db.owner_url
+
+
+@pytest.fixture
+def gateways(tmp_path: Path, url: str) -> Iterator[tuple[Server, Server]]:
+    config = fake_registry(tmp_path / "fake.toml", context_length=512)
+    with ExitStack() as stack:
+        servers = []
+        for name in ("gw-a", "gw-b"):
+            home = tmp_path / name
+            home.mkdir()
+            env = {
+                "MEDSERVE_AUTH__URL": url,
+                "MEDSERVE_INSTANCE": name,
+                "MEDSERVE_AUDIT__PATH": str(home / "audit" / "audit.db"),
+            }
+            servers.append(
+                stack.enter_context(running_server(home / "serve.log", "-c", str(config), env=env))
+            )
+        yield servers[0], servers[1]
+
+
+def chat(server: Server, token: str, model: str = FAKE_MODEL) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {**BODY, "model": model}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_one_rpm_across_two_gateways(url: str, gateways: tuple[Server, Server]) -> None:
+    rpm = 20
+    _, token = PgKeyStore(url).create("ward-app", "user", [FAKE_MODEL], rpm=rpm)
+    a, b = gateways
+    for server in gateways:  # the new key known (403 for another model), nothing spent
+        until_status(server, token, 403, model="another-model")
+    targets = [a if i % 2 else b for i in range(3 * rpm)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda s: chat(s, token).status_code, targets))
+    ok = statuses.count(200)
+    assert rpm <= ok <= rpm + 1, statuses  # one bucket for both, not 2 x rpm
+    assert set(statuses) <= {200, 429}
+    refused = chat(a, token)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_revocation_reaches_both_gateways(url: str, gateways: tuple[Server, Server]) -> None:
+    key, token = PgKeyStore(url).create("ward-app")
+    for server in gateways:
+        until_status(server, token, 200)
+    revoked = subprocess.run(
+        [sys.executable, "-m", "medserve", "keys", "revoke", key.id, "--db", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    took = [until_status(server, token, 401) for server in gateways]
+    print(f"revocation refused after {took[0]:.2f} s and {took[1]:.2f} s")
+    body = chat(gateways[1], token).json()
+    assert body["error"]["code"] == "key_revoked"
+
+
+def until_status(server: Server, token: str, status: int, model: str = FAKE_MODEL) -> float:
+    """Seconds until ``server`` answers ``token``'s request with ``status`` (bounded)."""
+    start = time.monotonic()
+    while (answer := chat(server, token, model)).status_code != status:
+        assert time.monotonic() - start < REVOKED_WAIT_S, answer.text
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronisation
+    return time.monotonic() - start
+
+
+def test_ready_reports_the_database_and_the_password_shows_nowhere(
+    url: str, gateways: tuple[Server, Server]
+) -> None:
+    PgKeyStore(url).create("ward-app")
+    for server in gateways:
+        ready = httpx.get(f"{server.url}/ready", headers=AUTH, timeout=30)
+        assert ready.status_code == 200
+        keys = ready.json()["keys"]
+        assert keys["ok"] is True and keys["schema"] == SCHEMA_VERSION
+        assert keys["database"].startswith(f"postgresql://{pg.OWNER}@")
+        assert SECRET_PASSWORD not in ready.text
+    for server in gateways:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+        assert SECRET_PASSWORD not in server.log.read_text(errors="replace")
+        audit = list((server.log.parent / "audit").iterdir())
+        assert audit and all(SECRET_PASSWORD.encode() not in f.read_bytes() for f in audit)
