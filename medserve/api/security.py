@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.types import Scope
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ANONYMOUS = Key("anonymous", "auth disabled", "admin", ("*",))
 JOURNAL_POLL_S = 5.0
+T = TypeVar("T")
 
 
 class Security:
@@ -132,19 +134,26 @@ class Security:
             return
         while True:
             try:
-                changes = await asyncio.to_thread(self.store.changes, instance)
+                changes = await self._off_loop(self.store.changes, instance)
                 for change in changes:
                     details = {k: v for k, v in change.items() if k not in ("n", "action")}
                     await auditor.event(str(change["action"]), **details)
                 if changes:
                     last = int(str(changes[-1]["n"]))
-                    await asyncio.to_thread(self.store.mark_audited, instance, last)
+                    await self._off_loop(self.store.mark_audited, instance, last)
             except (KeyStoreError, OSError, ValueError, sqlite3.Error) as exc:
                 # Retried on the next round; the journal keeps every entry until copied.
                 log.warning("key journal not read", extra={"error": type(exc).__name__})
             except Exception:
                 log.exception("key journal copy failed")  # a bug: say so, keep trying
             await asyncio.sleep(JOURNAL_POLL_S)
+
+    async def _off_loop(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` in a thread for PostgreSQL (a network round trip); inline for
+        SQLite, as it always ran (a local file; its first use creates it)."""
+        if isinstance(self.store, PgKeyStore):
+            return await asyncio.to_thread(call, *args)
+        return call(*args)
 
     async def aclose(self) -> None:
         if self.shared is not None:
