@@ -92,7 +92,9 @@ MIGRATIONS: tuple[str, ...] = (
     END $$;
     CREATE TRIGGER auth_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON auth_keys FOR EACH STATEMENT EXECUTE FUNCTION auth_keys_changed();
-    CREATE TABLE auth_rate (
+    -- Unlogged: no WAL, no fsync per admission; a database crash empties it (every
+    -- bucket full again) and a standby does not have it, which a rate limit can afford.
+    CREATE UNLOGGED TABLE auth_rate (
         key_id text PRIMARY KEY,
         requests double precision NOT NULL,
         tokens double precision NOT NULL,
