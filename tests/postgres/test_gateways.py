@@ -13,13 +13,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
 from medserve.auth.pgkeys import SCHEMA_VERSION, PgKeyStore
 from tests import pg
 from tests.conftest import AUTH, ROOT
 from tests.serverproc import FAKE_MODEL, Server, fake_registry, running_server
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
 pytestmark = pytest.mark.e2e
 

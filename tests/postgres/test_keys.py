@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from medserve.auth import Authenticator
@@ -20,6 +19,8 @@ from medserve.doctor import checks
 from medserve.errors import AuthenticationError, UnavailableError
 from tests import pg
 from tests.conftest import ROOT
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
 # A password no message has any other reason to contain.
 SECRET_PASSWORD = "Zq9-distinctive-PW-7731"
@@ -198,7 +199,7 @@ def test_the_password_never_shows_in_errors(secret_db: str, wrong: str) -> None:
 
 
 def test_doctor_reports_the_database_without_its_password(secret_db: str) -> None:
-    settings = Settings(auth=AuthSettings(url=secret_db))  # type: ignore[arg-type]
+    settings = Settings(auth=AuthSettings(url=secret_db))
     before = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
     assert before["auth"].level == "warn" and "no schema yet" in before["auth"].detail
     PgKeyStore(secret_db).create("ward-app")
@@ -206,9 +207,7 @@ def test_doctor_reports_the_database_without_its_password(secret_db: str) -> Non
     assert after["auth"].level == "ok"
     assert f"1 active keys in postgresql://{pg.OWNER}@" in after["auth"].detail
     assert f"schema {SCHEMA_VERSION}" in after["auth"].detail
-    broken = Settings(
-        auth=AuthSettings(url=secret_db.replace("@/", "@/nowhere_"))  # type: ignore[arg-type]
-    )
+    broken = Settings(auth=AuthSettings(url=secret_db.replace("@/", "@/nowhere_")))
     failed = {c.name: c for c in checks(broken, [], hash_models=False, probe=False)}
     assert failed["auth"].level == "danger"
     for check in (*before.values(), *after.values(), *failed.values()):

@@ -16,6 +16,7 @@ from medserve.errors import RateLimitError, UnavailableError
 from tests import pg
 
 pytestmark = pytest.mark.anyio
+pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
 
 @pytest.fixture

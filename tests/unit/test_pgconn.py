@@ -75,11 +75,11 @@ def test_connect_options_add_a_timeout_unless_the_string_has_one() -> None:
 
 def test_the_auth_url_setting_is_a_secret_and_checked() -> None:
     url = f"postgresql://gw:{ENCODED}@db.ward/medserve"
-    auth = AuthSettings(url=url)  # type: ignore[arg-type]
+    auth = AuthSettings(url=url)
     assert ENCODED not in repr(auth) and ENCODED not in str(Settings(auth=auth).model_dump())
     assert auth.keys_target() == url
     with pytest.raises(ValueError, match="postgresql:// connection string"):
-        AuthSettings(url="mysql://db/x")  # type: ignore[arg-type]
+        AuthSettings(url="mysql://db/x")
     with pytest.raises(ValueError, match="stale_after_s must be longer than refresh_s"):
         AuthSettings(refresh_s=2, stale_after_s=1)
 
