@@ -247,23 +247,21 @@ class PgStore:
                 conn, self.url, gateway_role=self.gateway_role, auditor_role=self.auditor_role
             )
             self._lock(conn, wait_s)
-            with conn.transaction():
-                conn.execute(
-                    "INSERT INTO audit_instances VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                    (self.instance, record.now(), self.keys.key_id),
-                )
-                row = conn.execute(
-                    "SELECT key_id FROM audit_instances WHERE instance = %s", (self.instance,)
-                ).fetchone()
+            with conn.transaction():  # an error inside rolls the registration back
                 other = conn.execute(
                     "SELECT key_id FROM audit_instances WHERE key_id <> %s LIMIT 1",
                     (self.keys.key_id,),
                 ).fetchone()
-            if (row and row[0] != self.keys.key_id) or other:
-                raise AuditError(
-                    f"the audit secret does not match the audit log in {pgsql.redact(self.url)} "
-                    f"(this secret's key id {self.keys.key_id}): every gateway on one database "
-                    "uses the same audit secret; restore the one the log was written with"
+                if other:
+                    raise AuditError(
+                        "the audit secret does not match the audit log in "
+                        f"{pgsql.redact(self.url)} (log key id {other[0]}, this secret "
+                        f"{self.keys.key_id}): every gateway on one database uses the same "
+                        "audit secret; restore the one the log was written with"
+                    )
+                conn.execute(
+                    "INSERT INTO audit_instances VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    (self.instance, record.now(), self.keys.key_id),
                 )
             self._head = self._check_head(conn)
             conn.commit()

@@ -14,7 +14,7 @@ from medserve.audit import pgverify
 from medserve.audit.keys import ChainKeys
 from medserve.audit.pgstore import PgStore, open_schema
 from medserve.audit.record import EventFacts, RequestFacts
-from medserve.audit.store import AuditError
+from medserve.audit.store import AuditError, AuditWriteError
 from medserve.audit.verify import Verification
 from tests import pg
 
@@ -282,3 +282,57 @@ def test_events_and_requests_share_the_chain(migrated: pg.PgDatabase) -> None:
         kinds = conn.execute("SELECT kind FROM audit_records ORDER BY seq").fetchall()
     assert kinds == [("event",), ("request",)]
     assert check(migrated.auditor_url).ok
+
+
+def test_group_commit_puts_many_records_in_one_transaction(migrated: pg.PgDatabase) -> None:
+    store = make(migrated.gateway_url)
+    commits: list[float] = []
+    store.on_commit = commits.append
+    store.open()
+    try:
+        seqs = asyncio.run(fill(store, 500))
+    finally:
+        store.close()
+    assert sorted(seqs) == list(range(1, 501))
+    assert 1 <= len(commits) < 500 // 4  # appended all at once: a few large batches
+
+
+def test_a_dropped_connection_fails_its_batch_and_the_store_recovers(
+    migrated: pg.PgDatabase,
+) -> None:
+    store = make(migrated.gateway_url)
+    store.open()
+    try:
+        assert asyncio.run(fill(store, 3)) == [1, 2, 3]
+        with psycopg.connect(migrated.superuser_url, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE usename = %s AND datname = %s",
+                (pg.GATEWAY, migrated.name),
+            ).fetchone()
+        assert killed == (1,)
+
+        async def after() -> list[int | BaseException]:
+            return list(await asyncio.gather(store.append(facts(9)), return_exceptions=True))
+
+        first = asyncio.run(after())  # the dead connection's batch: lost, and said so
+        assert isinstance(first[0], AuditWriteError) or first == [4]
+        if isinstance(first[0], AuditWriteError):
+            assert not store.available()
+        assert asyncio.run(fill(store, 1)) == [4 if first != [4] else 5]
+        assert store.available()
+    finally:
+        store.close()
+    assert check(migrated.auditor_url).ok
+
+
+def test_another_audit_secret_is_refused_at_start(migrated: pg.PgDatabase) -> None:
+    write(migrated.gateway_url, 2)
+    other = PgStore(
+        migrated.gateway_url, "gw-z", ChainKeys.from_secret(bytes(32)), SIGNER, lock_wait_s=1.0
+    )
+    with pytest.raises(AuditError, match="audit secret does not match"):
+        other.open()
+    assert check(migrated.auditor_url).ok  # the refused gateway left nothing behind
+    result = pgverify.verify(migrated.auditor_url, ChainKeys.from_secret(bytes(32)), None)
+    assert result.problem is not None and result.problem.kind == "wrong_key"
