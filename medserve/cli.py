@@ -98,7 +98,7 @@ def serve(
         # Opened here, not in the app's start-up, so a problem with the log or its keys
         # is reported plainly before anything else starts.
         try:
-            store = audit.open_store(settings.audit)
+            store = audit.open_configured(settings.audit, settings.instance)
         except (audit.AuditError, audit.AuditKeyError) as exc:
             raise fail(f"audit log: {exc}") from None
     else:

@@ -259,6 +259,24 @@ class AuditSettings(BaseModel):
         Path("var/audit.db"),
         description="SQLite audit log (production: /var/lib/medserve/audit.db).",
     )
+    url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL instead of `path`: a connection string, "
+        "postgresql://user:password@host:5432/dbname?sslmode=verify-full (libpq's options, "
+        "sslmode and sslrootcert among them, pass through). Several gateways share one "
+        "database, one chain per `instance`; they need the same key_file and "
+        "signing_key_file. Prefer MEDSERVE_AUDIT__URL or a libpq password file (PGPASSFILE) "
+        "to a password in a config file.",
+    )
+    gateway_role: str = Field(
+        "medserve_gateway",
+        description="PostgreSQL role granted INSERT and SELECT on the audit tables, never "
+        "UPDATE or DELETE (the role gateways log in as); granted when the owner migrates.",
+    )
+    auditor_role: str = Field(
+        "medserve_auditor",
+        description="PostgreSQL role granted SELECT only on the audit tables (verify, export).",
+    )
     key_file: Path | None = Field(
         None,
         description="Audit secret (hex); default audit.key beside the log; created if absent. "
@@ -303,6 +321,16 @@ class AuditSettings(BaseModel):
         if self.capture and self.capture_key_file is None:
             raise ValueError("audit capture needs `capture_key_file`")
         return self
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # A field validator: its error shows the value as SecretStr('**********').
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("audit `url` must be a postgresql:// connection string")
+        return value
 
     def key_path(self) -> Path:
         return self.key_file or self.path.with_name("audit.key")

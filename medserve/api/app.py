@@ -77,7 +77,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_offline_env(os.environ)
         if conf.enabled:
-            auditor.attach(store or audit.open_store(conf), audit.content_cipher(conf))
+            auditor.attach(
+                store or audit.open_configured(conf, settings.instance), audit.content_cipher(conf)
+            )
             assert auditor.store is not None
             auditor.store.on_commit = metrics.audit_write.observe
         try:
