@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 if TYPE_CHECKING:
     import psycopg
 
+CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout (its default is to wait forever)
 MIGRATE_LOCK = 0x6D656473  # "meds": the advisory lock that serialises migrations
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -96,7 +97,7 @@ def scrub(text: str, url: str) -> str:
 
 
 def connect(
-    url: str, *, autocommit: bool = False, connect_timeout_s: int = 10
+    url: str, *, autocommit: bool = False, connect_timeout_s: int = CONNECT_TIMEOUT_S
 ) -> psycopg.Connection:
     """A connection to ``url``; :class:`DatabaseError` naming the redacted URL and the
     driver's reason (scrubbed) when it cannot be made."""

@@ -137,3 +137,32 @@ def revoke(
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
     Console().print(f"revoked key {key.id} ({key.name})", highlight=False)
+
+
+@app.command("migrate")
+def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Apply the PostgreSQL keys schema's pending migrations and grants (as the owner
+    role: a gateway's role may not change the schema). Roles: [audit] gateway_role and
+    auditor_role."""
+    from medserve import pgsql
+    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    url = db if db is not None else settings.auth.keys_target()
+    if not isinstance(url, str) or not pgsql.is_postgres_url(url):
+        raise fail("migrate is for keys in PostgreSQL: --db postgresql://... or [auth] url")
+    roles = (settings.audit.gateway_role, settings.audit.auditor_role)
+    store = PgKeyStore(url, gateway_role=roles[0], auditor_role=roles[1])
+    try:
+        with pgsql.connect(url, autocommit=True) as conn:
+            store.migrate(conn)
+    except pgsql.DatabaseError as exc:
+        raise fail(str(exc)) from None
+    Console().print(
+        f"keys schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
+        f"{roles[0]} read + its own rows, {roles[1]} read (those that exist)",
+        highlight=False,
+    )

@@ -320,10 +320,10 @@ class KeyStore:
 
 def open_keys(target: str | Path) -> KeyBackend:
     """The keys database at ``target``: a ``postgresql://`` connection string (see
-    :mod:`medserve.pgconn`) or the path of a SQLite file."""
-    from medserve.pgconn import is_postgres
+    :mod:`medserve.pgsql`) or the path of a SQLite file."""
+    from medserve.pgsql import is_postgres_url
 
-    if isinstance(target, str) and is_postgres(target):
+    if isinstance(target, str) and is_postgres_url(target):
         from medserve.auth.pgkeys import PgKeyStore
 
         return PgKeyStore(target)

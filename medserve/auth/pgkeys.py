@@ -18,11 +18,15 @@ the network or the database (typically from t + ``refresh_s`` plus one round tri
 a new key works within the same time. The trigger also sends ``NOTIFY medserve_keys``
 for a listener to come (not used yet).
 
-Schema (versioned in ``auth_schema``, applied by :func:`medserve.pgconn.migrate` on first
-use): ``auth_keys`` (as the SQLite ``keys`` table; times are ``timestamptz``, models a
-``text[]``), ``auth_journal`` and ``auth_audited`` (the change journal each gateway copies
-into its audit log), ``auth_generation`` (one row), and ``auth_rate`` (the shared rate
-limit buckets of :mod:`medserve.auth.pglimits`).
+Schema: component ``keys`` of :mod:`medserve.pgsql`'s ``schema_version``, migrated on
+first use by a role that owns the schema (``medserve keys migrate --db <owner URL>``, or
+any ``medserve keys`` command or gateway logging in as the owner), with grants: the
+gateway role reads the keys and the journal and writes only ``auth_audited`` and
+``auth_rate``, never ``auth_keys``; the auditor role reads. Tables: ``auth_keys`` (as the
+SQLite ``keys`` table; times are ``timestamptz``, models a ``text[]``), ``auth_journal``
+and ``auth_audited`` (the change journal each gateway copies into its audit log),
+``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit buckets of
+:mod:`medserve.auth.pglimits`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from medserve import pgsql
 from medserve.auth.keys import (
     PREFIX,
     ROLES,
@@ -45,18 +50,13 @@ from medserve.auth.keys import (
 )
 from medserve.auth.pglimits import FUNCTIONS
 from medserve.errors import UnavailableError
-from medserve.pgconn import (
-    SchemaError,
-    connect_options,
-    display,
-    migrate,
-    schema_version,
-    scrub,
-)
 
-SCHEMA_TABLE = "auth_schema"
+COMPONENT = "keys"
+MIGRATE_HINT = "run `medserve keys migrate --db <the owner role's URL>`"
+GATEWAY_ROLE = "medserve_gateway"  # the defaults of [audit] gateway_role / auditor_role
+AUDITOR_ROLE = "medserve_auditor"
 CHANNEL = "medserve_keys"
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[str, ...] = (  # MIGRATIONS[i] brings the schema to version i + 1
     f"""
     CREATE TABLE auth_keys (
         id text PRIMARY KEY,
@@ -109,6 +109,29 @@ REFRESH_S = 0.5
 STALE_AFTER_S = 2.0
 
 
+def grants(gateway_role: str, auditor_role: str) -> Callable[[Any], None]:
+    """The migration's grants (to the roles that exist): see the module docstring."""
+
+    def apply(conn: Any) -> None:
+        read = ["schema_version", "auth_keys", "auth_journal", "auth_generation"]
+        pgsql.grant(conn, "SELECT", read, gateway_role)
+        pgsql.grant(conn, "SELECT, INSERT, UPDATE", ["auth_audited", "auth_rate"], gateway_role)
+        pgsql.grant(conn, "SELECT", ["schema_version", "auth_keys", "auth_journal"], auditor_role)
+
+    return apply
+
+
+def schema_version(conn: Any) -> int | None:
+    """The keys schema's version, read only: None when the database has none yet."""
+    exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(
+        "SELECT version FROM schema_version WHERE component = %s", (COMPONENT,)
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
 def stamp(moment: datetime | None) -> str | None:
     """A ``timestamptz`` as the stored form of :func:`medserve.audit.record.now`."""
     if moment is None:
@@ -137,8 +160,11 @@ class PgKeyStore:
         refresh_s: float = REFRESH_S,
         stale_after_s: float = STALE_AFTER_S,
         clock: Callable[[], float] = time.monotonic,
+        gateway_role: str = GATEWAY_ROLE,
+        auditor_role: str = AUDITOR_ROLE,
     ) -> None:
         self.url = url
+        self.roles = (gateway_role, auditor_role)
         self.refresh_s = refresh_s
         self.stale_after_s = stale_after_s
         self.clock = clock
@@ -151,30 +177,40 @@ class PgKeyStore:
 
     @property
     def shown(self) -> str:
-        """The connection string without its password (:func:`medserve.pgconn.display`)."""
-        return display(self.url)
+        """The connection string without its password (:func:`medserve.pgsql.redact`)."""
+        return pgsql.redact(self.url)
 
     def _fail(self, exc: BaseException) -> KeyStoreError:
         kind = type(exc).__name__
         return KeyStoreError(
-            f"keys database {self.shown}: {scrub(str(exc), self.url) or kind} ({kind})"
+            f"keys database {self.shown}: {pgsql.scrub(str(exc), self.url) or kind} ({kind})"
         )
 
     def _connect(self) -> Any:
-        """A new autocommit connection, the schema migrated once per store."""
-        import psycopg
-
+        """A new autocommit connection, the schema migrated (or checked) once per store."""
         try:
-            conn = psycopg.connect(self.url, autocommit=True, **connect_options(self.url))
-        except psycopg.Error as exc:
-            raise self._fail(exc) from None
+            conn = pgsql.connect(self.url, autocommit=True)
+        except pgsql.DatabaseError as exc:
+            raise KeyStoreError(f"keys database: {exc}") from None
         try:
             if self.schema is None:
-                self.schema = migrate(conn, SCHEMA_TABLE, MIGRATIONS, "keys")
-        except (psycopg.Error, SchemaError) as exc:
+                self.schema = self.migrate(conn)
+        except pgsql.DatabaseError as exc:
             conn.close()
-            raise self._fail(exc) from None
+            raise KeyStoreError(f"keys database {self.shown}: {exc}") from None
         return conn
+
+    def migrate(self, conn: Any) -> int:
+        """Apply pending migrations and the grants (as the owner) or check there are none;
+        :class:`medserve.pgsql.SchemaError` otherwise. Returns the version."""
+        return pgsql.migrate(
+            conn,
+            COMPONENT,
+            MIGRATIONS,
+            grants(*self.roles),
+            url=self.url,
+            migrate_hint=MIGRATE_HINT,
+        )
 
     def _run(self, work: Callable[[Any], Any]) -> Any:
         import psycopg
@@ -267,8 +303,8 @@ class PgKeyStore:
         import psycopg
 
         try:
-            with psycopg.connect(self.url, autocommit=True, **connect_options(self.url)) as conn:
-                version = schema_version(conn, SCHEMA_TABLE)
+            with pgsql.connect(self.url, autocommit=True) as conn:
+                version = schema_version(conn)
                 if version != SCHEMA_VERSION:
                     return version, None
                 row = conn.execute(
@@ -276,6 +312,8 @@ class PgKeyStore:
                     "AND (expires IS NULL OR expires > clock_timestamp())"
                 ).fetchone()
                 return version, int(row[0]) if row else 0
+        except pgsql.DatabaseError as exc:
+            raise KeyStoreError(f"keys database: {exc}") from None
         except psycopg.Error as exc:
             raise self._fail(exc) from None
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from medserve.auth.keys import Key
 from medserve.errors import RateLimitError, UnavailableError
-from medserve.pgconn import connect_options
+from medserve.pgsql import CONNECT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class SharedRateLimiter:
             self.url,
             min_size=1,
             max_size=self.pool_size,
-            kwargs={"autocommit": True, **connect_options(self.url)},
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
             open=False,
             timeout=RETRY_AFTER_S,
             configure=_configure,

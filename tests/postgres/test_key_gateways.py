@@ -31,14 +31,22 @@ BODY = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "m
 
 @pytest.fixture
 def url(pg_db: pg.PgDatabase) -> str:
-    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
-        conn.execute(f"ALTER ROLE {pg.OWNER} PASSWORD '{SECRET_PASSWORD}'")
-    pg_db.server.passwords[pg.OWNER] = SECRET_PASSWORD
+    """The owner's URL (what `medserve keys` uses); the schema migrated and granted."""
+    PgKeyStore(pg_db.owner_url).all()
     return pg_db.owner_url
 
 
 @pytest.fixture
-def gateways(tmp_path: Path, url: str) -> Iterator[tuple[Server, Server]]:
+def gateway_url(pg_db: pg.PgDatabase) -> str:
+    """What the gateways log in as: the gateway role, with SECRET_PASSWORD."""
+    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {pg.GATEWAY} PASSWORD '{SECRET_PASSWORD}'")
+    pg_db.server.passwords[pg.GATEWAY] = SECRET_PASSWORD
+    return pg_db.gateway_url
+
+
+@pytest.fixture
+def gateways(tmp_path: Path, url: str, gateway_url: str) -> Iterator[tuple[Server, Server]]:
     config = fake_registry(tmp_path / "fake.toml", context_length=512)
     with ExitStack() as stack:
         servers = []
@@ -46,7 +54,7 @@ def gateways(tmp_path: Path, url: str) -> Iterator[tuple[Server, Server]]:
             home = tmp_path / name
             home.mkdir()
             env = {
-                "MEDSERVE_AUTH__URL": url,
+                "MEDSERVE_AUTH__URL": gateway_url,
                 "MEDSERVE_INSTANCE": name,
                 "MEDSERVE_AUDIT__PATH": str(home / "audit" / "audit.db"),
             }
@@ -114,7 +122,7 @@ def test_ready_reports_the_database_and_the_password_shows_nowhere(
         assert ready.status_code == 200
         keys = ready.json()["keys"]
         assert keys["ok"] is True and keys["schema"] == SCHEMA_VERSION
-        assert keys["database"].startswith(f"postgresql://{pg.OWNER}@")
+        assert keys["database"].startswith(f"postgresql://{pg.GATEWAY}:***@")
         assert SECRET_PASSWORD not in ready.text
     for server in gateways:
         server.process.terminate()

@@ -129,9 +129,10 @@ def test_a_copy_not_confirmed_within_stale_after_is_refused(
 def test_a_newer_schema_is_refused_clearly(pg_db: pg.PgDatabase) -> None:
     PgKeyStore(pg_db.owner_url).all()  # migrates
     with psycopg.connect(pg_db.owner_url, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM auth_schema").fetchone() == (SCHEMA_VERSION,)
-        conn.execute("UPDATE auth_schema SET version = 99")
-    with pytest.raises(KeyStoreError, match="version 99, newer than this medserve knows"):
+        version = "SELECT version FROM schema_version WHERE component = 'keys'"
+        assert conn.execute(version).fetchone() == (SCHEMA_VERSION,)
+        conn.execute("UPDATE schema_version SET version = 99 WHERE component = 'keys'")
+    with pytest.raises(KeyStoreError, match="keys schema is version 99; this medserve knows"):
         PgKeyStore(pg_db.owner_url).all()
 
 
@@ -153,7 +154,8 @@ def test_two_stores_migrating_at_once_migrate_once(pg_db: pg.PgDatabase) -> None
         t.join(timeout=60)
     assert errors == []
     with psycopg.connect(pg_db.owner_url) as conn:
-        assert conn.execute("SELECT count(*) FROM auth_schema").fetchone() == (1,)
+        rows = "SELECT count(*) FROM schema_version WHERE component = 'keys'"
+        assert conn.execute(rows).fetchone() == (1,)
 
 
 @pytest.fixture
@@ -205,10 +207,36 @@ def test_doctor_reports_the_database_without_its_password(secret_db: str) -> Non
     PgKeyStore(secret_db).create("ward-app")
     after = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
     assert after["auth"].level == "ok"
-    assert f"1 active keys in postgresql://{pg.OWNER}@" in after["auth"].detail
+    assert f"1 active keys in postgresql://{pg.OWNER}:***@" in after["auth"].detail
     assert f"schema {SCHEMA_VERSION}" in after["auth"].detail
     broken = Settings(auth=AuthSettings(url=secret_db.replace("@/", "@/nowhere_")))
     failed = {c.name: c for c in checks(broken, [], hash_models=False, probe=False)}
     assert failed["auth"].level == "danger"
     for check in (*before.values(), *after.values(), *failed.values()):
         assert SECRET_PASSWORD not in check.detail
+
+
+def test_roles_the_owner_migrates_the_gateway_reads_and_never_changes_a_key(
+    pg_db: pg.PgDatabase, gateways: Callable[..., PgKeyStore]
+) -> None:
+    early = gateways(pg_db.gateway_url)
+    with pytest.raises(KeyStoreError, match="medserve keys migrate"):
+        early.refresh()  # no schema yet, and the gateway role may not make it
+    done = keys_cli("migrate", "--db", pg_db.owner_url)
+    assert done.returncode == 0, done.stderr
+    assert "keys schema at version 1" in done.stdout
+    assert pg_db.server.passwords[pg.OWNER] not in done.stdout
+    key, token = PgKeyStore(pg_db.owner_url).create("ward-app", rpm=5)
+    gateway = gateways(pg_db.gateway_url)
+    gateway.refresh()
+    assert Authenticator(gateway).authenticate(f"Bearer {token}").id == key.id
+    assert [c["action"] for c in gateway.changes("gw-a")] == ["key.created"]
+    gateway.mark_audited("gw-a", 1)
+    with pytest.raises(KeyStoreError, match="permission denied"):
+        PgKeyStore(pg_db.gateway_url).revoke(key.id)
+    with pytest.raises(KeyStoreError, match="permission denied"):
+        PgKeyStore(pg_db.gateway_url).create("sneaky")
+    with psycopg.connect(pg_db.auditor_url) as conn:
+        assert conn.execute("SELECT count(*) FROM auth_keys").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM auth_rate")

@@ -112,3 +112,17 @@ async def test_an_unreachable_database_refuses_limited_keys_with_503(pg_db: pg.P
         await limiter.close()
     assert refused.value.status == 503 and refused.value.code == "rate_limit_unavailable"
     assert "not-the-password" not in str(refused.value)
+
+
+async def test_the_gateway_role_can_admit_and_charge(pg_db: pg.PgDatabase) -> None:
+    key = limited(pg_db.owner_url, rpm=2, tpm=10)  # the owner migrated and granted
+    limiter = SharedRateLimiter(pg_db.gateway_url)
+    await limiter.open()
+    try:
+        await limiter.admit(key)
+        limiter.charge(key, 20)
+        await limiter.flush()
+        with pytest.raises(RateLimitError, match="tokens per minute"):
+            await limiter.admit(key)
+    finally:
+        await limiter.close()
