@@ -153,6 +153,10 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
         "audit_on_failure": conf.on_failure,
         "audit_capture": conf.capture,
         "auth": settings.auth.enabled,
+        # Where keys and limits live, never the connection string: "postgresql" (shared
+        # by every gateway on it, with the revocation bound) or "sqlite" (this process).
+        "keys_store": "postgresql" if settings.auth.url is not None else "sqlite",
+        "revocation_bound_s": settings.auth.stale_after_s if settings.auth.url else None,
         "metrics_access": settings.auth.metrics,
         "tls": settings.tls_certfile is not None,
         "egress_allow": settings.egress_allow,

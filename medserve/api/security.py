@@ -71,15 +71,24 @@ class Security:
         store = self.store
         if not isinstance(store, PgKeyStore):
             return
+        failing = False
         while True:
             await asyncio.sleep(store.refresh_s)
             try:
                 await asyncio.to_thread(store.refresh)
             except KeyStoreError as exc:
-                # Lookups refuse with 503 once the copy is older than stale_after_s.
-                log.warning("keys not refreshed", extra={"error": type(exc).__name__})
+                # Lookups refuse with 503 once the copy is older than stale_after_s. Logged
+                # when it starts failing, not twice a second while it does.
+                if not failing:
+                    log.warning("keys not refreshed", extra={"error": type(exc).__name__})
+                failing = True
+                continue
             except Exception:
                 log.exception("keys refresh failed")
+                continue
+            if failing:
+                log.warning("keys refreshed again")
+            failing = False
 
     async def admit(self, key: Key) -> None:
         """Take one request from ``key``'s rate limits; raises 429 (or 503 when shared

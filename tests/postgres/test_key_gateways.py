@@ -4,12 +4,15 @@ reports the database, and the connection string's password shows nowhere."""
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import httpx
@@ -130,3 +133,31 @@ def test_ready_reports_the_database_and_the_password_shows_nowhere(
         assert SECRET_PASSWORD not in server.log.read_text(errors="replace")
         audit = list((server.log.parent / "audit").iterdir())
         assert audit and all(SECRET_PASSWORD.encode() not in f.read_bytes() for f in audit)
+        with closing(sqlite3.connect(server.log.parent / "audit" / "audit.db")) as conn:
+            bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+        posture = [b for b in bodies if "keys_store" in json.dumps(b)]
+        assert posture and '"keys_store": "postgresql"' in json.dumps(posture[0])
+
+
+@pytest.mark.parametrize("problem", ["wrong password", "no schema"])
+def test_a_gateway_that_cannot_use_its_keys_database_does_not_start(
+    tmp_path: Path, pg_db: pg.PgDatabase, gateway_url: str, problem: str
+) -> None:
+    if problem == "wrong password":
+        PgKeyStore(pg_db.owner_url).all()
+        target = gateway_url.replace(SECRET_PASSWORD, f"not-{SECRET_PASSWORD}")
+        expected = "password authentication failed"
+    else:
+        target, expected = gateway_url, "medserve keys migrate"
+    config = fake_registry(tmp_path / "fake.toml", context_length=512)
+    cmd = [sys.executable, "-m", "medserve", "serve", "--port", "0", "-c", str(config)]
+    env = {
+        **os.environ,
+        "MEDSERVE_AUTH__URL": target,
+        "MEDSERVE_AUDIT__PATH": str(tmp_path / "audit" / "audit.db"),
+    }
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    output = " ".join((done.stdout + done.stderr).split())  # the console wraps lines
+    assert "keys database" in output and expected in output, output
+    assert SECRET_PASSWORD not in output
