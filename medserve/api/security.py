@@ -65,30 +65,14 @@ class Security:
             await self.shared.open()
 
     async def refresh_keys(self) -> None:
-        """Keep a PostgreSQL store's copy of the keys confirmed, every ``refresh_s``
-        (see :mod:`medserve.auth.pgkeys` for the revocation bound). Returns at once for
+        """Keep a PostgreSQL store's copy of the keys confirmed: at once on a change
+        (NOTIFY) and every ``refresh_s`` (:meth:`PgKeyStore.watch`; the bound is in
+        :mod:`medserve.auth.pgkeys`). Returns at once for
         SQLite, whose every lookup reads the file."""
         store = self.store
         if not isinstance(store, PgKeyStore):
             return
-        failing = False
-        while True:
-            await asyncio.sleep(store.refresh_s)
-            try:
-                await asyncio.to_thread(store.refresh)
-            except KeyStoreError as exc:
-                # Lookups refuse with 503 once the copy is older than stale_after_s. Logged
-                # when it starts failing, not twice a second while it does.
-                if not failing:
-                    log.warning("keys not refreshed", extra={"error": type(exc).__name__})
-                failing = True
-                continue
-            except Exception:
-                log.exception("keys refresh failed")
-                continue
-            if failing:
-                log.warning("keys refreshed again")
-            failing = False
+        await store.watch()
 
     async def admit(self, key: Key) -> None:
         """Take one request from ``key``'s rate limits; raises 429 (or 503 when shared

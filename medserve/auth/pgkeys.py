@@ -15,8 +15,10 @@ by default) after the last confirmation refuses with 503 ``key_store_unavailable
 instead of trusting a copy it cannot confirm. Hence: a revocation committed at time t is
 refused by every gateway from t + ``stale_after_s`` at the latest, whatever happens to
 the network or the database (typically from t + ``refresh_s`` plus one round trip), and
-a new key works within the same time. The trigger also sends ``NOTIFY medserve_keys``
-for a listener to come (not used yet).
+a new key works within the same time. The trigger also sends ``NOTIFY medserve_keys``:
+:meth:`PgKeyStore.watch` listens on a connection of its own and refreshes at once, so a
+change usually reaches every gateway in milliseconds; the polling stays as the guarantee
+(a notification is lost while the listening connection is down).
 
 Schema: component ``keys`` of :mod:`medserve.pgsql`'s ``schema_version``, migrated on
 first use by a role that owns the schema (``medserve keys migrate --db <owner URL>``, or
@@ -31,7 +33,9 @@ and ``auth_audited`` (the change journal each gateway copies into its audit log)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +54,8 @@ from medserve.auth.keys import (
 )
 from medserve.auth.pglimits import FUNCTIONS
 from medserve.errors import UnavailableError
+
+log = logging.getLogger(__name__)
 
 COMPONENT = "keys"
 MIGRATE_HINT = "run `medserve keys migrate --db <the owner role's URL>`"
@@ -174,6 +180,7 @@ class PgKeyStore:
         self._conn: Any = None  # the refresher's connection, kept between refreshes
         self._lock = threading.Lock()  # one refresh at a time
         self.schema: int | None = None  # the schema version, once migrated
+        self.listening = False  # whether watch() has a LISTEN connection now
 
     @property
     def shown(self) -> str:
@@ -345,6 +352,63 @@ class PgKeyStore:
                 raise self._fail(exc) from None
             self._confirmed = started
             return reloaded
+
+    async def watch(self) -> None:
+        """Refresh (:meth:`refresh`, in a thread) on every ``NOTIFY medserve_keys`` and at
+        least every ``refresh_s``, until cancelled. Failures are logged when they start
+        and when they end; meanwhile lookups age towards ``stale_after_s`` and refuse."""
+        import psycopg
+
+        listener: Any = None
+        failing = False
+        try:
+            while True:
+                if listener is None:
+                    listener = await self._listen()
+                if listener is None:
+                    await asyncio.sleep(self.refresh_s)
+                else:
+                    try:
+                        # Returns on the first notification, or after refresh_s.
+                        async for _ in listener.notifies(timeout=self.refresh_s, stop_after=1):
+                            pass
+                    except psycopg.Error:
+                        await listener.close()
+                        listener, self.listening = None, False
+                        await asyncio.sleep(self.refresh_s)
+                try:
+                    await asyncio.to_thread(self.refresh)
+                except KeyStoreError as exc:
+                    if not failing:
+                        log.warning("keys not refreshed", extra={"error": type(exc).__name__})
+                    failing = True
+                    continue
+                if failing:
+                    log.warning("keys refreshed again")
+                failing = False
+        finally:
+            self.listening = False
+            if listener is not None:
+                await listener.close()
+
+    async def _listen(self) -> Any:
+        """A connection listening on :data:`CHANNEL`, or None when it cannot be made (the
+        polling carries on; the next round tries again)."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=pgsql.CONNECT_TIMEOUT_S
+            )
+        except psycopg.Error:
+            return None
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            await conn.close()
+            return None
+        self.listening = True
+        return conn
 
     def age(self) -> float | None:
         """Seconds since the copy was last confirmed; None before the first refresh."""

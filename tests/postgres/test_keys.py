@@ -4,8 +4,11 @@ versioning, `medserve keys --db` and `medserve doctor`, and a password that neve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -240,3 +243,34 @@ def test_roles_the_owner_migrates_the_gateway_reads_and_never_changes_a_key(
         assert conn.execute("SELECT count(*) FROM auth_keys").fetchone() == (1,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM auth_rate")
+
+
+def test_a_notification_refreshes_long_before_the_polling_would(
+    pg_db: pg.PgDatabase, gateways: Callable[..., PgKeyStore]
+) -> None:
+    """With polling every 60 s, only NOTIFY can make the revocation seen within the wait."""
+    admin = PgKeyStore(pg_db.owner_url)
+    key, _ = admin.create("ward-app")
+    gateway = gateways(pg_db.gateway_url, refresh_s=60.0, stale_after_s=120.0)
+    gateway.refresh()
+
+    async def scenario() -> float:
+        watcher = asyncio.create_task(gateway.watch())
+        try:
+            deadline = time.monotonic() + 20.0
+            while not gateway.listening:
+                assert time.monotonic() < deadline, "never listening"
+                await asyncio.sleep(0.01)
+            start = time.monotonic()
+            await asyncio.to_thread(admin.revoke, key.id)
+            while (found := gateway.lookup(key.id)) is not None and found[0].revoked is None:
+                assert time.monotonic() - start < 20.0, "revocation not seen"
+                await asyncio.sleep(0.01)
+            return time.monotonic() - start
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    took = asyncio.run(scenario())
+    print(f"revocation seen after {took * 1000:.0f} ms (polling every 60 s)")
