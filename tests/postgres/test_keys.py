@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -170,9 +171,10 @@ def secret_db(pg_db: pg.PgDatabase) -> str:
     return pg_db.owner_url
 
 
-def keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def keys_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "medserve", "keys", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
 
 
 def test_the_cli_manages_keys_with_db(secret_db: str) -> None:
@@ -183,7 +185,9 @@ def test_the_cli_manages_keys_with_db(secret_db: str) -> None:
     key_id = PgKeyStore(secret_db).all()[0].id
     revoked = keys_cli("revoke", key_id, "--db", secret_db)
     assert revoked.returncode == 0 and f"revoked key {key_id}" in revoked.stdout
-    for done in (made, listed, revoked):
+    from_settings = keys_cli("list", "--json", env={"MEDSERVE_AUTH__URL": secret_db})
+    assert from_settings.returncode == 0 and '"revoked": "' in from_settings.stdout
+    for done in (made, listed, revoked, from_settings):
         assert SECRET_PASSWORD not in done.stdout + done.stderr
 
 
