@@ -145,7 +145,7 @@ def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
     role: a gateway's role may not change the schema). Roles: [audit] gateway_role and
     auditor_role."""
     from medserve import pgsql
-    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore
+    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore, require_driver
 
     try:
         settings = load_settings(config)
@@ -157,9 +157,10 @@ def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
     roles = (settings.audit.gateway_role, settings.audit.auditor_role)
     store = PgKeyStore(url, gateway_role=roles[0], auditor_role=roles[1])
     try:
+        require_driver()
         with pgsql.connect(url, autocommit=True) as conn:
             store.migrate(conn)
-    except pgsql.DatabaseError as exc:
+    except (pgsql.DatabaseError, KeyStoreError) as exc:
         raise fail(str(exc)) from None
     Console().print(
         f"keys schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "

@@ -115,6 +115,21 @@ REFRESH_S = 0.5
 STALE_AFTER_S = 2.0
 
 
+DRIVER_MISSING = (
+    "keys in PostgreSQL need the driver: install medserve with the postgres extra "
+    "(pip install 'medserve[postgres]')"
+)
+
+
+def require_driver() -> None:
+    """Raise :class:`KeyStoreError` saying what to install when psycopg is missing."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        raise KeyStoreError(DRIVER_MISSING) from None
+
+
 def grants(gateway_role: str, auditor_role: str) -> Callable[[Any], None]:
     """The migration's grants (to the roles that exist): see the module docstring."""
 
@@ -195,6 +210,7 @@ class PgKeyStore:
 
     def _connect(self) -> Any:
         """A new autocommit connection, the schema migrated (or checked) once per store."""
+        require_driver()
         try:
             conn = pgsql.connect(self.url, autocommit=True)
         except pgsql.DatabaseError as exc:
@@ -220,6 +236,7 @@ class PgKeyStore:
         )
 
     def _run(self, work: Callable[[Any], Any]) -> Any:
+        require_driver()
         import psycopg
 
         conn = self._connect()
@@ -307,6 +324,7 @@ class PgKeyStore:
         """(schema version, active keys) read without changing anything (for ``medserve
         doctor``): (None, None) for a database without the schema yet, (version, None)
         for a version this medserve does not know. Raises :class:`KeyStoreError`."""
+        require_driver()
         import psycopg
 
         try:
@@ -328,6 +346,7 @@ class PgKeyStore:
         """Confirm the in-memory copy, reloading it if the keys changed; True when it
         reloaded. Raises :class:`KeyStoreError` when the database cannot be read (the copy
         then ages towards ``stale_after_s``). Blocking: call it off the event loop."""
+        require_driver()
         import psycopg
 
         with self._lock:

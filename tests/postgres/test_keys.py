@@ -278,3 +278,26 @@ def test_a_notification_refreshes_long_before_the_polling_would(
 
     took = asyncio.run(scenario())
     print(f"revocation seen after {took * 1000:.0f} ms (polling every 60 s)")
+
+
+@pytest.mark.parametrize("command", [["keys", "list"], ["keys", "migrate"], ["serve"]])
+def test_without_the_driver_the_commands_say_what_to_install(command: list[str]) -> None:
+    """psycopg made unimportable in the child (sys.modules[...] = None)."""
+    run = (
+        "import sys; sys.modules['psycopg'] = None; sys.argv[0] = 'medserve'; "
+        "from medserve.cli import main; main()"
+    )
+    url = "postgresql://gw:pw@/medserve?host=/nonexistent"
+    args = [*command, "--db", url] if command[0] == "keys" else [*command, "--port", "0"]
+    env = {**os.environ, "MEDSERVE_AUTH__URL": url}
+    done = subprocess.run(
+        [sys.executable, "-c", run, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, output  # fail(): a configuration the command cannot use
+    assert "pip install 'medserve[postgres]'" in output and "Traceback" not in output
