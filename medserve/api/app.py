@@ -72,6 +72,7 @@ def create_app(
 
         guard.on_refusal = refused
     metrics.watch_audit(lambda: auditor.store.stats if auditor.store is not None else None)
+    security.watch(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

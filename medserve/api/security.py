@@ -23,6 +23,7 @@ from medserve.auth.pgkeys import PgKeyStore
 from medserve.auth.pglimits import SharedRateLimiter
 from medserve.config import AuthSettings
 from medserve.errors import AuthenticationError
+from medserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class Security:
         dev = settings.dev_key.get_secret_value() if settings.dev_key else None
         self.authenticator = Authenticator(self.store, dev)
         self.limiter = RateLimiter()
+
+    def watch(self, metrics: Metrics) -> None:
+        """Report the keys copy's age and the shared limits' round trips and failures to
+        ``metrics`` (PostgreSQL only; nothing for SQLite)."""
+        if isinstance(self.store, PgKeyStore):
+            metrics.watch_keys(self.store.age)
+        if self.shared is not None:
+            self.shared.on_check = metrics.rate_limit_check.observe
+            self.shared.on_unavailable = metrics.rate_limit_unavailable.inc
 
     async def start(self) -> None:
         """Load the keys and open the shared limits (PostgreSQL only). Raises

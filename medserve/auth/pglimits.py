@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from medserve.auth.keys import Key
@@ -120,6 +122,9 @@ class SharedRateLimiter:
         self._pool: Any = None
         self._pending: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
         self._flusher: asyncio.Task[None] | None = None
+        # Called with each admission's round trip (s), and on each 503 (metrics).
+        self.on_check: Callable[[float], None] | None = None
+        self.on_unavailable: Callable[[], None] | None = None
 
     async def open(self) -> None:
         from psycopg_pool import AsyncConnectionPool
@@ -154,17 +159,22 @@ class SharedRateLimiter:
         import psycopg
         from psycopg_pool import PoolTimeout
 
+        started = time.perf_counter()
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(ADMIT, (key.id, key.rpm or None, key.tpm or None))
                 row = await cur.fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("shared rate limit not checked", extra={"error": type(exc).__name__})
+            if self.on_unavailable is not None:
+                self.on_unavailable()
             raise UnavailableError(
                 "Rate limits cannot be checked right now; retry shortly.",
                 code="rate_limit_unavailable",
                 retry_after=RETRY_AFTER_S,
             ) from None
+        if self.on_check is not None:
+            self.on_check(time.perf_counter() - started)
         admitted, retry_after, kind = row
         if not admitted:
             raise RateLimitError(

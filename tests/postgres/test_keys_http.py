@@ -38,6 +38,10 @@ def test_a_stale_copy_refuses_with_503_and_ready_says_so(
     assert client.post(CHAT, json=BODY, headers=headers).status_code == 200
     ready = client.get("/ready", headers=AUTH)
     assert ready.status_code == 200 and ready.json()["keys"]["ok"] is True
+    scrape = client.get("/metrics").text
+    assert "medserve_rate_limit_check_seconds_count 1.0" in scrape
+    age = next(line for line in scrape.splitlines() if line.startswith("medserve_keys_age"))
+    assert 0 <= float(age.split()[1]) < 120
     store = client.app.state.security.store  # type: ignore[attr-defined]
     store.clock = lambda: 10**9  # the copy's last confirmation is now long past
     refused = client.post(CHAT, json=BODY, headers=headers)
@@ -46,3 +50,13 @@ def test_a_stale_copy_refuses_with_503_and_ready_says_so(
     assert int(refused.headers["retry-after"]) >= 1
     stale = client.get("/ready", headers=AUTH)  # the dev key needs no database
     assert stale.status_code == 503 and stale.json()["keys"]["ok"] is False
+    assert (
+        float(
+            next(
+                line.split()[1]
+                for line in client.get("/metrics").text.splitlines()
+                if line.startswith("medserve_keys_age")
+            )
+        )
+        > 1000
+    )
