@@ -10,8 +10,9 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medserve.audit import export as exporting
 from medserve.audit import pgverify
-from medserve.audit.keys import ChainKeys
+from medserve.audit.keys import ChainKeys, ContentCipher
 from medserve.audit.pgstore import PgStore, open_schema
 from medserve.audit.record import EventFacts, RequestFacts
 from medserve.audit.store import AuditError, AuditWriteError
@@ -336,3 +337,23 @@ def test_another_audit_secret_is_refused_at_start(migrated: pg.PgDatabase) -> No
     assert check(migrated.auditor_url).ok  # the refused gateway left nothing behind
     result = pgverify.verify(migrated.auditor_url, ChainKeys.from_secret(bytes(32)), None)
     assert result.problem is not None and result.problem.kind == "wrong_key"
+
+
+def test_captured_content_is_kept_apart_and_exported_decrypted(migrated: pg.PgDatabase) -> None:
+    cipher = ContentCipher(bytes(range(100, 132)))
+    store = make(migrated.gateway_url)
+    store.open()
+    try:
+
+        async def one() -> int:
+            sealed = cipher.seal(b'{"prompt": "p", "completion": "c"}', "req-1")
+            return await store.append(facts(1), sealed)
+
+        assert asyncio.run(one()) == 1
+    finally:
+        store.close()
+    with psycopg.connect(migrated.auditor_url) as conn:
+        (item,) = exporting.pg_records(conn, cipher=cipher)
+        (plain,) = exporting.pg_records(conn)
+    assert item["content"] == {"prompt": "p", "completion": "c"}
+    assert "content" not in plain and item["instance_chain"] == "gw-a"
