@@ -357,3 +357,16 @@ def test_captured_content_is_kept_apart_and_exported_decrypted(migrated: pg.PgDa
         (plain,) = exporting.pg_records(conn)
     assert item["content"] == {"prompt": "p", "completion": "c"}
     assert "content" not in plain and item["instance_chain"] == "gw-a"
+
+
+def test_records_above_the_heads_are_exactly_the_new_ones(migrated: pg.PgDatabase) -> None:
+    write(migrated.gateway_url, 3, "gw-a")
+    write(migrated.gateway_url, 2, "gw-b")
+    with psycopg.connect(migrated.auditor_url) as conn:
+        heads = exporting.pg_heads(conn)
+    assert heads == {"gw-a": 3, "gw-b": 2}
+    write(migrated.gateway_url, 2, "gw-b")
+    write(migrated.gateway_url, 1, "gw-c")
+    with psycopg.connect(migrated.auditor_url) as conn:
+        new = [(i["instance_chain"], i["seq"]) for i in exporting.pg_records(conn, above=heads)]
+    assert sorted(new) == [("gw-b", 3), ("gw-b", 4), ("gw-c", 1)]
