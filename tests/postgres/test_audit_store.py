@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -370,3 +371,21 @@ def test_records_above_the_heads_are_exactly_the_new_ones(migrated: pg.PgDatabas
     with psycopg.connect(migrated.auditor_url) as conn:
         new = [(i["instance_chain"], i["seq"]) for i in exporting.pg_records(conn, above=heads)]
     assert sorted(new) == [("gw-b", 3), ("gw-b", 4), ("gw-c", 1)]
+
+
+def test_an_idle_writer_signs_a_checkpoint_when_the_interval_ends(
+    migrated: pg.PgDatabase,
+) -> None:
+    store = make(migrated.gateway_url, checkpoint_interval_s=0.2)
+    store.open()
+    try:
+        asyncio.run(fill(store, 2))
+        deadline = time.monotonic() + 30
+        while store.stats.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition, bounded
+        assert store.stats.checkpoints >= 1
+        with psycopg.connect(migrated.auditor_url) as conn:
+            row = conn.execute("SELECT instance, seq FROM audit_checkpoints").fetchone()
+        assert row == ("gw-a", 2)
+    finally:
+        store.close()
