@@ -85,6 +85,8 @@ def open_store(settings: AuditSettings) -> SQLiteStore:
 
 def _open_postgres(settings: AuditSettings, instance: str) -> AuditStore:
     try:
+        import psycopg  # noqa: F401  (the driver: the `postgres` extra)
+
         from medserve.audit.pgstore import PgStore
     except ImportError:
         raise AuditError(
