@@ -18,8 +18,9 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -167,7 +168,7 @@ def checks(
         + " ".join(f"{k}={v}" for k, v in OFFLINE_ENV.items())
         + (f" (overriding {', '.join(differing)})" if differing else ""),
     )
-    yield from _audit(settings)
+    yield from _audit(settings, probe)
     for spec in models:
         yield from _models(spec, hash_models, probe)
         yield from _fallback(spec, hash_models)
@@ -197,20 +198,104 @@ def _wide(network: str) -> bool:
     return net.num_addresses > 256
 
 
-def _audit(settings: Settings) -> Iterator[Check]:
+def _audit(settings: Settings, probe: bool) -> Iterator[Check]:
     conf = settings.audit
     if not conf.enabled:
         yield Check("audit", "danger", "off: requests leave no record")
         return
-    directory = conf.path.parent
+    if conf.url is not None:
+        yield from _audit_postgres(conf.url.get_secret_value(), conf.on_failure, probe)
+    else:
+        yield from _audit_file(conf.path, conf.on_failure)
+    yield from _audit_keys(settings)
+
+
+def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
+    """The PostgreSQL log: TLS across a network, and (``probe``) whether it can be reached,
+    its schema's version, and whether this role could change records (it must not)."""
+    from medserve import pgsql
+
+    shown = pgsql.redact(url)
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = [h for h in (parts.hostname, *query.get("host", [])) if h]
+    remote = any(not h.startswith("/") and not loopback(h) for h in hosts)
+    sslmode = (query.get("sslmode") or ["prefer"])[0]
+    if remote and sslmode not in ("verify-full", "verify-ca"):
+        yield Check(
+            "audit database TLS",
+            "danger" if sslmode in ("disable", "allow") else "warn",
+            f"sslmode={sslmode} across a network: set sslmode=verify-full (and sslrootcert)",
+        )
+    if not probe:
+        yield Check("audit log", "ok", f"{shown} (not probed); on failure: {on_failure}")
+        return
+    try:
+        from medserve.audit.pgstore import MIGRATIONS, TABLES
+    except ImportError:  # pragma: no cover - the extra is missing
+        yield Check("audit log", "danger", "PostgreSQL driver missing: medserve[postgres]")
+        return
+    try:
+        with pgsql.connect(url, connect_timeout_s=int(PROBE_TIMEOUT_S)) as conn:
+            conn.read_only = True
+            version = conn.execute(
+                "SELECT version FROM schema_version WHERE component = 'audit'"
+            ).fetchone()
+            writable = [
+                privilege
+                for privilege in ("UPDATE", "DELETE", "TRUNCATE")
+                if version is not None
+                and conn.execute(
+                    "SELECT has_table_privilege(%s, %s)", (TABLES[1], privilege)
+                ).fetchone()
+                == (True,)
+            ]
+    except pgsql.DatabaseError as exc:
+        yield Check("audit log", "danger", str(exc))
+        return
+    except Exception as exc:  # no schema_version yet, or no right to read it
+        reason = pgsql.scrub(str(exc).strip().splitlines()[0], url)
+        yield Check(
+            "audit log",
+            "danger",
+            f"{shown}: no audit schema readable ({reason}): run "
+            "`medserve audit migrate` as the owner role",
+        )
+        return
+    known = len(MIGRATIONS)
+    at = int(version[0]) if version else 0
+    if at != known:
+        level: Level = "danger" if at > known else "warn"
+        yield Check(
+            "audit log",
+            level,
+            f"{shown}: schema version {at}, this medserve {known}"
+            + (": run `medserve audit migrate`" if at < known else ": upgrade medserve"),
+        )
+    else:
+        yield Check("audit log", "ok", f"{shown} (schema {at}); on failure: {on_failure}")
+    if writable:
+        yield Check(
+            "audit database role",
+            "warn",
+            f"this role may {'/'.join(writable)} audit records: gateways should log in as "
+            "the gateway role (INSERT and SELECT only)",
+        )
+
+
+def _audit_file(path: Path, on_failure: str) -> Iterator[Check]:
+    directory = path.parent
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
     writable = existing is not None and os.access(existing, os.W_OK)
     yield Check(
         "audit log",
         "ok" if writable else "danger",
-        f"{conf.path} ({'writable' if writable else 'not writable'}); "
-        f"on failure: {conf.on_failure}",
+        f"{path} ({'writable' if writable else 'not writable'}); on failure: {on_failure}",
     )
+
+
+def _audit_keys(settings: Settings) -> Iterator[Check]:
+    conf = settings.audit
     if conf.on_failure == "open":
         yield Check("audit mode", "warn", "fail-open: requests are served when records are lost")
     for name, path in (("audit secret", conf.key_path()), ("signing key", conf.signing_key_path())):

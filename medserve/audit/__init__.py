@@ -1,4 +1,5 @@
-"""The tamper-evident audit log: records, the SQLite store, verification and export.
+"""The tamper-evident audit log: records, the SQLite and PostgreSQL stores, verification
+and export.
 
 Nothing here imports the web layer; the server's side of auditing (turning an HTTP
 exchange into a record) is :mod:`medserve.api.audit`.
@@ -84,6 +85,8 @@ def open_store(settings: AuditSettings) -> SQLiteStore:
 
 def _open_postgres(settings: AuditSettings, instance: str) -> AuditStore:
     try:
+        import psycopg  # noqa: F401  (the driver: the `postgres` extra)
+
         from medserve.audit.pgstore import PgStore
     except ImportError:
         raise AuditError(

@@ -375,16 +375,22 @@ def _pg_export(
 
 def _pg_tail(url: str, lines: int, follow: bool) -> None:
     def run(conn: Any) -> None:
-        after = exporting.pg_tail_start(conn, lines)
+        # One snapshot for the last lines and the heads; then, per round, what each chain
+        # added above its head (a time-ordered cursor would miss a record that a slower
+        # gateway commits with an earlier time than one already printed).
+        heads = exporting.pg_heads(conn)
+        items = exporting.pg_records(conn, after=exporting.pg_tail_start(conn, lines))
         while True:
-            for item in exporting.pg_records(conn, after=after):
+            for item in items:
                 sys.stdout.write(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n")
-                after = (str(item["ts"]), str(item["instance_chain"]), int(item["seq"]))
+                chain = str(item["instance_chain"])
+                heads[chain] = max(heads.get(chain, 0), int(item["seq"]))
             sys.stdout.flush()
             conn.rollback()  # a new snapshot for the next round
             if not follow:
                 return
             time.sleep(1.0)
+            items = exporting.pg_records(conn, above=dict(heads))
 
     try:
         _pg_read(url, run)

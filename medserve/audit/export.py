@@ -83,10 +83,13 @@ def pg_records(
     since: str | None = None,
     until: str | None = None,
     after: PgKey | None = None,
+    above: dict[str, int] | None = None,
     cipher: ContentCipher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """PostgreSQL records (every instance's chain) in time order, then instance, then seq,
-    with ``since <= ts < until`` and a key after ``after``. Each item also carries
+    with ``since <= ts < until``, a key after ``after``, and a seq above ``above``'s entry
+    for its instance (0 when absent: the records new since :func:`pg_heads`, exactly,
+    whichever order the gateways' commits came in). Each item also carries
     ``instance_chain``, the chain it belongs to (the record's own ``instance`` field is
     what the server put in it)."""
     query = (
@@ -98,6 +101,9 @@ def pg_records(
     if after is not None:
         query += " AND (r.ts, r.instance, r.seq) > (%s, %s, %s)"
         args.extend(after)
+    if above is not None:
+        query += " AND r.seq > coalesce((%s::jsonb ->> r.instance)::bigint, 0)"
+        args.append(json.dumps(above))
     if since is not None:
         query += " AND r.ts >= %s"
         args.append(since)
@@ -117,6 +123,12 @@ def pg_records(
             if cipher is not None and sealed is not None:
                 item["content"] = _open(cipher, bytes(sealed), str(item.get("request_id")))
             yield item
+
+
+def pg_heads(conn: psycopg.Connection) -> dict[str, int]:
+    """Every instance chain's last seq (in the transaction's snapshot)."""
+    rows = conn.execute("SELECT instance, max(seq) FROM audit_records GROUP BY instance")
+    return {str(name): int(seq) for name, seq in rows.fetchall()}
 
 
 def pg_tail_start(conn: psycopg.Connection, lines: int) -> PgKey | None:

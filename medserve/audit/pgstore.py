@@ -33,6 +33,14 @@ applies migrations (the server does, when it logs in as the owner; otherwise
 ``medserve audit migrate --db <owner URL>``); the gateway role may INSERT and SELECT,
 never UPDATE, DELETE or TRUNCATE; the auditor role may only SELECT. Grants are given to
 the roles named in the settings, when they exist.
+
+Faults: as the SQLite store, a batch whose transaction fails (connection lost, database
+restarted, disk full) is reported lost to its callers and never retried; the next batch,
+or :meth:`PgStore.recover`, reconnects, re-takes the lock and re-reads the chain's head
+from the database, so a commit whose acknowledgement was lost is continued from, not
+forked. Limits: every gateway holds the audit secret, so a compromised gateway can append
+records that verify to any instance's chain (append only: it cannot change or remove
+one); per-gateway roles with row-level security on ``instance`` would confine it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,8 +11,9 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medserve.audit import export as exporting
 from medserve.audit import pgverify
-from medserve.audit.keys import ChainKeys
+from medserve.audit.keys import ChainKeys, ContentCipher
 from medserve.audit.pgstore import PgStore, open_schema
 from medserve.audit.record import EventFacts, RequestFacts
 from medserve.audit.store import AuditError, AuditWriteError
@@ -336,3 +338,54 @@ def test_another_audit_secret_is_refused_at_start(migrated: pg.PgDatabase) -> No
     assert check(migrated.auditor_url).ok  # the refused gateway left nothing behind
     result = pgverify.verify(migrated.auditor_url, ChainKeys.from_secret(bytes(32)), None)
     assert result.problem is not None and result.problem.kind == "wrong_key"
+
+
+def test_captured_content_is_kept_apart_and_exported_decrypted(migrated: pg.PgDatabase) -> None:
+    cipher = ContentCipher(bytes(range(100, 132)))
+    store = make(migrated.gateway_url)
+    store.open()
+    try:
+
+        async def one() -> int:
+            sealed = cipher.seal(b'{"prompt": "p", "completion": "c"}', "req-1")
+            return await store.append(facts(1), sealed)
+
+        assert asyncio.run(one()) == 1
+    finally:
+        store.close()
+    with psycopg.connect(migrated.auditor_url) as conn:
+        (item,) = exporting.pg_records(conn, cipher=cipher)
+        (plain,) = exporting.pg_records(conn)
+    assert item["content"] == {"prompt": "p", "completion": "c"}
+    assert "content" not in plain and item["instance_chain"] == "gw-a"
+
+
+def test_records_above_the_heads_are_exactly_the_new_ones(migrated: pg.PgDatabase) -> None:
+    write(migrated.gateway_url, 3, "gw-a")
+    write(migrated.gateway_url, 2, "gw-b")
+    with psycopg.connect(migrated.auditor_url) as conn:
+        heads = exporting.pg_heads(conn)
+    assert heads == {"gw-a": 3, "gw-b": 2}
+    write(migrated.gateway_url, 2, "gw-b")
+    write(migrated.gateway_url, 1, "gw-c")
+    with psycopg.connect(migrated.auditor_url) as conn:
+        new = [(i["instance_chain"], i["seq"]) for i in exporting.pg_records(conn, above=heads)]
+    assert sorted(new) == [("gw-b", 3), ("gw-b", 4), ("gw-c", 1)]
+
+
+def test_an_idle_writer_signs_a_checkpoint_when_the_interval_ends(
+    migrated: pg.PgDatabase,
+) -> None:
+    store = make(migrated.gateway_url, checkpoint_interval_s=0.2)
+    store.open()
+    try:
+        asyncio.run(fill(store, 2))
+        deadline = time.monotonic() + 30
+        while store.stats.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition, bounded
+        assert store.stats.checkpoints >= 1
+        with psycopg.connect(migrated.auditor_url) as conn:
+            row = conn.execute("SELECT instance, seq FROM audit_checkpoints").fetchone()
+        assert row == ("gw-a", 2)
+    finally:
+        store.close()

@@ -106,6 +106,27 @@ def test_2000_requests_over_two_gateways_leave_2000_records(
     result = verify(db, tmp_path / "audit")
     assert result["records"] == 2000 + 2 * 3  # config, start, stop events of each
     assert result["instances"] == 2
+    with psycopg.connect(db.auditor_url) as conn:
+        bodies = b"".join(bytes(b) for (b,) in conn.execute("SELECT body FROM audit_records"))
+    assert SECRET.encode() not in bodies
+    assert all(p.encode() not in bodies for p in db.server.passwords.values())
+
+
+def test_a_gateway_role_on_a_schema_it_cannot_migrate_refuses_to_start(
+    tmp_path: Path, pg_db: pg.PgDatabase
+) -> None:
+    registry = fake_registry(tmp_path / "fake.toml", context_length=512)
+    env = {
+        **os.environ,
+        "MEDSERVE_AUDIT__URL": pg_db.gateway_url,
+        "MEDSERVE_AUDIT__PATH": str(tmp_path / "audit" / "audit.db"),
+    }
+    cmd = [sys.executable, "-m", "medserve", "serve", "--port", "9", "-c", str(registry)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert "medserve audit migrate" in said, said
+    assert pg_db.server.passwords[pg.GATEWAY] not in said, said
 
 
 def test_kill_9_of_one_gateway_loses_no_completed_record(tmp_path: Path, db: pg.PgDatabase) -> None:
