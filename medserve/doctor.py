@@ -49,13 +49,15 @@ class Check:
     detail: str
 
 
-def _pg_keys(auth: AuthSettings) -> Check:
-    """Keys in PostgreSQL: reachable, schema version, active keys; read only. The
-    connection string is shown without its password, and so is any error."""
+def _pg_keys(auth: AuthSettings, probe: bool) -> Check:
+    """Keys in PostgreSQL: reachable, schema version, active keys (``probe``); read only.
+    The connection string is shown without its password, and so is any error."""
     assert auth.url is not None
     store = PgKeyStore(auth.url.get_secret_value())
     where = f"in {store.shown}"
     dev = "; a dev key is configured" if auth.dev_key is not None else ""
+    if not probe:
+        return Check("auth", "warn" if dev else "ok", f"on; keys {where} (not probed){dev}")
     try:
         version, active = store.inspect()
     except KeyStoreError as exc:
@@ -102,7 +104,8 @@ def checks(
     if not auth.enabled:
         yield Check("auth", "danger" if not local else "warn", "off: every request is anonymous")
     elif auth.url is not None:
-        yield _pg_keys(auth)
+        yield from database_tls(auth.url.get_secret_value(), "keys database TLS")
+        yield _pg_keys(auth, probe)
     else:
         active: list[object] = []
         if not auth.keys_path.is_file():  # never create it here: doctor changes nothing
@@ -210,12 +213,9 @@ def _audit(settings: Settings, probe: bool) -> Iterator[Check]:
     yield from _audit_keys(settings)
 
 
-def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
-    """The PostgreSQL log: TLS across a network, and (``probe``) whether it can be reached,
-    its schema's version, and whether this role could change records (it must not)."""
-    from medserve import pgsql
-
-    shown = pgsql.redact(url)
+def database_tls(url: str, name: str) -> Iterator[Check]:
+    """A check named ``name`` when ``url`` reaches a database across a network without a
+    verified TLS connection (sslmode other than verify-full/verify-ca); none else."""
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     hosts = [h for h in (parts.hostname, *query.get("host", [])) if h]
@@ -223,10 +223,19 @@ def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
     sslmode = (query.get("sslmode") or ["prefer"])[0]
     if remote and sslmode not in ("verify-full", "verify-ca"):
         yield Check(
-            "audit database TLS",
+            name,
             "danger" if sslmode in ("disable", "allow") else "warn",
             f"sslmode={sslmode} across a network: set sslmode=verify-full (and sslrootcert)",
         )
+
+
+def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
+    """The PostgreSQL log: TLS across a network, and (``probe``) whether it can be reached,
+    its schema's version, and whether this role could change records (it must not)."""
+    from medserve import pgsql
+
+    shown = pgsql.redact(url)
+    yield from database_tls(url, "audit database TLS")
     if not probe:
         yield Check("audit log", "ok", f"{shown} (not probed); on failure: {on_failure}")
         return

@@ -209,15 +209,15 @@ def test_the_password_never_shows_in_errors(secret_db: str, wrong: str) -> None:
 
 def test_doctor_reports_the_database_without_its_password(secret_db: str) -> None:
     settings = Settings(auth=AuthSettings(url=secret_db))
-    before = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
+    before = {c.name: c for c in checks(settings, [], hash_models=False, probe=True)}
     assert before["auth"].level == "warn" and "no schema yet" in before["auth"].detail
     PgKeyStore(secret_db).create("ward-app")
-    after = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
+    after = {c.name: c for c in checks(settings, [], hash_models=False, probe=True)}
     assert after["auth"].level == "ok"
     assert f"1 active keys in postgresql://{pg.OWNER}:***@" in after["auth"].detail
     assert f"schema {SCHEMA_VERSION}" in after["auth"].detail
     broken = Settings(auth=AuthSettings(url=secret_db.replace("@/", "@/nowhere_")))
-    failed = {c.name: c for c in checks(broken, [], hash_models=False, probe=False)}
+    failed = {c.name: c for c in checks(broken, [], hash_models=False, probe=True)}
     assert failed["auth"].level == "danger"
     for check in (*before.values(), *after.values(), *failed.values()):
         assert SECRET_PASSWORD not in check.detail

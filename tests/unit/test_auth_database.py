@@ -1,37 +1,19 @@
-"""Connection strings (medserve.pgsql) and the [auth] database settings: what is shown
-of a string is never its password. No database needed."""
+"""The [auth] database settings without a database: the URL is a checked secret, scrubbed
+in every spelling, never echoed by a config error; doctor names a database reached
+without verified TLS and, unprobed, connects to nothing. (pgsql.redact's cases are in
+tests/postgres/test_pgsql.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
 from medserve.config import AuthSettings, Settings
+from medserve.doctor import checks
 from medserve.errors import ConfigError
-from medserve.pgsql import is_postgres_url, redact, scrub
+from medserve.pgsql import is_postgres_url, scrub
 
 PASSWORD = "s3cr%t/P@ss"  # characters that URL-encoding changes
 ENCODED = "s3cr%25t%2FP%40ss"
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        (
-            f"postgresql://gw:{ENCODED}@db.ward:5432/medserve?sslmode=verify-full",
-            "postgresql://gw:***@db.ward:5432/medserve?sslmode=verify-full",
-        ),
-        (
-            "postgresql://gw@/medserve?host=/run/postgresql&password=inline",
-            "postgresql://gw@/medserve?host=/run/postgresql&password=***",
-        ),
-        (
-            "postgres://db.ward/medserve?sslmode=require",
-            "postgres://db.ward/medserve?sslmode=require",
-        ),
-    ],
-)
-def test_redact_never_shows_a_password(url: str, shown: str) -> None:
-    assert redact(url) == shown
 
 
 def test_scrub_removes_the_password_in_every_spelling() -> None:
@@ -76,3 +58,22 @@ def test_a_bad_auth_url_in_the_environment_does_not_echo_it(
     with pytest.raises(ConfigError) as failed:
         load_settings()
     assert ENCODED not in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "level"),
+    [
+        ("sslmode=disable", "danger"),
+        ("sslmode=require", "warn"),
+        ("", "warn"),  # libpq's default, prefer: encryption without verification
+        ("sslmode=verify-full&sslrootcert=/etc/ca.pem", None),
+    ],
+)
+def test_doctor_names_keys_reached_without_verified_tls(query: str, level: str | None) -> None:
+    url = f"postgresql://gw:{ENCODED}@db.ward:5432/medserve?{query}"
+    settings = Settings(auth=AuthSettings(url=url))
+    found = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
+    tls = found.get("keys database TLS")
+    assert (tls.level if tls else None) == level
+    assert "(not probed)" in found["auth"].detail
+    assert all(ENCODED not in c.detail and PASSWORD not in c.detail for c in found.values())
