@@ -161,3 +161,28 @@ def test_a_gateway_that_cannot_use_its_keys_database_does_not_start(
     output = " ".join((done.stdout + done.stderr).split())  # the console wraps lines
     assert "keys database" in output and expected in output, output
     assert SECRET_PASSWORD not in output
+
+
+def test_a_gateway_cut_off_from_the_database_refuses_within_the_bound(
+    pg_db: pg.PgDatabase, url: str, gateways: tuple[Server, Server]
+) -> None:
+    """The bound without the database: the gateways cannot hear of the revocation, so
+    past stale_after_s (2 s) they refuse every key (503) rather than trust their copy."""
+    key, token = PgKeyStore(url).create("ward-app")
+    for server in gateways:
+        until_status(server, token, 200)
+    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {pg.GATEWAY} NOLOGIN")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            (pg.GATEWAY,),
+        )
+    PgKeyStore(url).revoke(key.id)
+    took = [until_status(server, token, 503) for server in gateways]
+    print(f"cut off: refused (503) after {took[0]:.2f} s and {took[1]:.2f} s")
+    body = chat(gateways[0], token).json()
+    assert body["error"]["code"] == "key_store_unavailable"
+    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {pg.GATEWAY} LOGIN")
+    for server in gateways:  # back in touch: the revocation, not the outage, refuses it
+        until_status(server, token, 401)
