@@ -10,13 +10,13 @@ $(VENV)/.installed-serve: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh
 	touch $@
 
-# The tests cover `medserve quantize`, so they need its extra (torch, transformers, ...).
+# The tests cover `medserve quantize` and the PostgreSQL stores, so they need those extras.
 $(VENV)/.installed-dev: pyproject.toml scripts/setup-venv.sh
-	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,postgres
 	touch $@ $(VENV)/.installed-serve
 
 $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
-	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench
+	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench,postgres
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
 .PHONY: install serve test test-vllm lint typecheck unit bench bench-prefix bench-gateway bench-structured clean
@@ -34,6 +34,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	scripts/ensure-prometheus.sh
+	scripts/ensure-postgres.sh
 	$(BIN)/python scripts/run_tests.py
 	PYTHON=$(PYTHON) scripts/test-vllm.sh $(BIN)/python
 

@@ -98,11 +98,13 @@ def serve(
         # Opened here, not in the app's start-up, so a problem with the log or its keys
         # is reported plainly before anything else starts.
         try:
-            store = audit.open_store(settings.audit)
+            store = audit.open_configured(settings.audit, settings.instance)
         except (audit.AuditError, audit.AuditKeyError) as exc:
             raise fail(f"audit log: {exc}") from None
     else:
         err.print("[bold yellow]warning:[/] the audit log is off (audit.enabled = false)")
+    if settings.auth.enabled and settings.auth.url is not None:
+        check_keys_database(settings.auth.url.get_secret_value())
     # From here on, nothing in this process may reach a non-local address.
     # A configured vLLM replica's host is allowed as if it were in egress_allow: the
     # registry names it as explicitly as that setting would (README, "Serving on GPUs").
@@ -136,6 +138,21 @@ def serve(
             super().handle_exit(sig, frame)
 
     Server(server_config).run()
+
+
+def check_keys_database(url: str) -> None:
+    """Keys in PostgreSQL: reachable, schema usable, keys readable, reported plainly (no
+    password) before anything starts; the server's own store loads them again."""
+    from medserve.auth.keys import KeyStoreError
+    from medserve.auth.pgkeys import PgKeyStore
+
+    store = PgKeyStore(url)
+    try:
+        store.refresh()
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        store.close()
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

@@ -259,6 +259,24 @@ class AuditSettings(BaseModel):
         Path("var/audit.db"),
         description="SQLite audit log (production: /var/lib/medserve/audit.db).",
     )
+    url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL instead of `path`: a connection string, "
+        "postgresql://user:password@host:5432/dbname?sslmode=verify-full (libpq's options, "
+        "sslmode and sslrootcert among them, pass through). Several gateways share one "
+        "database, one chain per `instance`; they need the same key_file and "
+        "signing_key_file. Prefer MEDSERVE_AUDIT__URL or a libpq password file (PGPASSFILE) "
+        "to a password in a config file.",
+    )
+    gateway_role: str = Field(
+        "medserve_gateway",
+        description="PostgreSQL role granted INSERT and SELECT on the audit tables, never "
+        "UPDATE or DELETE (the role gateways log in as); granted when the owner migrates.",
+    )
+    auditor_role: str = Field(
+        "medserve_auditor",
+        description="PostgreSQL role granted SELECT only on the audit tables (verify, export).",
+    )
     key_file: Path | None = Field(
         None,
         description="Audit secret (hex); default audit.key beside the log; created if absent. "
@@ -304,6 +322,16 @@ class AuditSettings(BaseModel):
             raise ValueError("audit capture needs `capture_key_file`")
         return self
 
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # A field validator: its error shows the value as SecretStr('**********').
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("audit `url` must be a postgresql:// connection string")
+        return value
+
     def key_path(self) -> Path:
         return self.key_file or self.path.with_name("audit.key")
 
@@ -312,7 +340,8 @@ class AuditSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """API keys: on by default. Keys live in their own SQLite file (`medserve keys`)."""
+    """API keys: on by default. Keys live in their own SQLite file (`medserve keys`), or
+    in PostgreSQL with `url`, shared by several gateways with their rate limits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -321,6 +350,37 @@ class AuthSettings(BaseModel):
     )
     keys_path: Path = Field(
         Path("var/keys.db"), description="Keys database (production: /var/lib/medserve)."
+    )
+    url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL connection string (postgresql://user@host:5432/db"
+        "?sslmode=verify-full) for keys and rate limits shared by several gateways; "
+        "keys_path is then unused. TLS options (sslmode, sslrootcert, sslcert, sslkey) "
+        "pass through the string; keep the password out of it (PGPASSWORD or ~/.pgpass): "
+        "it is never shown, logged or audited either way. Unset: the SQLite keys_path and "
+        "per-process rate limits.",
+    )
+    refresh_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="With `url`: seconds between two checks of the keys for changes (one "
+        "one-row query; the keys are reloaded only when they changed).",
+    )
+    stale_after_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="With `url`: a gateway whose copy of the keys has not been confirmed "
+        "for this long refuses keys (503) rather than trust it: a revocation is effective "
+        "on every gateway within this bound, even when the database is unreachable.",
+    )
+    rate_flush_s: float = Field(
+        0.25,
+        gt=0,
+        le=10,
+        description="With `url`: seconds between two writes of finished requests' tokens "
+        "to the shared token buckets (the tokens-per-minute tolerance grows with it).",
     )
     dev_key: SecretStr | None = Field(
         None,
@@ -332,6 +392,25 @@ class AuthSettings(BaseModel):
         description="/metrics: 'open' to anyone who can reach the port (keep it on "
         "loopback or a scrape network), or 'key': an admin or auditor key.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("auth url must be a postgresql:// connection string")
+        return value
+
+    @model_validator(mode="after")
+    def _check_refresh(self) -> AuthSettings:
+        if self.stale_after_s <= self.refresh_s:
+            raise ValueError("auth stale_after_s must be longer than refresh_s")
+        return self
+
+    def keys_target(self) -> str | Path:
+        """Where the keys live: the connection string when `url` is set, else keys_path."""
+        return self.url.get_secret_value() if self.url is not None else self.keys_path
 
     @field_validator("dev_key")
     @classmethod

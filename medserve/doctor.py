@@ -18,13 +18,16 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from medserve.auth.keys import KeyStore
-from medserve.config import ModelSpec, Settings
+from medserve.auth.keys import KeyStore, KeyStoreError
+from medserve.auth.pgkeys import SCHEMA_VERSION as PG_KEYS_SCHEMA
+from medserve.auth.pgkeys import PgKeyStore
+from medserve.config import AuthSettings, ModelSpec, Settings
 from medserve.engines.base import LoadStats
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.supervisor import DEFAULT_STATE_DIR, VLLM_MODULE, read_status, tail
@@ -44,6 +47,36 @@ class Check:
     name: str
     level: Level
     detail: str
+
+
+def _pg_keys(auth: AuthSettings, probe: bool) -> Check:
+    """Keys in PostgreSQL: reachable, schema version, active keys (``probe``); read only.
+    The connection string is shown without its password, and so is any error."""
+    assert auth.url is not None
+    store = PgKeyStore(auth.url.get_secret_value())
+    where = f"in {store.shown}"
+    dev = "; a dev key is configured" if auth.dev_key is not None else ""
+    if not probe:
+        return Check("auth", "warn" if dev else "ok", f"on; keys {where} (not probed){dev}")
+    try:
+        version, active = store.inspect()
+    except KeyStoreError as exc:
+        return Check("auth", "danger", f"on; {exc}")
+    if version is None:
+        return Check("auth", "warn", f"on; keys {where}: no schema yet (created on first use){dev}")
+    if active is None:
+        return Check(
+            "auth",
+            "danger",
+            f"on; keys {where}: schema version {version}, this medserve knows {PG_KEYS_SCHEMA}",
+        )
+    level: Level = "warn" if not active or auth.dev_key else "ok"
+    return Check(
+        "auth",
+        level,
+        f"on; {active} active keys {where} (schema {version}; revocation within "
+        f"{auth.stale_after_s:g} s; shared rate limits){dev}",
+    )
 
 
 def loopback(host: str) -> bool:
@@ -70,6 +103,9 @@ def checks(
     )
     if not auth.enabled:
         yield Check("auth", "danger" if not local else "warn", "off: every request is anonymous")
+    elif auth.url is not None:
+        yield from database_tls(auth.url.get_secret_value(), "keys database TLS")
+        yield _pg_keys(auth, probe)
     else:
         active: list[object] = []
         if not auth.keys_path.is_file():  # never create it here: doctor changes nothing
@@ -135,7 +171,7 @@ def checks(
         + " ".join(f"{k}={v}" for k, v in OFFLINE_ENV.items())
         + (f" (overriding {', '.join(differing)})" if differing else ""),
     )
-    yield from _audit(settings)
+    yield from _audit(settings, probe)
     for spec in models:
         yield from _models(spec, hash_models, probe)
         yield from _fallback(spec, hash_models)
@@ -165,20 +201,110 @@ def _wide(network: str) -> bool:
     return net.num_addresses > 256
 
 
-def _audit(settings: Settings) -> Iterator[Check]:
+def _audit(settings: Settings, probe: bool) -> Iterator[Check]:
     conf = settings.audit
     if not conf.enabled:
         yield Check("audit", "danger", "off: requests leave no record")
         return
-    directory = conf.path.parent
+    if conf.url is not None:
+        yield from _audit_postgres(conf.url.get_secret_value(), conf.on_failure, probe)
+    else:
+        yield from _audit_file(conf.path, conf.on_failure)
+    yield from _audit_keys(settings)
+
+
+def database_tls(url: str, name: str) -> Iterator[Check]:
+    """A check named ``name`` when ``url`` reaches a database across a network without a
+    verified TLS connection (sslmode other than verify-full/verify-ca); none else."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = [h for h in (parts.hostname, *query.get("host", [])) if h]
+    remote = any(not h.startswith("/") and not loopback(h) for h in hosts)
+    sslmode = (query.get("sslmode") or ["prefer"])[0]
+    if remote and sslmode not in ("verify-full", "verify-ca"):
+        yield Check(
+            name,
+            "danger" if sslmode in ("disable", "allow") else "warn",
+            f"sslmode={sslmode} across a network: set sslmode=verify-full (and sslrootcert)",
+        )
+
+
+def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
+    """The PostgreSQL log: TLS across a network, and (``probe``) whether it can be reached,
+    its schema's version, and whether this role could change records (it must not)."""
+    from medserve import pgsql
+
+    shown = pgsql.redact(url)
+    yield from database_tls(url, "audit database TLS")
+    if not probe:
+        yield Check("audit log", "ok", f"{shown} (not probed); on failure: {on_failure}")
+        return
+    try:
+        from medserve.audit.pgstore import MIGRATIONS, TABLES
+    except ImportError:  # pragma: no cover - the extra is missing
+        yield Check("audit log", "danger", "PostgreSQL driver missing: medserve[postgres]")
+        return
+    try:
+        with pgsql.connect(url, connect_timeout_s=int(PROBE_TIMEOUT_S)) as conn:
+            conn.read_only = True
+            version = conn.execute(
+                "SELECT version FROM schema_version WHERE component = 'audit'"
+            ).fetchone()
+            writable = [
+                privilege
+                for privilege in ("UPDATE", "DELETE", "TRUNCATE")
+                if version is not None
+                and conn.execute(
+                    "SELECT has_table_privilege(%s, %s)", (TABLES[1], privilege)
+                ).fetchone()
+                == (True,)
+            ]
+    except pgsql.DatabaseError as exc:
+        yield Check("audit log", "danger", str(exc))
+        return
+    except Exception as exc:  # no schema_version yet, or no right to read it
+        reason = pgsql.scrub(str(exc).strip().splitlines()[0], url)
+        yield Check(
+            "audit log",
+            "danger",
+            f"{shown}: no audit schema readable ({reason}): run "
+            "`medserve audit migrate` as the owner role",
+        )
+        return
+    known = len(MIGRATIONS)
+    at = int(version[0]) if version else 0
+    if at != known:
+        level: Level = "danger" if at > known else "warn"
+        yield Check(
+            "audit log",
+            level,
+            f"{shown}: schema version {at}, this medserve {known}"
+            + (": run `medserve audit migrate`" if at < known else ": upgrade medserve"),
+        )
+    else:
+        yield Check("audit log", "ok", f"{shown} (schema {at}); on failure: {on_failure}")
+    if writable:
+        yield Check(
+            "audit database role",
+            "warn",
+            f"this role may {'/'.join(writable)} audit records: gateways should log in as "
+            "the gateway role (INSERT and SELECT only)",
+        )
+
+
+def _audit_file(path: Path, on_failure: str) -> Iterator[Check]:
+    directory = path.parent
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
     writable = existing is not None and os.access(existing, os.W_OK)
     yield Check(
         "audit log",
         "ok" if writable else "danger",
-        f"{conf.path} ({'writable' if writable else 'not writable'}); "
-        f"on failure: {conf.on_failure}",
+        f"{path} ({'writable' if writable else 'not writable'}); on failure: {on_failure}",
     )
+
+
+def _audit_keys(settings: Settings) -> Iterator[Check]:
+    conf = settings.audit
     if conf.on_failure == "open":
         yield Check("audit mode", "warn", "fail-open: requests are served when records are lost")
     for name, path in (("audit secret", conf.key_path()), ("signing key", conf.signing_key_path())):

@@ -164,6 +164,19 @@ class Metrics:
             buckets=AUDIT_BUCKETS,
             registry=r,
         )
+        self.rate_limit_check = Histogram(
+            "medserve_rate_limit_check_seconds",
+            "Time of one shared rate-limit admission in PostgreSQL (one round trip; only "
+            "keys with limits, only with [auth] url).",
+            buckets=AUDIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limit_unavailable = Counter(
+            "medserve_rate_limit_unavailable",
+            "Requests of limited keys refused with 503 because the shared rate limits "
+            "could not be checked in PostgreSQL.",
+            registry=r,
+        )
         self.attempts = Counter(
             "medserve_replica_attempts",
             "Attempts to answer a request on one replica (several per request when it "
@@ -190,6 +203,7 @@ class Metrics:
         self._engines: list[EngineState] = []
         self._replicas: list[ReplicaView] = []
         self._audit: Callable[[], StoreStats | None] = lambda: None
+        self._keys_age: Callable[[], float | None] | None = None
         r.register(_Snapshot(self))
 
     def declare(self, models: Iterable[str]) -> None:
@@ -256,6 +270,11 @@ class Metrics:
         """Where the audit counters come from: the store's stats, or None when audit is off."""
         self._audit = read
 
+    def watch_keys(self, read: Callable[[], float | None]) -> None:
+        """Keys in PostgreSQL: ``read()`` is the age (s) of the gateway's copy of the keys,
+        None before it was first loaded (:meth:`medserve.auth.pgkeys.PgKeyStore.age`)."""
+        self._keys_age = read
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -307,6 +326,16 @@ class _Snapshot(Collector):
         yield from (up, ready, running, waiting, rejected, load)
         yield from _prefix_cache_families(m._engines)
         yield from _replica_families(m._replicas)
+        if m._keys_age is not None:
+            age = m._keys_age()
+            keys = GaugeMetricFamily(
+                "medserve_keys_age_seconds",
+                "Seconds since this gateway last confirmed its copy of the keys in "
+                "PostgreSQL; past [auth] stale_after_s keys are refused (503). +Inf before "
+                "the first load.",
+            )
+            keys.add_metric([], float("inf") if age is None else age)
+            yield keys
         audit = m._audit()
         enabled = GaugeMetricFamily("medserve_audit_enabled", "1 if requests are audited.")
         enabled.add_metric([], 0.0 if audit is None else 1.0)

@@ -14,6 +14,7 @@ from medserve.config import ModelSpec, SamplingDefaults, Settings
 from medserve.engines.fake import FakeEngine
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.router import Router, Served
+from tests import pg
 
 ROOT = Path(__file__).resolve().parents[1]
 # Marker put into prompts by tests that check patient text never leaks anywhere.
@@ -74,3 +75,30 @@ def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
     app = create_app(settings, Router([Served(fake_spec(), (fake_engine,))]))
     with TestClient(app, raise_server_exceptions=False, headers=AUTH) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.PgServer]:
+    """The session's own PostgreSQL (tests/pg.py), started on first use. The test skips,
+    saying why, only when PostgreSQL is not installed (scripts/ensure-postgres.sh) or, as
+    root, no user can be made to run it; a server that is installed but fails is an error."""
+    try:
+        server = pg.server()
+    except pg.PgUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_db(pg_server: pg.PgServer) -> Iterator[pg.PgDatabase]:
+    """A fresh, empty database of its own for one test, with a URL per role
+    (superuser, owner, gateway, auditor); dropped afterwards."""
+    db = pg_server.database()
+    try:
+        yield db
+    finally:
+        pg_server.drop(db)

@@ -72,27 +72,33 @@ def create_app(
 
         guard.on_refusal = refused
     metrics.watch_audit(lambda: auditor.store.stats if auditor.store is not None else None)
+    security.watch(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_offline_env(os.environ)
         if conf.enabled:
-            auditor.attach(store or audit.open_store(conf), audit.content_cipher(conf))
+            auditor.attach(
+                store or audit.open_configured(conf, settings.instance), audit.content_cipher(conf)
+            )
             assert auditor.store is not None
             auditor.store.on_commit = metrics.audit_write.observe
         try:
             await auditor.event("config.loaded", **_posture(settings, router))
+            await security.start()
             await router.start()
             journal = asyncio.create_task(security.audit_key_changes(auditor, settings.instance))
+            refresh = asyncio.create_task(security.refresh_keys())
             try:
                 await auditor.event("server.start", version=__version__)
                 yield
             finally:
                 journal.cancel()
+                refresh.cancel()
                 await auditor.event("server.stop")
                 await router.close()
         finally:
-            security.close()
+            await security.aclose()
             if auditor.store is not None:
                 auditor.store.close()
 
@@ -148,6 +154,10 @@ def _posture(settings: Settings, router: Router) -> dict[str, Any]:
         "audit_on_failure": conf.on_failure,
         "audit_capture": conf.capture,
         "auth": settings.auth.enabled,
+        # Where keys and limits live, never the connection string: "postgresql" (shared
+        # by every gateway on it, with the revocation bound) or "sqlite" (this process).
+        "keys_store": "postgresql" if settings.auth.url is not None else "sqlite",
+        "revocation_bound_s": settings.auth.stale_after_s if settings.auth.url else None,
         "metrics_access": settings.auth.metrics,
         "tls": settings.tls_certfile is not None,
         "egress_allow": settings.egress_allow,

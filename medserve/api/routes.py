@@ -91,10 +91,12 @@ async def metrics(models: RouterDep, request: Request) -> Response:
 
 @router.get("/ready", include_in_schema=False)
 async def ready(models: RouterDep, request: Request) -> JSONResponse:
-    """Readiness: every model has a replica that accepts requests, and the audit log is
-    writable (or the server is configured to fail open). Each model lists its replicas'
-    states (:func:`replica_report`); one replica down leaves its model ready. A model
-    whose engines keep a prefix cache also has ``prefix_cache``: their counts added up
+    """Readiness: every model has a replica that accepts requests, the audit log is
+    writable (or the server is configured to fail open), and with keys in PostgreSQL
+    their copy is fresh (``keys``: database without password, schema version, age).
+    Each model lists its replicas' states (:func:`replica_report`); one replica down
+    leaves its model ready. A model whose engines keep a prefix cache also has
+    ``prefix_cache``: their counts added up
     (:class:`~medserve.engines.base.PrefixCacheStats`' fields)."""
     report = []
     views = models.replicas()
@@ -115,10 +117,12 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
         )
     draining = bool(request.app.state.draining)
     audit = request.app.state.auditor.health()
+    keys = request.app.state.security.health()
     ok = bool(report) and all(m["ready"] for m in report) and not draining and audit["ok"]
+    ok = ok and (keys is None or bool(keys["ok"]))
     status = "draining" if draining else "ready" if ok else "not_ready"
     return JSONResponse(
-        {"status": status, "models": report, "audit": audit},
+        {"status": status, "models": report, "audit": audit, **({"keys": keys} if keys else {})},
         status_code=200 if ok else 503,
         headers=None if ok else {"Retry-After": "5"},
     )

@@ -10,32 +10,101 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.types import Scope
 
 from medserve.api.audit import Auditor
-from medserve.auth import Authenticator, Key, KeyStore, RateLimiter, Role, require_role
-from medserve.auth.keys import KeyStoreError
+from medserve.auth import Authenticator, Key, RateLimiter, Role, require_role
+from medserve.auth.keys import KeyBackend, KeyStoreError, open_keys
+from medserve.auth.pgkeys import PgKeyStore
+from medserve.auth.pglimits import SharedRateLimiter
 from medserve.config import AuthSettings
 from medserve.errors import AuthenticationError
+from medserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 ANONYMOUS = Key("anonymous", "auth disabled", "admin", ("*",))
 JOURNAL_POLL_S = 5.0
+T = TypeVar("T")
 
 
 class Security:
-    """Authentication, rate limits and the key journal of one app."""
+    """Authentication, rate limits and the key journal of one app.
+
+    With ``[auth] url`` the keys are a :class:`PgKeyStore` (an in-memory copy refreshed
+    by :meth:`refresh_keys`) and the limits a :class:`SharedRateLimiter`; else the SQLite
+    store and the per-process :class:`RateLimiter`. :meth:`start` before serving (it
+    loads the keys: the server does not start without its keys database),
+    :meth:`aclose` after.
+    """
 
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
-        self.store = KeyStore(settings.keys_path) if settings.enabled else None
+        self.store: KeyBackend | None = None
+        self.shared: SharedRateLimiter | None = None
+        if settings.enabled and settings.url is not None:
+            url = settings.url.get_secret_value()
+            self.store = PgKeyStore(url, settings.refresh_s, settings.stale_after_s)
+            self.shared = SharedRateLimiter(url, settings.rate_flush_s)
+        elif settings.enabled:
+            self.store = open_keys(settings.keys_path)
         dev = settings.dev_key.get_secret_value() if settings.dev_key else None
         self.authenticator = Authenticator(self.store, dev)
         self.limiter = RateLimiter()
+
+    def watch(self, metrics: Metrics) -> None:
+        """Report the keys copy's age and the shared limits' round trips and failures to
+        ``metrics`` (PostgreSQL only; nothing for SQLite)."""
+        if isinstance(self.store, PgKeyStore):
+            metrics.watch_keys(self.store.age)
+        if self.shared is not None:
+            self.shared.on_check = metrics.rate_limit_check.observe
+            self.shared.on_unavailable = metrics.rate_limit_unavailable.inc
+
+    async def start(self) -> None:
+        """Load the keys and open the shared limits (PostgreSQL only). Raises
+        :class:`KeyStoreError` (message without the password) when the database cannot
+        be used."""
+        if isinstance(self.store, PgKeyStore):
+            await asyncio.to_thread(self.store.refresh)
+        if self.shared is not None:
+            await self.shared.open()
+
+    async def refresh_keys(self) -> None:
+        """Keep a PostgreSQL store's copy of the keys confirmed: at once on a change
+        (NOTIFY) and every ``refresh_s`` (:meth:`PgKeyStore.watch`; the bound is in
+        :mod:`medserve.auth.pgkeys`). Returns at once for
+        SQLite, whose every lookup reads the file."""
+        store = self.store
+        if not isinstance(store, PgKeyStore):
+            return
+        await store.watch()
+
+    async def admit(self, key: Key) -> None:
+        """Take one request from ``key``'s rate limits; raises 429 (or 503 when shared
+        limits cannot be checked)."""
+        if self.shared is not None:
+            await self.shared.admit(key)
+        else:
+            self.limiter.admit(key)
+
+    def health(self) -> dict[str, object] | None:
+        """The keys database in ``/ready``: None for SQLite; for PostgreSQL its shown
+        string (no password), the schema version and how old the keys copy is."""
+        store = self.store
+        if not isinstance(store, PgKeyStore):
+            return None
+        age = store.age()
+        return {
+            "ok": age is not None and age <= store.stale_after_s,
+            "database": store.shown,
+            "schema": store.schema,
+            "keys_age_s": None if age is None else round(age, 3),
+        }
 
     def public(self, path: str) -> bool:
         if not self.settings.enabled or path == "/health":
@@ -56,7 +125,10 @@ class Security:
 
     def charge(self, key: Key | None, tokens: int) -> None:
         if key is not None and tokens:
-            self.limiter.charge(key, tokens)
+            if self.shared is not None:
+                self.shared.charge(key, tokens)
+            else:
+                self.limiter.charge(key, tokens)
 
     async def audit_key_changes(self, auditor: Auditor, instance: str) -> None:
         """Copy key creations and revocations (made by `medserve keys`, another process)
@@ -65,12 +137,13 @@ class Security:
             return
         while True:
             try:
-                changes = self.store.changes(instance)
+                changes = await self._off_loop(self.store.changes, instance)
                 for change in changes:
                     details = {k: v for k, v in change.items() if k not in ("n", "action")}
                     await auditor.event(str(change["action"]), **details)
                 if changes:
-                    self.store.mark_audited(instance, int(str(changes[-1]["n"])))
+                    last = int(str(changes[-1]["n"]))
+                    await self._off_loop(self.store.mark_audited, instance, last)
             except (KeyStoreError, OSError, ValueError, sqlite3.Error) as exc:
                 # Retried on the next round; the journal keeps every entry until copied.
                 log.warning("key journal not read", extra={"error": type(exc).__name__})
@@ -78,7 +151,16 @@ class Security:
                 log.exception("key journal copy failed")  # a bug: say so, keep trying
             await asyncio.sleep(JOURNAL_POLL_S)
 
-    def close(self) -> None:
+    async def _off_loop(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` in a thread for PostgreSQL (a network round trip); inline for
+        SQLite, as it always ran (a local file; its first use creates it)."""
+        if isinstance(self.store, PgKeyStore):
+            return await asyncio.to_thread(call, *args)
+        return call(*args)
+
+    async def aclose(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
         if self.store is not None:
             self.store.close()
 

@@ -73,26 +73,26 @@ T = TypeVar("T")
 
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
     """``POST /v1/chat/completions``: the whole request (see the module docstring)."""
-    served = _resolve(http, body)
+    served = await _resolve(http, body)
     salt = _cache_salt(served.spec, http)
     return await _serve(chat_job(body, served, *_arrival(http), salt), served, http)
 
 
 async def completions(body: CompletionRequest, http: Request) -> Response:
     """``POST /v1/completions``: the whole request (see the module docstring)."""
-    served = _resolve(http, body)
+    served = await _resolve(http, body)
     salt = _cache_salt(served.spec, http)
     return await _serve(completion_job(body, served, *_arrival(http), salt), served, http)
 
 
-def _resolve(http: Request, body: ChatCompletionRequest | CompletionRequest) -> Served:
+async def _resolve(http: Request, body: ChatCompletionRequest | CompletionRequest) -> Served:
     """The served model, with what the audit record and the access log need to know."""
     ex = exchange(http)
     ex.endpoint = http.scope["route"].path
     ex.user, ex.stream = body.user, bool(body.stream)
     key = role(http, ("user", "admin"))
     require_model(key, body.model)  # before the lookup: no probing for model names
-    http.app.state.security.limiter.admit(key)
+    await http.app.state.security.admit(key)
     router: Router = http.app.state.router
     served = router.get(body.model)
     ex.model, ex.engine = served.spec.id, served.kind

@@ -1,4 +1,7 @@
-"""``medserve audit``: verify, export, tail and checkpoints, reading the log file directly.
+"""``medserve audit``: verify, export, tail and checkpoints, reading the log directly: the
+SQLite file, or the PostgreSQL database (``--db postgresql://...`` or ``audit.url``; the
+auditor role, SELECT only, is enough for everything but ``migrate``, which the owner role
+runs). A database password never appears in what these commands print.
 
 Reading audit data is a privilege of its own (an auditor role arrives with API keys); these
 commands need file access to the log, which the server's operators grant deliberately.
@@ -14,8 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 
+from medserve import pgsql
 from medserve.audit import export as exporting
 from medserve.audit.keys import (
     AuditKeyError,
@@ -36,7 +41,15 @@ from medserve.errors import ConfigError
 
 app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
 
-DbOpt = Annotated[Path | None, typer.Option("--db", help="Audit log [default: from settings].")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Audit log file, or a postgresql:// URL (prefer audit.url / MEDSERVE_AUDIT__URL "
+        "or a libpq password file: a command line is visible to other users) "
+        "[default: from settings].",
+    ),
+]
 
 
 def _conf(config: Path | None) -> AuditSettings:
@@ -46,12 +59,15 @@ def _conf(config: Path | None) -> AuditSettings:
         raise fail(str(exc)) from None
 
 
-def _settings(config: Path | None, db: Path | None) -> AuditSettings:
-    """The audit settings, pointed at ``db`` if given; the log must exist."""
+def _settings(config: Path | None, db: str | None) -> AuditSettings:
+    """The audit settings, pointed at ``db`` (a file or a postgresql:// URL) if given; a
+    SQLite log must exist."""
     conf = _conf(config)
-    if db is not None:
-        conf = conf.model_copy(update={"path": db})
-    if not conf.path.is_file():
+    if db is not None and pgsql.is_postgres_url(db):
+        conf = conf.model_copy(update={"url": SecretStr(db)})
+    elif db is not None:
+        conf = conf.model_copy(update={"path": Path(db), "url": None})
+    if conf.url is None and not conf.path.is_file():
         raise fail(f"no audit log at {conf.path}")
     return conf
 
@@ -90,19 +106,29 @@ def verify_command(
         raise fail(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise fail(f"cannot read checkpoints {checkpoints}: {type(exc).__name__}") from None
-    result = verify(conf.path, keys, pub, external)
+    if conf.url is not None:
+        from medserve.audit import pgverify
+
+        try:
+            result = pgverify.verify(conf.url.get_secret_value(), keys, pub, external)
+        except pgsql.DatabaseError as exc:
+            raise fail(str(exc)) from None
+    else:
+        result = verify(conf.path, keys, pub, external)
     if as_json:
         sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
     elif result.problem is None:
+        where = f"{result.instances} instance chains" if conf.url else f"last seq {result.last_seq}"
         Console().print(
-            f"[green]intact[/]: {result.records} records (last seq {result.last_seq}), "
+            f"[green]intact[/]: {result.records} records ({where}), "
             f"{result.checkpoints} signed checkpoints verified",
             highlight=False,
         )
     else:
         p = result.problem
+        chain = f"instance {p.instance!r}, " if p.instance is not None else ""
         Console().print(
-            f"[bold red]damaged[/]: first bad seq {p.seq}: {p.kind} ({p.detail}); "
+            f"[bold red]damaged[/]: {chain}first bad seq {p.seq}: {p.kind} ({p.detail}); "
             f"{result.records} records verified before it",
             highlight=False,
         )
@@ -135,6 +161,9 @@ def export_command(
     except ValueError:
         raise fail("--since/--until must be ISO 8601 times, e.g. 2026-11-25T08:00") from None
     cipher = ContentCipher(_secret(content_key, "content key")) if content_key else None
+    if conf.url is not None:
+        _pg_export(conf.url.get_secret_value(), start, end, cipher, fmt, out)
+        return
     conn = connect(conf.path, readonly=True)
     try:
         items = exporting.records(conn, since=start, until=end, cipher=cipher)
@@ -157,6 +186,9 @@ def tail_command(
 ) -> None:
     """Print the last records as JSON lines (and, with --follow, new ones as they come)."""
     conf = _settings(config, db)
+    if conf.url is not None:
+        _pg_tail(conf.url.get_secret_value(), lines, follow)
+        return
     conn = connect(conf.path, readonly=True)
     try:
         after = max(0, exporting.last_seq(conn) - lines)
@@ -258,12 +290,109 @@ def checkpoints_command(
 ) -> None:
     """Export the signed checkpoints (JSON lines) to keep them away from the log."""
     conf = _settings(config, db)
-    conn = connect(conf.path, readonly=True)
-    try:
-        text = "".join(json.dumps(c, sort_keys=True) + "\n" for c in read_checkpoints(conn))
-    finally:
-        conn.close()
+    if conf.url is not None:
+        lines = _pg_read(conf.url.get_secret_value(), _pg_checkpoints)
+    else:
+        conn = connect(conf.path, readonly=True)
+        try:
+            lines = read_checkpoints(conn)
+        finally:
+            conn.close()
+    text = "".join(json.dumps(c, sort_keys=True) + "\n" for c in lines)
     if out is None:
         sys.stdout.write(text)
     else:
         out.write_text(text, encoding="utf-8")
+
+
+@app.command("migrate")
+def migrate_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Apply the PostgreSQL audit schema's pending migrations and grants (as the owner role:
+    the gateways' own role may not change the schema)."""
+    from medserve.audit.pgstore import MIGRATIONS, open_schema
+
+    conf = _settings(config, db)
+    if conf.url is None:
+        raise fail("migrate is for a PostgreSQL audit log: --db postgresql://... or audit.url")
+    url = conf.url.get_secret_value()
+    try:
+        with pgsql.connect(url, autocommit=True) as conn:
+            open_schema(conn, url, gateway_role=conf.gateway_role, auditor_role=conf.auditor_role)
+    except pgsql.DatabaseError as exc:
+        raise fail(str(exc)) from None
+    Console().print(
+        f"audit schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
+        f"{conf.gateway_role} INSERT+SELECT, {conf.auditor_role} SELECT (those that exist)",
+        highlight=False,
+    )
+
+
+def _pg_read(url: str, read: Any) -> Any:
+    """``read(conn)`` on a read-only connection; a database error fails the command with a
+    message that holds no password."""
+    import psycopg
+
+    try:
+        with pgsql.connect(url) as conn:
+            conn.read_only = True
+            return read(conn)
+    except pgsql.DatabaseError as exc:
+        raise fail(str(exc)) from None
+    except psycopg.Error as exc:
+        raise fail(
+            f"cannot read the audit log in {pgsql.redact(url)}: {pgsql.scrub(str(exc), url)}"
+        ) from None
+
+
+def _pg_checkpoints(conn: Any) -> list[dict[str, Any]]:
+    from medserve.audit.pgstore import read_checkpoints as pg_read_checkpoints
+
+    return pg_read_checkpoints(conn)
+
+
+def _pg_export(
+    url: str,
+    since: str | None,
+    until: str | None,
+    cipher: ContentCipher | None,
+    fmt: str,
+    out: Path | None,
+) -> None:
+    def run(conn: Any) -> int:
+        items = exporting.pg_records(conn, since=since, until=until, cipher=cipher)
+        columns = exporting.PG_CSV_COLUMNS
+        if out is None:
+            return exporting.write(items, sys.stdout, fmt, columns)
+        with out.open("w", encoding="utf-8", newline="") as f:
+            return exporting.write(items, f, fmt, columns)
+
+    n = _pg_read(url, run)
+    err.print(f"{n} records", highlight=False)
+
+
+def _pg_tail(url: str, lines: int, follow: bool) -> None:
+    def run(conn: Any) -> None:
+        # One snapshot for the last lines and the heads; then, per round, what each chain
+        # added above its head (a time-ordered cursor would miss a record that a slower
+        # gateway commits with an earlier time than one already printed).
+        heads = exporting.pg_heads(conn)
+        items = exporting.pg_records(conn, after=exporting.pg_tail_start(conn, lines))
+        while True:
+            for item in items:
+                sys.stdout.write(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n")
+                chain = str(item["instance_chain"])
+                heads[chain] = max(heads.get(chain, 0), int(item["seq"]))
+            sys.stdout.flush()
+            conn.rollback()  # a new snapshot for the next round
+            if not follow:
+                return
+            time.sleep(1.0)
+            items = exporting.pg_records(conn, above=dict(heads))
+
+    try:
+        _pg_read(url, run)
+    except KeyboardInterrupt:
+        return

@@ -28,9 +28,9 @@ the store refuses to go on (stays failed) if the file no longer holds the record
 writer committed. The records of a failed batch are never retried: their callers were told
 (:class:`AuditWriteError`, or ``on_lost``).
 
-The :class:`AuditStore` protocol is what the server needs; a PostgreSQL store for several
-replicas implements the same methods (one chain per replica, or a sequence held by the
-database with the hash computed inside the inserting transaction).
+The :class:`AuditStore` protocol is what the server needs; the PostgreSQL store for
+several gateways on one database (:mod:`medserve.audit.pgstore`: one chain per gateway
+instance) implements the same methods with the same writer design.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ from medserve.audit import record
 from medserve.audit.keys import ChainKeys, signature_valid
 from medserve.audit.store import checkpoint_message, connect, read_checkpoints
 
-Damage = Literal["altered", "deleted", "reordered", "truncated", "bad_checkpoint", "wrong_key"]
+Damage = Literal[
+    "altered", "deleted", "reordered", "truncated", "bad_checkpoint", "wrong_key", "removed"
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Problem:
     seq: int
     kind: Damage
     detail: str
+    # The gateway instance whose chain is damaged (PostgreSQL: one chain per instance);
+    # None for the SQLite log's single chain.
+    instance: str | None = None
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Verification:
     last_seq: int = 0
     checkpoints: int = 0
     unsigned_checkpoints: int = 0
+    instances: int = 0  # chains checked (PostgreSQL; 0 for SQLite's single chain)
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -62,9 +68,13 @@ class Verification:
             "checkpoints_checked": self.checkpoints,
             "notes": self.notes,
         }
+        if self.instances:
+            out["instances"] = self.instances
         if self.problem is not None:
             p = self.problem
             out["problem"] = {"seq": p.seq, "kind": p.kind, "detail": p.detail}
+            if p.instance is not None:
+                out["problem"]["instance"] = p.instance
         return out
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from medserve.auth.keys import Key, KeyStore, KeyStoreError, Role, matches, split
+from medserve.auth.keys import Key, KeyBackend, KeyStore, KeyStoreError, Role, matches, split
 from medserve.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 
 __all__ = [
@@ -70,7 +70,7 @@ def _digest(value: str) -> bytes:
 class Authenticator:
     """Turns an ``Authorization`` header into a :class:`Key`, or raises 401."""
 
-    def __init__(self, store: KeyStore | None, dev_key: str | None = None) -> None:
+    def __init__(self, store: KeyBackend | None, dev_key: str | None = None) -> None:
         self.store = store
         self.dev_key = dev_key
 

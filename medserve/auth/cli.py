@@ -1,7 +1,12 @@
 """``medserve keys``: create, list and revoke API keys in the keys database.
 
 The secret is printed once, at creation, and never stored. A running server sees a new or
-revoked key on its next request, and copies the change into its audit log.
+revoked key on its next request (SQLite) or within ``[auth] stale_after_s`` (PostgreSQL,
+every gateway), and copies the change into its audit log.
+
+The database is ``--db`` (a SQLite path or a ``postgresql://`` connection string), else
+``[auth] url``, else ``[auth] keys_path``. A password on the command line shows in the
+process list: prefer ``PGPASSWORD``/``~/.pgpass`` or ``MEDSERVE_AUTH__URL``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medserve.auth.keys import ROLES, KeyStore, KeyStoreError, Role, parse_expiry
+from medserve.auth.keys import ROLES, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
 from medserve.config import load_settings
 from medserve.console import ConfigOpt, fail
 from medserve.errors import ConfigError
@@ -23,9 +28,21 @@ from medserve.errors import ConfigError
 app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
 
 
-def _store(config: Path | None) -> KeyStore:
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Keys database: a SQLite file or postgresql://user@host/db (default: [auth] "
+        "url, else keys_path).",
+    ),
+]
+
+
+def _store(config: Path | None, db: str | None = None) -> KeyBackend:
+    if db is not None:
+        return open_keys(db)
     try:
-        return KeyStore(load_settings(config).auth.keys_path)
+        return open_keys(load_settings(config).auth.keys_target())
     except ConfigError as exc:
         raise fail(str(exc)) from None
 
@@ -48,6 +65,7 @@ def create(
         ),
     ] = True,
     config: ConfigOpt = None,
+    db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Create a key and print its secret, once."""
@@ -60,7 +78,7 @@ def create(
         raise fail("--expires must be an ISO 8601 date, e.g. 2027-06-30") from None
     chosen: Role = next(r for r in ROLES if r == role)
     try:
-        key, token = _store(config).create(name, chosen, scope, rpm, tpm, until, fallback)
+        key, token = _store(config, db).create(name, chosen, scope, rpm, tpm, until, fallback)
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -78,10 +96,14 @@ def create(
 @app.command("list")
 def list_keys(
     config: ConfigOpt = None,
+    db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List keys (never their secrets)."""
-    keys = _store(config).all()
+    try:
+        keys = _store(config, db).all()
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
         return
@@ -104,11 +126,44 @@ def list_keys(
 
 @app.command("revoke")
 def revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id.")], config: ConfigOpt = None
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    config: ConfigOpt = None,
+    db: DbOpt = None,
 ) -> None:
-    """Revoke a key: refused from the next request on."""
+    """Revoke a key: refused from the next request on (PostgreSQL: on every gateway
+    within [auth] stale_after_s)."""
     try:
-        key = _store(config).revoke(key_id)
+        key = _store(config, db).revoke(key_id)
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
     Console().print(f"revoked key {key.id} ({key.name})", highlight=False)
+
+
+@app.command("migrate")
+def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Apply the PostgreSQL keys schema's pending migrations and grants (as the owner
+    role: a gateway's role may not change the schema). Roles: [audit] gateway_role and
+    auditor_role."""
+    from medserve import pgsql
+    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore, require_driver
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    url = db if db is not None else settings.auth.keys_target()
+    if not isinstance(url, str) or not pgsql.is_postgres_url(url):
+        raise fail("migrate is for keys in PostgreSQL: --db postgresql://... or [auth] url")
+    roles = (settings.audit.gateway_role, settings.audit.auditor_role)
+    store = PgKeyStore(url, gateway_role=roles[0], auditor_role=roles[1])
+    try:
+        require_driver()
+        with pgsql.connect(url, autocommit=True) as conn:
+            store.migrate(conn)
+    except (pgsql.DatabaseError, KeyStoreError) as exc:
+        raise fail(str(exc)) from None
+    Console().print(
+        f"keys schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
+        f"{roles[0]} read + its own rows, {roles[1]} read (those that exist)",
+        highlight=False,
+    )

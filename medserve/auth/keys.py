@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from medserve.audit.record import now
 
@@ -62,6 +62,35 @@ COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_s
 
 class KeyStoreError(Exception):
     """A key operation cannot be done; the message says why (never a secret)."""
+
+
+class KeyBackend(Protocol):
+    """What the server and ``medserve keys`` need of a keys database: the SQLite
+    :class:`KeyStore` or :class:`medserve.auth.pgkeys.PgKeyStore`. ``lookup`` runs on
+    every request and must not block on a network."""
+
+    def create(
+        self,
+        name: str,
+        role: Role = "user",
+        models: Sequence[str] = ("*",),
+        rpm: int | None = None,
+        tpm: int | None = None,
+        expires: str | None = None,
+        fallback: bool = True,
+    ) -> tuple[Key, str]: ...
+
+    def revoke(self, key_id: str) -> Key: ...
+
+    def all(self) -> list[Key]: ...
+
+    def lookup(self, key_id: str) -> tuple[Key, bytes] | None: ...
+
+    def changes(self, instance: str) -> list[dict[str, object]]: ...
+
+    def mark_audited(self, instance: str, last: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -287,6 +316,18 @@ class KeyStore:
             "INSERT INTO journal (ts, action, key_id, details) VALUES (?, ?, ?, ?)",
             (now(), action, key.id, json.dumps(details)),
         )
+
+
+def open_keys(target: str | Path) -> KeyBackend:
+    """The keys database at ``target``: a ``postgresql://`` connection string (see
+    :mod:`medserve.pgsql`) or the path of a SQLite file."""
+    from medserve.pgsql import is_postgres_url
+
+    if isinstance(target, str) and is_postgres_url(target):
+        from medserve.auth.pgkeys import PgKeyStore
+
+        return PgKeyStore(target)
+    return KeyStore(Path(target))
 
 
 def _missing_columns(conn: sqlite3.Connection) -> list[str]:

@@ -9,7 +9,7 @@ user, timed client-side) as these targets:
 * ``direct``: the upstream itself, the baseline;
 * ``medserve``: ``medserve serve`` with one remote ``vllm`` replica on it, audit log off;
 * ``medserve+sqlite``: the same with the audit log on (SQLite), and one more such target per
-  entry of :data:`tests.bench.gateway_peers.AUDIT_STORES` (PostgreSQL once it exists);
+  entry of :data:`tests.bench.gateway_peers.AUDIT_STORES` (SQLite, and PostgreSQL when installed);
 * ``litellm``: LiteLLM's proxy (the pinned release in ``.venv-litellm``, made by
   scripts/setup-litellm-venv.sh; skipped, with the reason, when that venv is not ready):
   its OpenAI-compatible provider (``openai/m``, ``api_base`` the upstream), LiteLLM's
@@ -248,8 +248,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> Measured:
         with pinned(server_cpus):
             gateway = medserve_gateway(tmp, AUDIT_OFF, upstream, max(levels), None)
             endpoints.append(stack.enter_context(gateway))
-            for store, env in AUDIT_STORES.items():
-                gateway = medserve_gateway(tmp, audited(store), upstream, max(levels), env(tmp))
+            for store, audit_env in AUDIT_STORES.items():
+                env = stack.enter_context(audit_env(tmp))
+                gateway = medserve_gateway(tmp, audited(store), upstream, max(levels), env)
                 endpoints.append(stack.enter_context(gateway))
             if skipped is None:
                 try:

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +32,47 @@ LITELLM_KEY = "sk-bench-0123456789abcdef"  # a fixed master key: LiteLLM checks 
 LITELLM_STARTUP_TIMEOUT_S = 180  # its import alone takes ~10 s on this machine
 
 # Audit back ends of medserve, each measured as its own target "medserve+<name>": the name
-# and the environment (MEDSERVE_*) that selects it, given the run's scratch directory. A
-# PostgreSQL back end, once medserve has one, is one more entry here (say
-# ``"postgres": lambda tmp: {"MEDSERVE_AUDIT__URL": ...}``); the report and the target checks
-# pick every entry up.
-AUDIT_STORES: dict[str, Callable[[Path], dict[str, str]]] = {
-    "sqlite": lambda tmp: {"MEDSERVE_AUDIT__PATH": str(tmp / "audit-sqlite" / "audit.db")},
-}
+# and a context manager that yields the environment (MEDSERVE_*) selecting it, given the
+# run's scratch directory (and holds what it needs, a database server, until the run ends).
+# The report and the target checks pick every entry up.
+
+
+@contextmanager
+def sqlite_audit(tmp: Path) -> Iterator[dict[str, str]]:
+    """The embedded default: an SQLite file in the scratch directory."""
+    yield {"MEDSERVE_AUDIT__PATH": str(tmp / "audit-sqlite" / "audit.db")}
+
+
+@contextmanager
+def postgres_audit(tmp: Path) -> Iterator[dict[str, str]]:
+    """A PostgreSQL of the run's own (tests/pg.py) with ``fsync=on``, durable as deployed,
+    the schema migrated by the owner role, the gateway logging in as the gateway role."""
+    from medserve.audit.pgstore import open_schema
+    from tests import pg
+
+    with pg.running(fsync=True) as server:
+        db = server.database()
+        with server.connect(db.name) as conn:
+            conn.execute(f"SET ROLE {pg.OWNER}")
+            open_schema(conn, db.owner_url, gateway_role=pg.GATEWAY, auditor_role=pg.AUDITOR)
+        yield {
+            "MEDSERVE_AUDIT__URL": db.gateway_url,
+            "MEDSERVE_AUDIT__PATH": str(tmp / "audit-postgres" / "audit.db"),  # its keys
+        }
+
+
+def _audit_stores() -> dict[str, Callable[[Path], AbstractContextManager[dict[str, str]]]]:
+    from tests import pg
+
+    stores: dict[str, Callable[[Path], AbstractContextManager[dict[str, str]]]] = {
+        "sqlite": sqlite_audit
+    }
+    if pg.find_bindir() is not None:  # PostgreSQL installed (scripts/ensure-postgres.sh)
+        stores["postgres"] = postgres_audit
+    return stores
+
+
+AUDIT_STORES = _audit_stores()
 
 # LiteLLM's process environment, as well as the config's settings, keep it offline:
 # telemetry vetoed (LITELLM_TELEMETRY_DISABLED in this release, LITELLM_TELEMETRY in older

@@ -1,0 +1,503 @@
+"""API keys in PostgreSQL, shared by every gateway on one database.
+
+The same interface as the SQLite :class:`~medserve.auth.keys.KeyStore` (``create``,
+``revoke``, ``all``, ``lookup``, ``changes``, ``mark_audited``, ``close``), chosen by
+``[auth] url = "postgresql://…"``; ``medserve keys … --db postgresql://…`` manages it.
+
+Revocation on every gateway, and the bound. A gateway never asks the database during a
+request: :meth:`PgKeyStore.lookup` reads an in-memory copy of the keys table.
+:meth:`PgKeyStore.refresh` (every ``refresh_s``, 0.5 s by default, from
+:meth:`medserve.api.security.Security.refresh_keys`) reads one row, the keys' generation
+(bumped by a trigger on every change to ``auth_keys``, whoever makes it, even by hand in
+``psql``), and reloads the table only when it moved. Each successful refresh confirms
+the copy as of the moment it *started*. A lookup made more than ``stale_after_s`` (2 s
+by default) after the last confirmation refuses with 503 ``key_store_unavailable``
+instead of trusting a copy it cannot confirm. Hence: a revocation committed at time t is
+refused by every gateway from t + ``stale_after_s`` at the latest, whatever happens to
+the network or the database (typically from t + ``refresh_s`` plus one round trip), and
+a new key works within the same time. The trigger also sends ``NOTIFY medserve_keys``:
+:meth:`PgKeyStore.watch` listens on a connection of its own and refreshes at once, so a
+change usually reaches every gateway in milliseconds; the polling stays as the guarantee
+(a notification is lost while the listening connection is down).
+
+Schema: component ``keys`` of :mod:`medserve.pgsql`'s ``schema_version``, migrated on
+first use by a role that owns the schema (``medserve keys migrate --db <owner URL>``, or
+any ``medserve keys`` command or gateway logging in as the owner), with grants: the
+gateway role reads the keys and the journal and writes only ``auth_audited`` and
+``auth_rate``, never ``auth_keys``; the auditor role reads. Tables: ``auth_keys`` (as the
+SQLite ``keys`` table; times are ``timestamptz``, models a ``text[]``), ``auth_journal``
+and ``auth_audited`` (the change journal each gateway copies into its audit log),
+``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit buckets of
+:mod:`medserve.auth.pglimits`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from medserve import pgsql
+from medserve.auth.keys import (
+    PREFIX,
+    ROLES,
+    Key,
+    KeyStoreError,
+    Role,
+    digest,
+    new_secret,
+)
+from medserve.auth.pglimits import FUNCTIONS
+from medserve.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "keys"
+MIGRATE_HINT = "run `medserve keys migrate --db <the owner role's URL>`"
+GATEWAY_ROLE = "medserve_gateway"  # the defaults of [audit] gateway_role / auditor_role
+AUDITOR_ROLE = "medserve_auditor"
+CHANNEL = "medserve_keys"
+MIGRATIONS: tuple[str, ...] = (  # MIGRATIONS[i] brings the schema to version i + 1
+    f"""
+    CREATE TABLE auth_keys (
+        id text PRIMARY KEY,
+        name text NOT NULL,
+        role text NOT NULL CHECK (role IN ('user', 'admin', 'auditor')),
+        models text[] NOT NULL,
+        rpm integer CHECK (rpm > 0),
+        tpm integer CHECK (tpm > 0),
+        expires timestamptz,
+        created timestamptz NOT NULL,
+        revoked timestamptz,
+        secret_sha256 bytea NOT NULL,
+        fallback boolean NOT NULL DEFAULT true
+    );
+    CREATE TABLE auth_journal (
+        n bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ts timestamptz NOT NULL DEFAULT clock_timestamp(),
+        action text NOT NULL,
+        key_id text NOT NULL,
+        details jsonb NOT NULL
+    );
+    CREATE TABLE auth_audited (instance text PRIMARY KEY, last bigint NOT NULL);
+    CREATE TABLE auth_generation (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        generation bigint NOT NULL
+    );
+    INSERT INTO auth_generation VALUES (true, 0);
+    CREATE FUNCTION auth_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE auth_generation SET generation = generation + 1;
+        PERFORM pg_notify('{CHANNEL}', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER auth_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+        ON auth_keys FOR EACH STATEMENT EXECUTE FUNCTION auth_keys_changed();
+    -- Unlogged: no WAL, no fsync per admission; a database crash empties it (every
+    -- bucket full again) and a standby does not have it, which a rate limit can afford.
+    CREATE UNLOGGED TABLE auth_rate (
+        key_id text PRIMARY KEY,
+        requests double precision NOT NULL,
+        tokens double precision NOT NULL,
+        updated timestamptz NOT NULL
+    );
+    """
+    + FUNCTIONS,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
+REFRESH_S = 0.5
+STALE_AFTER_S = 2.0
+
+
+DRIVER_MISSING = (
+    "keys in PostgreSQL need the driver: install medserve with the postgres extra "
+    "(pip install 'medserve[postgres]')"
+)
+
+
+def require_driver() -> None:
+    """Raise :class:`KeyStoreError` saying what to install when psycopg is missing."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        raise KeyStoreError(DRIVER_MISSING) from None
+
+
+def grants(gateway_role: str, auditor_role: str) -> Callable[[Any], None]:
+    """The migration's grants (to the roles that exist): see the module docstring."""
+
+    def apply(conn: Any) -> None:
+        read = ["schema_version", "auth_keys", "auth_journal", "auth_generation"]
+        pgsql.grant(conn, "SELECT", read, gateway_role)
+        pgsql.grant(conn, "SELECT, INSERT, UPDATE", ["auth_audited", "auth_rate"], gateway_role)
+        pgsql.grant(conn, "SELECT", ["schema_version", "auth_keys", "auth_journal"], auditor_role)
+
+    return apply
+
+
+def schema_version(conn: Any) -> int | None:
+    """The keys schema's version, read only: None when the database has none yet."""
+    exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(
+        "SELECT version FROM schema_version WHERE component = %s", (COMPONENT,)
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+def stamp(moment: datetime | None) -> str | None:
+    """A ``timestamptz`` as the stored form of :func:`medserve.audit.record.now`."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_stamp(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class PgKeyStore:
+    """The keys in PostgreSQL at ``url``; see the module docstring for the cache bound.
+
+    Errors: operations raise :class:`KeyStoreError` (message without the password) when
+    the database cannot be reached or its schema is unusable; :meth:`lookup` raises
+    :class:`~medserve.errors.UnavailableError` (503) when its copy is older than
+    ``stale_after_s``. ``clock``: seconds, monotonic (tests may pass their own).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        refresh_s: float = REFRESH_S,
+        stale_after_s: float = STALE_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+        gateway_role: str = GATEWAY_ROLE,
+        auditor_role: str = AUDITOR_ROLE,
+    ) -> None:
+        self.url = url
+        self.roles = (gateway_role, auditor_role)
+        self.refresh_s = refresh_s
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._keys: dict[str, tuple[Key, bytes]] = {}
+        self._generation: int | None = None
+        self._confirmed: float | None = None  # clock() when the last good refresh began
+        self._conn: Any = None  # the refresher's connection, kept between refreshes
+        self._lock = threading.Lock()  # one refresh at a time
+        self.schema: int | None = None  # the schema version, once migrated
+        self.listening = False  # whether watch() has a LISTEN connection now
+
+    @property
+    def shown(self) -> str:
+        """The connection string without its password (:func:`medserve.pgsql.redact`)."""
+        return pgsql.redact(self.url)
+
+    def _fail(self, exc: BaseException) -> KeyStoreError:
+        kind = type(exc).__name__
+        return KeyStoreError(
+            f"keys database {self.shown}: {pgsql.scrub(str(exc), self.url) or kind} ({kind})"
+        )
+
+    def _connect(self) -> Any:
+        """A new autocommit connection, the schema migrated (or checked) once per store."""
+        require_driver()
+        try:
+            conn = pgsql.connect(self.url, autocommit=True)
+        except pgsql.DatabaseError as exc:
+            raise KeyStoreError(f"keys database: {exc}") from None
+        try:
+            if self.schema is None:
+                self.schema = self.migrate(conn)
+        except pgsql.DatabaseError as exc:
+            conn.close()
+            raise KeyStoreError(f"keys database {self.shown}: {exc}") from None
+        return conn
+
+    def migrate(self, conn: Any) -> int:
+        """Apply pending migrations and the grants (as the owner) or check there are none;
+        :class:`medserve.pgsql.SchemaError` otherwise. Returns the version."""
+        return pgsql.migrate(
+            conn,
+            COMPONENT,
+            MIGRATIONS,
+            grants(*self.roles),
+            url=self.url,
+            migrate_hint=MIGRATE_HINT,
+        )
+
+    def _run(self, work: Callable[[Any], Any]) -> Any:
+        require_driver()
+        import psycopg
+
+        conn = self._connect()
+        try:
+            return work(conn)
+        except psycopg.Error as exc:
+            raise self._fail(exc) from None
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def create(
+        self,
+        name: str,
+        role: Role = "user",
+        models: Sequence[str] = ("*",),
+        rpm: int | None = None,
+        tpm: int | None = None,
+        expires: str | None = None,
+        fallback: bool = True,
+    ) -> tuple[Key, str]:
+        """A new key and its full token, shown once and never stored (as the SQLite store)."""
+        if role not in ROLES:
+            raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
+        if not name.strip() or len(name) > 100:
+            raise KeyStoreError("a key needs a name of 1-100 characters")
+        key_id, secret = new_secret()
+
+        def insert(conn: Any) -> Key:
+            with conn.transaction():
+                row = conn.execute(
+                    f"INSERT INTO auth_keys ({COLUMNS}) VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), NULL, %s, %s) "
+                    f"RETURNING {COLUMNS}",
+                    (
+                        key_id,
+                        name,
+                        role,
+                        list(models) or ["*"],
+                        rpm,
+                        tpm,
+                        parse_stamp(expires),
+                        digest(secret),
+                        fallback,
+                    ),
+                ).fetchone()
+                key = _key(row)
+                _journal(conn, "key.created", key)
+            return key
+
+        key: Key = self._run(insert)
+        return key, f"{PREFIX}{key_id}_{secret}"
+
+    def revoke(self, key_id: str) -> Key:
+        def update(conn: Any) -> Key:
+            with conn.transaction():
+                row = conn.execute(
+                    f"SELECT {COLUMNS} FROM auth_keys WHERE id = %s FOR UPDATE", (key_id,)
+                ).fetchone()
+                if row is None:
+                    raise KeyStoreError(f"no key with id {key_id}")
+                key = _key(row)
+                if key.revoked is None:
+                    conn.execute(
+                        "UPDATE auth_keys SET revoked = clock_timestamp() WHERE id = %s",
+                        (key_id,),
+                    )
+                    _journal(conn, "key.revoked", key)
+            return key
+
+        key: Key = self._run(update)
+        return key
+
+    def all(self) -> list[Key]:
+        query = f"SELECT {COLUMNS} FROM auth_keys ORDER BY created"
+        rows = self._run(lambda conn: conn.execute(query).fetchall())
+        return [_key(row) for row in rows]
+
+    def inspect(self) -> tuple[int | None, int | None]:
+        """(schema version, active keys) read without changing anything (for ``medserve
+        doctor``): (None, None) for a database without the schema yet, (version, None)
+        for a version this medserve does not know. Raises :class:`KeyStoreError`."""
+        require_driver()
+        import psycopg
+
+        try:
+            with pgsql.connect(self.url, autocommit=True) as conn:
+                version = schema_version(conn)
+                if version != SCHEMA_VERSION:
+                    return version, None
+                row = conn.execute(
+                    "SELECT count(*) FROM auth_keys WHERE revoked IS NULL "
+                    "AND (expires IS NULL OR expires > clock_timestamp())"
+                ).fetchone()
+                return version, int(row[0]) if row else 0
+        except pgsql.DatabaseError as exc:
+            raise KeyStoreError(f"keys database: {exc}") from None
+        except psycopg.Error as exc:
+            raise self._fail(exc) from None
+
+    def refresh(self) -> bool:
+        """Confirm the in-memory copy, reloading it if the keys changed; True when it
+        reloaded. Raises :class:`KeyStoreError` when the database cannot be read (the copy
+        then ages towards ``stale_after_s``). Blocking: call it off the event loop."""
+        require_driver()
+        import psycopg
+
+        with self._lock:
+            started = self.clock()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect()
+                conn = self._conn
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    row = conn.execute("SELECT generation FROM auth_generation").fetchone()
+                    generation = int(row[0])
+                    reloaded = generation != self._generation
+                    if reloaded:
+                        rows = conn.execute(f"SELECT {COLUMNS} FROM auth_keys").fetchall()
+                        self._keys = {str(r[0]): (_key(r), bytes(r[9])) for r in rows}
+                        self._generation = generation
+            except psycopg.Error as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                raise self._fail(exc) from None
+            self._confirmed = started
+            return reloaded
+
+    async def watch(self) -> None:
+        """Refresh (:meth:`refresh`, in a thread) on every ``NOTIFY medserve_keys`` and at
+        least every ``refresh_s``, until cancelled. Failures are logged when they start
+        and when they end; meanwhile lookups age towards ``stale_after_s`` and refuse."""
+        import psycopg
+
+        listener: Any = None
+        failing = False
+        try:
+            while True:
+                if listener is None:
+                    listener = await self._listen()
+                if listener is None:
+                    await asyncio.sleep(self.refresh_s)
+                else:
+                    try:
+                        # Returns on the first notification, or after refresh_s.
+                        async for _ in listener.notifies(timeout=self.refresh_s, stop_after=1):
+                            pass
+                    except psycopg.Error:
+                        await listener.close()
+                        listener, self.listening = None, False
+                        await asyncio.sleep(self.refresh_s)
+                try:
+                    await asyncio.to_thread(self.refresh)
+                except KeyStoreError as exc:
+                    if not failing:
+                        log.warning("keys not refreshed", extra={"error": type(exc).__name__})
+                    failing = True
+                    continue
+                if failing:
+                    log.warning("keys refreshed again")
+                failing = False
+        finally:
+            self.listening = False
+            if listener is not None:
+                await listener.close()
+
+    async def _listen(self) -> Any:
+        """A connection listening on :data:`CHANNEL`, or None when it cannot be made (the
+        polling carries on; the next round tries again)."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=pgsql.CONNECT_TIMEOUT_S
+            )
+        except psycopg.Error:
+            return None
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            await conn.close()
+            return None
+        self.listening = True
+        return conn
+
+    def age(self) -> float | None:
+        """Seconds since the copy was last confirmed; None before the first refresh."""
+        return None if self._confirmed is None else self.clock() - self._confirmed
+
+    def lookup(self, key_id: str) -> tuple[Key, bytes] | None:
+        """The key and its secret's hash from the copy, or None. No database round trip.
+        Raises :class:`~medserve.errors.UnavailableError` (503) when the copy is older than
+        ``stale_after_s`` or was never loaded."""
+        age = self.age()
+        if age is None or age > self.stale_after_s:
+            raise UnavailableError(
+                "API keys cannot be checked right now; retry shortly.",
+                code="key_store_unavailable",
+                retry_after=max(1, round(self.refresh_s * 2)),
+            )
+        return self._keys.get(key_id)
+
+    def changes(self, instance: str) -> list[dict[str, object]]:
+        """Journal entries gateway ``instance`` has not yet copied into its audit log."""
+
+        def read(conn: Any) -> list[Any]:
+            rows: list[Any] = conn.execute(
+                "SELECT n, ts, action, key_id, details FROM auth_journal "
+                "WHERE n > coalesce((SELECT last FROM auth_audited WHERE instance = %s), 0) "
+                "ORDER BY n",
+                (instance,),
+            ).fetchall()
+            return rows
+
+        rows = self._run(read)
+        return [
+            {"n": n, "ts": stamp(ts), "action": a, "key_id": k, **dict(d)}
+            for n, ts, a, k, d in rows
+        ]
+
+    def mark_audited(self, instance: str, last: int) -> None:
+        self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO auth_audited VALUES (%s, %s) "
+                "ON CONFLICT (instance) DO UPDATE SET last = excluded.last",
+                (instance, last),
+            )
+        )
+
+
+def _journal(conn: Any, action: str, key: Key) -> None:
+    details = {
+        "name": key.name,
+        "role": key.role,
+        "models": list(key.models),
+        "fallback": key.fallback,
+    }
+    conn.execute(
+        "INSERT INTO auth_journal (action, key_id, details) VALUES (%s, %s, %s::jsonb)",
+        (action, key.id, json.dumps(details)),
+    )
+
+
+def _key(row: Any) -> Key:
+    key_id, name, role, models, rpm, tpm, expires, created, revoked, _, fallback = row
+    return Key(
+        id=str(key_id),
+        name=str(name),
+        role=next((r for r in ROLES if r == role), "user"),
+        models=tuple(models),
+        rpm=rpm,
+        tpm=tpm,
+        expires=stamp(expires),
+        created=stamp(created) or "",
+        revoked=stamp(revoked),
+        fallback=bool(fallback),
+    )
