@@ -174,14 +174,19 @@ def test_the_password_never_reaches_an_error_or_a_repr(pg_db: pg.PgDatabase) -> 
 
 
 def two_instances(url: str) -> None:
-    """gw-a and gw-b write 20 records each, with checkpoints every 5 and on close; gw-a
-    closes last, so its final checkpoint names gw-b's head."""
+    """gw-a and gw-b write 20 records each, with checkpoints every 5 and on close. gw-b
+    closes (its final checkpoint signed, its writer stopped) before gw-a writes its last
+    10, so gw-a's later checkpoints name gw-b's head: a checkpoint's peers are what the
+    database holds when it is signed, and gw-b's own checkpoint follows its records'
+    commit on its writer thread (under load it came after gw-a's, which then named an
+    older head of gw-b and left a truncation past it unseen)."""
     a, b = make(url, "gw-a", checkpoint_every=5), make(url, "gw-b", checkpoint_every=5)
     a.open()
     b.open()
     try:
         asyncio.run(fill(a, 10, "gw-a"))
         asyncio.run(fill(b, 20, "gw-b"))
+        b.close()
         asyncio.run(fill(a, 10, "gw-a"))
     finally:
         b.close()
