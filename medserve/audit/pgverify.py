@@ -11,7 +11,6 @@ registration are gone from the database. Reading needs SELECT only (the auditor 
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from medserve import pgsql
 from medserve.audit import record
 from medserve.audit.keys import ChainKeys, signature_valid
 from medserve.audit.pgstore import instance_genesis, read_checkpoints
-from medserve.audit.verify import Problem, Verification
+from medserve.audit.verify import Problem, Verification, check_row
 
 if TYPE_CHECKING:
     import psycopg
@@ -194,7 +193,18 @@ def _walk(
                 Problem(expected, "deleted", f"records {expected}..{seq - 1} missing", instance),
             )
             return
-        problem = _check_row(conn, keys, instance, seq, ts, kind, body, prev_hash, stored, prev)
+        problem = check_row(
+            keys,
+            seq,
+            ts,
+            kind,
+            body,
+            prev_hash,
+            stored,
+            prev,
+            lambda n: _holds(conn, instance, n),
+            instance,
+        )
         claimed = vouched.heads.get((instance, seq))
         if problem is None and claimed is not None and claimed != stored.hex():
             problem = Problem(seq, "altered", "differs from a signed checkpoint", instance)
@@ -219,38 +229,6 @@ def _truncated(result: Verification, instance: str, last: int, vouched: list[int
                 instance,
             ),
         )
-
-
-def _check_row(
-    conn: psycopg.Connection,
-    keys: ChainKeys,
-    instance: str,
-    seq: int,
-    ts: str,
-    kind: str,
-    body: bytes,
-    prev_hash: bytes,
-    stored: bytes,
-    prev: bytes,
-) -> Problem | None:
-    if not hmac.compare_digest(keys.record_hash(prev_hash, body), stored):
-        return Problem(seq, "altered", "record does not match its keyed hash", instance)
-    try:
-        fields = json.loads(body)
-        claimed = int(fields["seq"])
-    except (ValueError, KeyError, TypeError):
-        return Problem(seq, "altered", "record body is not a record", instance)
-    if claimed != seq:
-        if _holds(conn, instance, seq):
-            return Problem(seq, "reordered", f"position {seq} holds record {claimed}", instance)
-        return Problem(
-            seq, "deleted", f"record {seq} is missing; record {claimed} renumbered", instance
-        )
-    if prev_hash != prev:
-        return Problem(seq, "altered", f"record does not follow record {seq - 1}", instance)
-    if fields.get("ts") != ts or fields.get("kind") != kind:
-        return Problem(seq, "altered", "indexed time or kind differs from the record", instance)
-    return None
 
 
 def _holds(conn: psycopg.Connection, instance: str, seq: int) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,7 +154,9 @@ def _walk(
         if seq != expected:
             _first(result, Problem(expected, "deleted", f"records {expected}..{seq - 1} missing"))
             return
-        problem = _check_row(conn, keys, seq, ts, kind, body, prev_hash, stored, prev)
+        problem = check_row(
+            keys, seq, ts, kind, body, prev_hash, stored, prev, lambda n: _holds(conn, n)
+        )
         if problem is None and seq in vouched and vouched[seq] != stored.hex():
             problem = Problem(seq, "altered", "differs from the signed checkpoint")
         if problem is not None:
@@ -175,8 +178,7 @@ def _walk(
         )
 
 
-def _check_row(
-    conn: sqlite3.Connection,
+def check_row(
     keys: ChainKeys,
     seq: int,
     ts: str,
@@ -185,22 +187,30 @@ def _check_row(
     prev_hash: bytes,
     stored: bytes,
     prev: bytes,
+    holds: Callable[[int], bool],
+    instance: str | None = None,
 ) -> Problem | None:
+    """The damage at chain position ``seq`` (SQLite's one chain, or ``instance``'s on
+    PostgreSQL), or None: its keyed hash, the sequence number its body claims (``holds``
+    says, only on damage, whether some row of the chain claims ``seq``: then the rows were
+    reordered, else one was deleted), its link to ``prev`` and its indexed time and kind."""
     if not hmac.compare_digest(keys.record_hash(prev_hash, body), stored):
-        return Problem(seq, "altered", "record does not match its keyed hash")
+        return Problem(seq, "altered", "record does not match its keyed hash", instance)
     try:
         fields = json.loads(body)
         claimed = int(fields["seq"])
     except (ValueError, KeyError, TypeError):
-        return Problem(seq, "altered", "record body is not a record")
+        return Problem(seq, "altered", "record body is not a record", instance)
     if claimed != seq:
-        if _holds(conn, seq):
-            return Problem(seq, "reordered", f"position {seq} holds record {claimed}")
-        return Problem(seq, "deleted", f"record {seq} is missing; record {claimed} renumbered")
+        if holds(seq):
+            return Problem(seq, "reordered", f"position {seq} holds record {claimed}", instance)
+        return Problem(
+            seq, "deleted", f"record {seq} is missing; record {claimed} renumbered", instance
+        )
     if prev_hash != prev:
-        return Problem(seq, "altered", f"record does not follow record {seq - 1}")
+        return Problem(seq, "altered", f"record does not follow record {seq - 1}", instance)
     if fields.get("ts") != ts or fields.get("kind") != kind:
-        return Problem(seq, "altered", "indexed time or kind differs from the record")
+        return Problem(seq, "altered", "indexed time or kind differs from the record", instance)
     return None
 
 

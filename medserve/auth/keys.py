@@ -149,6 +149,15 @@ def matches(secret: str, stored: bytes) -> bool:
     return hmac.compare_digest(digest(secret), stored)
 
 
+def check_new_key(name: str, role: str) -> None:
+    """Raise KeyStoreError unless ``role`` is one of ROLES and ``name`` has 1-100
+    characters (every key store checks a new key the same way)."""
+    if role not in ROLES:
+        raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
+    if not name.strip() or len(name) > 100:
+        raise KeyStoreError("a key needs a name of 1-100 characters")
+
+
 def new_secret() -> tuple[str, str]:
     """A fresh (id, secret)."""
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
@@ -211,10 +220,7 @@ class KeyStore:
 
         ``fallback`` false: no fallback engine ever answers this key (see :class:`Key`).
         """
-        if role not in ROLES:
-            raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
-        if not name.strip() or len(name) > 100:
-            raise KeyStoreError("a key needs a name of 1-100 characters")
+        check_new_key(name, role)
         key_id, secret = new_secret()
         key = Key(
             key_id, name, role, tuple(models) or ("*",), rpm, tpm, expires, now(), None, fallback

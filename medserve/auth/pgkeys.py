@@ -49,6 +49,7 @@ from medserve.auth.keys import (
     Key,
     KeyStoreError,
     Role,
+    check_new_key,
     digest,
     new_secret,
 )
@@ -264,10 +265,7 @@ class PgKeyStore:
         fallback: bool = True,
     ) -> tuple[Key, str]:
         """A new key and its full token, shown once and never stored (as the SQLite store)."""
-        if role not in ROLES:
-            raise KeyStoreError(f"role must be one of {', '.join(ROLES)}")
-        if not name.strip() or len(name) > 100:
-            raise KeyStoreError("a key needs a name of 1-100 characters")
+        check_new_key(name, role)
         key_id, secret = new_secret()
 
         def insert(conn: Any) -> Key:
