@@ -19,7 +19,7 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench,postgres
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
-.PHONY: install serve test test-vllm lint typecheck unit bench bench-prefix bench-gateway bench-structured clean
+.PHONY: install serve test test-vllm deploy-check image lint typecheck unit bench bench-prefix bench-gateway bench-structured clean
 
 install: $(VENV)/.installed-serve
 
@@ -37,12 +37,23 @@ test: $(VENV)/.installed-dev
 	scripts/ensure-postgres.sh
 	$(BIN)/python scripts/run_tests.py
 	PYTHON=$(PYTHON) scripts/test-vllm.sh $(BIN)/python
+	$(MAKE) --no-print-directory deploy-check
 
 ## Only the real-vLLM tier: installs the CPU build of vLLM into .venv-vllm (first time:
 ## about 0.6 GB, 2-3 min), then drives it through medserve (a few minutes). If the install
 ## fails it says why and skips; MEDSERVE_VLLM_TIER=skip skips it on purpose.
 test-vllm: $(VENV)/.installed-dev
 	PYTHON=$(PYTHON) scripts/test-vllm.sh $(BIN)/python
+
+## The deployment files checked offline (systemd units, Kubernetes manifests, compose file,
+## Prometheus rules), then the image built with podman from Debian's packages and asked
+## /health and a chat completion (installs podman the first time; a few minutes)
+deploy-check: $(VENV)/.installed-dev
+	scripts/deploy-check.sh $(BIN)/python
+
+## Build the CPU image offline (base from the Debian mirror, cached llama-cpp-python wheel)
+image:
+	scripts/build-image.sh
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
