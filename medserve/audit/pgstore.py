@@ -45,31 +45,20 @@ one); per-gateway roles with row-level security on ``instance`` would confine it
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medserve import pgsql
 from medserve.audit import record
-from medserve.audit.keys import ChainKeys, key_fingerprint
-from medserve.audit.store import (
-    _RECOVER,
-    _STOP,
-    AuditError,
-    AuditWriteError,
-    Lost,
-    StoreStats,
-    _Entry,
-    _settle,
-)
+from medserve.audit.keys import ChainKeys
+from medserve.audit.writer import AuditError, AuditWriteError, ChainWriter, Row
 
 if TYPE_CHECKING:
     import psycopg
@@ -164,9 +153,9 @@ def open_schema(
     )
 
 
-class PgStore:
+class PgStore(ChainWriter):
     """One gateway instance's chain in a shared PostgreSQL database. See the module
-    docstring."""
+    docstring; the writer thread is :class:`~medserve.audit.writer.ChainWriter`'s."""
 
     def __init__(
         self,
@@ -177,34 +166,29 @@ class PgStore:
         *,
         checkpoint_every: int = 1000,
         checkpoint_interval_s: float = 300.0,
-        checkpoint_file: Any = None,
+        checkpoint_file: Path | None = None,
         gateway_role: str = "medserve_gateway",
         auditor_role: str = "medserve_auditor",
         batch_max: int = 1024,
         lock_wait_s: float = LOCK_WAIT_S,
     ) -> None:
+        self._genesis = instance_genesis(keys, instance)
+        super().__init__(
+            keys,
+            signer,
+            genesis=self._genesis,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval_s=checkpoint_interval_s,
+            checkpoint_file=checkpoint_file,
+            batch_max=batch_max,
+            thread_name="medserve-audit-pg",
+        )
         self.url = url
         self.lock_wait_s = lock_wait_s
         self.instance = instance
-        self.keys = keys
-        self.signer = signer
-        self.signer_id = key_fingerprint(signer.public_key())
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval_s = checkpoint_interval_s
-        self.checkpoint_file = checkpoint_file
         self.gateway_role = gateway_role
         self.auditor_role = auditor_role
-        self.batch_max = batch_max
-        self.stats = StoreStats()
-        self.on_commit: Callable[[float], object] | None = None
-        self._queue: queue.SimpleQueue[_Entry | object] = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
-        self._thread: threading.Thread | None = None
-        self._genesis = instance_genesis(keys, instance)
-        self._head = (0, self._genesis)
-        self._checkpointed = (0, time.monotonic())
-        self._failed_at: float | None = None
-        self._recover_queued = threading.Event()
 
     def __repr__(self) -> str:
         return f"PgStore({pgsql.redact(self.url)!r}, instance={self.instance!r})"
@@ -224,18 +208,11 @@ class PgStore:
         except AuditError:
             self._release()
             raise
-        self.stats.last_seq = self._head[0]
-        self._checkpointed = (last_cp, time.monotonic())
-        self._failed_at = None
-        self._thread = threading.Thread(target=self._run, name="medserve-audit-pg", daemon=True)
-        self._thread.start()
+        self._start(last_cp)
 
     def close(self) -> None:
         """Write everything queued, sign a final checkpoint, stop the writer."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        self._stop()
         self._release()
 
     def _release(self) -> None:
@@ -327,192 +304,62 @@ class PgStore:
         conn.commit()
         return int(row[0]) if row else 0
 
-    # -- writing -----------------------------------------------------------------------
+    # -- the writer's hooks (writer thread) --------------------------------------------
 
-    def submit(
-        self, facts: record.Facts, sealed: bytes | None = None, on_lost: Lost | None = None
-    ) -> None:
-        """Queue a record without waiting; ``on_lost`` runs (on the writer thread) if it
-        cannot be written."""
-        if self._thread is None:
-            if on_lost is not None:
-                on_lost()
-            return
-        self._queue.put(_Entry(facts, sealed, on_lost=on_lost))
+    def _connected(self) -> bool:
+        return self._conn is not None
 
-    async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int:
-        """Write a record and wait until it is committed; returns its sequence number in
-        this instance's chain. Raises :class:`AuditWriteError`; shielded like SQLite's."""
-        if self._thread is None:
-            raise AuditWriteError("the audit store is closed")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[int] = loop.create_future()
-        self._queue.put(_Entry(facts, sealed, waiter, loop))
-        return await asyncio.shield(waiter)
-
-    def available(self) -> bool:
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and self._failed_at is None
-
-    def recover(self) -> None:
-        if self._thread is None or self._failed_at is None or self._recover_queued.is_set():
-            return
-        self._recover_queued.set()
-        self._queue.put(_RECOVER)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self._until_checkpoint())
-            except queue.Empty:
-                self._maybe_checkpoint(force=False)
-                continue
-            if item is _RECOVER:
-                self._recover()
-                continue
-            batch = [item] if isinstance(item, _Entry) else []
-            stop = item is _STOP or self._take(batch, self.batch_max)
-            if stop:
-                self._take(batch, None)
-            if batch:
-                try:
-                    self._write(batch)
-                except Exception as exc:  # a bug must not leave callers waiting forever
-                    log.exception("audit writer failed")
-                    self._fail(batch, AuditWriteError(type(exc).__name__))
-            self._maybe_checkpoint(force=stop)
-            if stop:
-                return
-
-    def _take(self, batch: list[_Entry], limit: int | None) -> bool:
-        stop = False
-        while limit is None or len(batch) < limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Entry):
-                batch.append(item)
-            elif item is _STOP:
-                stop = True
-            else:
-                self._recover_queued.clear()
-        return stop
-
-    def _recover(self) -> None:
-        self._recover_queued.clear()
-        if self._failed_at is None:
-            return
-        self._release()
+    def _reopen(self) -> None:
         try:
             self._conn = self._connect(wait_s=0.0)
-        except (AuditError, pgsql.DatabaseError) as exc:
-            log.error("audit log still failing", extra={"error": str(exc)})
-            return
-        self._failed_at = None
+        except pgsql.DatabaseError as exc:
+            raise AuditError(str(exc)) from None
 
-    def _write(self, batch: list[_Entry]) -> None:
+    def _drop(self) -> None:
+        self._release()
+
+    def _commit(self, rows: Sequence[Row]) -> None:
         import psycopg
 
-        if self._conn is None:
-            try:
-                self._conn = self._connect(wait_s=0.0)
-            except (AuditError, pgsql.DatabaseError) as exc:
-                log.error("audit log still failing", extra={"error": str(exc)})
-                self._fail(batch, AuditWriteError("AuditError"))
-                return
+        assert self._conn is not None
         conn = self._conn
-        started = time.perf_counter()
-        seq, prev = self._head
-        rows: list[tuple[str, int, str, str, bytes, bytes, bytes]] = []
-        content: list[tuple[str, int, bytes]] = []
-        for entry in batch:
-            seq += 1
-            ts = record.now()
-            body = record.body(entry.facts, seq, ts)
-            digest = self.keys.record_hash(prev, body)
-            kind = "request" if isinstance(entry.facts, record.RequestFacts) else "event"
-            rows.append((self.instance, seq, ts, kind, body, prev, digest))
-            if entry.sealed is not None:
-                content.append((self.instance, seq, entry.sealed))
-            prev = digest
         try:
             with conn.transaction(), conn.cursor() as cur:
                 with cur.copy(
                     "COPY audit_records (instance, seq, ts, kind, body, prev_hash, hash) FROM STDIN"
                 ) as copy:
-                    for row in rows:
-                        copy.write_row(row)
-                if content:
+                    for r in rows:
+                        copy.write_row(
+                            (self.instance, r.seq, r.ts, r.kind, r.body, r.prev_hash, r.hash)
+                        )
+                if any(r.sealed is not None for r in rows):
                     with cur.copy("COPY audit_content (instance, seq, sealed) FROM STDIN") as cp:
-                        for item in content:
-                            cp.write_row(item)
+                        for r in rows:
+                            if r.sealed is not None:
+                                cp.write_row((self.instance, r.seq, r.sealed))
         except psycopg.Error as exc:
-            log.error(
-                "audit write failed",
-                extra={"error": _sqlstate(exc), "count": len(batch)},
-            )
-            self._fail(batch, AuditWriteError(_sqlstate(exc)))
-            return
-        self._head = (seq, prev)
-        self._failed_at = None
-        self.stats.written += len(batch)
-        self.stats.last_seq = seq
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started)
-        _settle(batch, [row[1] for row in rows])
+            raise AuditWriteError(_sqlstate(exc)) from None
 
-    def _fail(self, batch: list[_Entry], error: AuditWriteError) -> None:
-        self._release()
-        self._failed_at = time.monotonic()
-        self.stats.failed += len(batch)
-        for entry in batch:
-            if entry.on_lost is not None:
-                entry.on_lost()
-        _settle(batch, [error] * len(batch))
-
-    # -- checkpoints ----------------------------------------------------------------------
-
-    def _until_checkpoint(self) -> float:
-        if self._conn is None:
-            return self.checkpoint_interval_s
-        return max(0.05, self._checkpointed[1] + self.checkpoint_interval_s - time.monotonic())
-
-    def _maybe_checkpoint(self, *, force: bool) -> None:
+    def _sign_checkpoint(self, seq: int, hash_hex: str) -> tuple[bytes, bytes]:
+        """Sign the head with every peer's latest checkpointed head, in one transaction."""
         import psycopg
 
-        seq, digest = self._head
-        last, at = self._checkpointed
-        elapsed = time.monotonic() - at >= self.checkpoint_interval_s
-        if seq <= last:
-            if elapsed:
-                self._checkpointed = (last, time.monotonic())
-            return
-        if not (force or elapsed or seq - last >= self.checkpoint_every) or self._conn is None:
-            return
+        assert self._conn is not None
         conn = self._conn
         try:
             with conn.transaction():
                 peers = _peers(conn, self.instance)
-                ts = record.now()
-                body = checkpoint_body(self.instance, seq, digest.hex(), ts, self.signer_id, peers)
+                body = checkpoint_body(
+                    self.instance, seq, hash_hex, record.now(), self.signer_id, peers
+                )
                 signature = self.signer.sign(body)
                 conn.execute(
                     "INSERT INTO audit_checkpoints VALUES (%s, %s, %s, %s)",
                     (self.instance, seq, body, signature),
                 )
         except psycopg.Error as exc:
-            log.error("audit checkpoint failed", extra={"error": _sqlstate(exc)})
-            return
-        self._checkpointed = (seq, time.monotonic())
-        self.stats.checkpoints += 1
-        if self.checkpoint_file is not None:
-            line = {**json.loads(body), "signature": signature.hex()}
-            try:
-                with self.checkpoint_file.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(line, sort_keys=True) + "\n")
-            except OSError as exc:
-                log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
+            raise AuditWriteError(_sqlstate(exc)) from None
+        return body, signature
 
 
 def _peers(conn: psycopg.Connection, instance: str) -> dict[str, list[Any]]:

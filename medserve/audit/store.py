@@ -28,33 +28,35 @@ the store refuses to go on (stays failed) if the file no longer holds the record
 writer committed. The records of a failed batch are never retried: their callers were told
 (:class:`AuditWriteError`, or ``on_lost``).
 
-The :class:`AuditStore` protocol is what the server needs; the PostgreSQL store for
-several gateways on one database (:mod:`medserve.audit.pgstore`: one chain per gateway
-instance) implements the same methods with the same writer design.
+The :class:`AuditStore` protocol is what the server needs. The writer thread, the queue,
+group commit, the lost-batch rule and checkpoint timing are shared with the PostgreSQL
+store for several gateways on one database (:mod:`medserve.audit.pgstore`: one chain per
+gateway instance) in :mod:`medserve.audit.writer`; this module supplies the SQLite file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medserve.audit import record
-from medserve.audit.keys import ChainKeys, key_fingerprint
+from medserve.audit.keys import ChainKeys
+from medserve.audit.writer import AuditError as AuditError
+from medserve.audit.writer import AuditWriteError as AuditWriteError
+from medserve.audit.writer import ChainWriter, Row
+from medserve.audit.writer import Lost as Lost
+from medserve.audit.writer import StoreStats as StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,6 @@ CREATE TRIGGER IF NOT EXISTS content_no_update BEFORE UPDATE ON content
 """
 
 
-class AuditError(Exception):
-    """The audit store cannot be opened or used; the message says what to fix."""
-
-
-class AuditWriteError(AuditError):
-    """A record could not be made durable. Carries the failure's type, never data."""
-
-
-@dataclass
-class StoreStats:
-    """Counters for metrics and /ready; written by the writer thread only."""
-
-    written: int = 0
-    failed: int = 0
-    checkpoints: int = 0
-    last_seq: int = 0
-
-
 class AuditStore(Protocol):
     """What the server needs from an audit store."""
 
@@ -123,23 +107,6 @@ class AuditStore(Protocol):
     async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int: ...
     def available(self) -> bool: ...
     def recover(self) -> None: ...
-
-
-Lost = Callable[[], object]
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    facts: record.Facts
-    sealed: bytes | None
-    # An awaiting caller's future and its loop, or a callback for a lost record.
-    waiter: asyncio.Future[int] | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    on_lost: Lost | None = None
-
-
-_STOP = object()
-_RECOVER = object()
 
 
 def connect(
@@ -163,7 +130,7 @@ def checkpoint_message(seq: int, hash_hex: str, ts: str, key_id: str) -> bytes:
     )
 
 
-class SQLiteStore:
+class SQLiteStore(ChainWriter):
     """One SQLite file, one writer thread. See the module docstring."""
 
     def __init__(
@@ -178,28 +145,22 @@ class SQLiteStore:
         busy_timeout_ms: int = 5000,
         batch_max: int = 1024,
     ) -> None:
+        super().__init__(
+            keys,
+            signer,
+            genesis=record.GENESIS,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval_s=checkpoint_interval_s,
+            checkpoint_file=checkpoint_file,
+            batch_max=batch_max,
+            thread_name="medserve-audit",
+        )
         self.path = path
-        self.keys = keys
-        self.signer = signer
-        self.signer_id = key_fingerprint(signer.public_key())
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval_s = checkpoint_interval_s
-        self.checkpoint_file = checkpoint_file
         self.busy_timeout_ms = busy_timeout_ms
-        self.batch_max = batch_max
-        self.stats = StoreStats()
-        # Called on the writer thread with the seconds each successful commit took.
-        self.on_commit: Callable[[float], object] | None = None
-        self._queue: queue.SimpleQueue[_Entry | object] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
-        self._thread: threading.Thread | None = None
         self._merger: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._head = (0, record.GENESIS)
-        self._checkpointed = (0, time.monotonic())
-        self._failed_at: float | None = None
-        self._recover_queued = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -232,21 +193,14 @@ class SQLiteStore:
         except AuditError:
             self._release()
             raise
-        self.stats.last_seq = self._head[0]
-        self._checkpointed = (last_cp, time.monotonic())
-        self._failed_at = None
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="medserve-audit", daemon=True)
-        self._thread.start()
+        self._start(last_cp)
         self._merger = threading.Thread(target=self._merge, name="medserve-audit-wal", daemon=True)
         self._merger.start()
 
     def close(self) -> None:
         """Write everything queued, sign a final checkpoint, stop the writer."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        self._stop()
         if self._merger is not None:
             self._stopping.set()
             self._merger.join()
@@ -402,204 +356,50 @@ class SQLiteStore:
             )
         return int(seq), bytes(stored)
 
-    # -- writing -----------------------------------------------------------------------
+    # -- the writer's hooks (writer thread) --------------------------------------------
 
-    def submit(
-        self, facts: record.Facts, sealed: bytes | None = None, on_lost: Lost | None = None
-    ) -> None:
-        """Queue a record without waiting; ``on_lost`` runs (on the writer thread) if it
-        cannot be written."""
-        if self._thread is None:
-            if on_lost is not None:
-                on_lost()
-            return
-        self._queue.put(_Entry(facts, sealed, on_lost=on_lost))
+    def _connected(self) -> bool:
+        return self._conn is not None
 
-    async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int:
-        """Write a record and wait until it is durable; returns its sequence number.
+    def _reopen(self) -> None:
+        self._reconnect()
 
-        Raises :class:`AuditWriteError`. Shielded: a caller that is cancelled (client
-        gone) still gets its record written.
-        """
-        if self._thread is None:
-            raise AuditWriteError("the audit store is closed")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[int] = loop.create_future()
-        self._queue.put(_Entry(facts, sealed, waiter, loop))
-        return await asyncio.shield(waiter)
-
-    def available(self) -> bool:
-        """False from a failed commit until the next successful one (or a successful
-        :meth:`recover`), and once closed."""
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and self._failed_at is None
-
-    def recover(self) -> None:
-        """Ask the writer to reopen a failed log now, without waiting (a readiness probe
-        calls this: a server that gets no traffic while failed still recovers). At most
-        one request is queued at a time; a no-op while the log is available."""
-        if self._thread is None or self._failed_at is None or self._recover_queued.is_set():
-            return
-        self._recover_queued.set()
-        self._queue.put(_RECOVER)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self._until_checkpoint())
-            except queue.Empty:
-                self._maybe_checkpoint(force=False)
-                continue
-            if item is _RECOVER:
-                self._recover()
-                continue
-            batch = [item] if isinstance(item, _Entry) else []
-            stop = item is _STOP or self._take(batch, self.batch_max)
-            if stop:
-                self._take(batch, None)  # whatever is left, before stopping
-            if batch:
-                try:
-                    self._write(batch)
-                except Exception as exc:  # a bug must not leave callers waiting forever
-                    log.exception("audit writer failed")
-                    self._fail(batch, AuditWriteError(type(exc).__name__))
-            self._maybe_checkpoint(force=stop)
-            if stop:
-                return
-
-    def _take(self, batch: list[_Entry], limit: int | None) -> bool:
-        """Move queued entries into ``batch`` (up to ``limit``); True if stop was queued."""
-        stop = False
-        while limit is None or len(batch) < limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Entry):
-                batch.append(item)
-            elif item is _STOP:
-                stop = True
-            else:  # _RECOVER: the batch's own write reopens the log if it can
-                self._recover_queued.clear()
-        return stop
-
-    def _recover(self) -> None:
-        """Reopen a failed log (writer thread); the probe write in :meth:`_connect` is the
-        successful commit that makes the store available again."""
-        self._recover_queued.clear()
-        if self._failed_at is None:
-            return
-        _close(self._conn)
-        self._conn = None
-        try:
-            self._reconnect()
-        except AuditError as exc:
-            log.error("audit log still failing", extra={"error": str(exc)})
-            return
-        self._failed_at = None
-
-    def _write(self, batch: list[_Entry]) -> None:
-        if self._conn is None:  # the last write failed: a new connection, or fail again
-            try:
-                self._reconnect()
-            except AuditError as exc:
-                log.error("audit log still failing", extra={"error": str(exc)})
-                self._fail(batch, AuditWriteError("AuditError"))
-                return
-        assert self._conn is not None
-        started = time.perf_counter()
-        seq, prev = self._head
-        rows: list[tuple[int, str, str, bytes, bytes, bytes]] = []
-        content: list[tuple[int, bytes]] = []
-        for entry in batch:
-            seq += 1
-            ts = record.now()
-            body = record.body(entry.facts, seq, ts)
-            digest = self.keys.record_hash(prev, body)
-            kind = "request" if isinstance(entry.facts, record.RequestFacts) else "event"
-            rows.append((seq, ts, kind, body, prev, digest))
-            if entry.sealed is not None:
-                content.append((seq, entry.sealed))
-            prev = digest
-        try:
-            # Few statements per batch, each inserting many rows: the sqlite3 module drops
-            # the GIL around every statement, and under load each hand-back waits for the
-            # event loop's thread. executemany would pay that once per row.
-            if content or len(rows) > INSERT_ROWS:
-                self._conn.execute("BEGIN IMMEDIATE")
-                _insert(self._conn, "records", rows)
-                if content:
-                    _insert(self._conn, "content", content)
-                self._conn.execute("COMMIT")
-            else:  # one statement is its own atomic transaction
-                _insert(self._conn, "records", rows)
-        except sqlite3.Error as exc:
-            log.error("audit write failed", extra={"error": _name(exc), "count": len(batch)})
-            self._fail(batch, AuditWriteError(_name(exc)))
-            return
-        self._head = (seq, prev)
-        self._failed_at = None
-        self.stats.written += len(batch)
-        self.stats.last_seq = seq
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started)
-        _settle(batch, [row[0] for row in rows])
-
-    def _fail(self, batch: list[_Entry], error: AuditWriteError) -> None:
-        """The batch is lost: close the connection (the next write opens a new one and
-        re-reads the head), mark the store failed, tell every caller."""
+    def _drop(self) -> None:
         if self._conn is not None:
             _rollback(self._conn)
             _close(self._conn)
             self._conn = None
-        self._failed_at = time.monotonic()
-        self.stats.failed += len(batch)
-        self._lose(batch, error)
 
-    def _lose(self, batch: list[_Entry], error: AuditWriteError) -> None:
-        for entry in batch:
-            if entry.on_lost is not None:
-                entry.on_lost()
-        _settle(batch, [error] * len(batch))
+    def _commit(self, rows: Sequence[Row]) -> None:
+        assert self._conn is not None
+        records = [(r.seq, r.ts, r.kind, r.body, r.prev_hash, r.hash) for r in rows]
+        content = [(r.seq, r.sealed) for r in rows if r.sealed is not None]
+        try:
+            # Few statements per batch, each inserting many rows: the sqlite3 module drops
+            # the GIL around every statement, and under load each hand-back waits for the
+            # event loop's thread. executemany would pay that once per row.
+            if content or len(records) > INSERT_ROWS:
+                self._conn.execute("BEGIN IMMEDIATE")
+                _insert(self._conn, "records", records)
+                if content:
+                    _insert(self._conn, "content", content)
+                self._conn.execute("COMMIT")
+            else:  # one statement is its own atomic transaction
+                _insert(self._conn, "records", records)
+        except sqlite3.Error as exc:
+            raise AuditWriteError(_name(exc)) from None
 
-    # -- checkpoints ----------------------------------------------------------------------
-
-    def _until_checkpoint(self) -> float:
-        if self._conn is None:  # failed: nothing to sign until a write reopens the log
-            return self.checkpoint_interval_s
-        return max(0.05, self._checkpointed[1] + self.checkpoint_interval_s - time.monotonic())
-
-    def _maybe_checkpoint(self, *, force: bool) -> None:
-        seq, digest = self._head
-        last, at = self._checkpointed
-        elapsed = time.monotonic() - at >= self.checkpoint_interval_s
-        if seq <= last:
-            if elapsed:  # nothing new to sign: restart the clock rather than poll
-                self._checkpointed = (last, time.monotonic())
-            return
-        if not (force or elapsed or seq - last >= self.checkpoint_every):
-            return
-        if self._conn is None:
-            return
-        ts = record.now()
-        message = checkpoint_message(seq, digest.hex(), ts, self.signer_id)
+    def _sign_checkpoint(self, seq: int, hash_hex: str) -> tuple[bytes, bytes]:
+        assert self._conn is not None
+        message = checkpoint_message(seq, hash_hex, record.now(), self.signer_id)
         signature = self.signer.sign(message)
         try:
             self._conn.execute(
                 "INSERT INTO checkpoints VALUES (?, ?, ?)", (seq, message, signature)
             )
         except sqlite3.Error as exc:
-            log.error("audit checkpoint failed", extra={"error": _name(exc)})
-            return
-        self._checkpointed = (seq, time.monotonic())
-        self.stats.checkpoints += 1
-        if self.checkpoint_file is not None:
-            line = {**json.loads(message), "signature": signature.hex()}
-            try:
-                with self.checkpoint_file.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(line, sort_keys=True) + "\n")
-            except OSError as exc:
-                log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
+            raise AuditWriteError(_name(exc)) from None
+        return message, signature
 
 
 INSERT_ROWS = 1000  # rows per INSERT: 6 columns x 1000 stays below SQLite's 32766 variables
@@ -670,30 +470,6 @@ def _rollback(conn: sqlite3.Connection) -> None:
     # No transaction may be open (BEGIN itself failed): nothing to undo then.
     with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
-
-
-def _settle(batch: list[_Entry], outcomes: Sequence[int | Exception]) -> None:
-    """Hand each waiting caller its outcome: one wake-up per event loop per batch, not one
-    per record (each cross-thread wake-up costs a syscall and a GIL hand-over)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | Exception]]]
-    by_loop = {}
-    for entry, outcome in zip(batch, outcomes, strict=True):
-        if entry.waiter is not None and entry.loop is not None:
-            by_loop.setdefault(entry.loop, []).append((entry.waiter, outcome))
-    for loop, pairs in by_loop.items():
-        # The loop is gone when the server stopped; its callers are gone with it.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_wake, pairs)
-
-
-def _wake(pairs: list[tuple[asyncio.Future[int], int | Exception]]) -> None:
-    for waiter, outcome in pairs:
-        if waiter.done():
-            continue
-        if isinstance(outcome, Exception):
-            waiter.set_exception(outcome)
-        else:
-            waiter.set_result(outcome)
 
 
 def _lock_file(path: Path) -> IO[bytes]:
