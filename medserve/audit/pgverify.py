@@ -212,7 +212,7 @@ def _walk(
             _first(result, problem)
             return
         result.records += 1
-        last = seq
+        result.heads[instance] = last = seq
         expected, prev = seq + 1, stored
     _truncated(result, instance, last, [s for n, s in vouched.heads if n == instance])
 

@@ -54,6 +54,8 @@ class Verification:
     checkpoints: int = 0
     unsigned_checkpoints: int = 0
     instances: int = 0  # chains checked (PostgreSQL; 0 for SQLite's single chain)
+    # PostgreSQL: each instance's last good seq (``last_seq`` is SQLite's single chain's).
+    heads: dict[str, int] = field(default_factory=dict)
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -65,12 +67,14 @@ class Verification:
         out: dict[str, Any] = {
             "ok": self.ok,
             "records": self.records,
-            "last_seq": self.last_seq,
             "checkpoints_checked": self.checkpoints,
             "notes": self.notes,
         }
-        if self.instances:
+        if self.instances:  # one chain per instance: one head each, no single last seq
             out["instances"] = self.instances
+            out["heads"] = dict(sorted(self.heads.items()))
+        else:
+            out["last_seq"] = self.last_seq
         if self.problem is not None:
             p = self.problem
             out["problem"] = {"seq": p.seq, "kind": p.kind, "detail": p.detail}

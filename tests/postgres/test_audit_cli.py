@@ -62,6 +62,11 @@ def test_verify_says_intact_and_counts_every_chain(filled: pg.PgDatabase) -> Non
     assert code == 0, err
     assert "intact: 11 records (2 instance chains)" in out
     no_password(filled, out, err)
+    code, out, err = cli("verify", "--db", filled.auditor_url, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["heads"] == {"gw-a": 6, "gw-b": 5}  # each chain's head, no single last seq
+    assert "last_seq" not in summary
 
 
 def test_verify_names_the_instance_and_first_bad_record(filled: pg.PgDatabase) -> None:
