@@ -248,7 +248,8 @@ MODEL_FIELDS = frozenset(ModelSpec.model_fields)
 class AuditSettings(BaseModel):
     """The audit log: where it lives, its keys, checkpoints, and what a write failure does."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The URLs carry a password: an invalid value must not be echoed in the error.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     enabled: bool = Field(
         True,
@@ -343,7 +344,8 @@ class AuthSettings(BaseModel):
     """API keys: on by default. Keys live in their own SQLite file (`medserve keys`), or
     in PostgreSQL with `url`, shared by several gateways with their rate limits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The URLs carry a password: an invalid value must not be echoed in the error.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     enabled: bool = Field(
         True, description="Require an API key on every endpoint but /health (and /metrics)."
@@ -425,8 +427,9 @@ class AuthSettings(BaseModel):
 class Settings(BaseSettings):
     """Server settings. Environment variables use the ``MEDSERVE_`` prefix."""
 
+    # Errors name the setting, never echo its value: database URLs carry passwords.
     model_config = SettingsConfigDict(
-        env_prefix="MEDSERVE_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="MEDSERVE_", env_nested_delimiter="__", extra="forbid", hide_input_in_errors=True
     )
 
     host: str = Field("127.0.0.1", description="Bind address. Loopback unless you mean it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,28 @@ def test_cache_isolation_per_model(tmp_path: Path, text: str, expected: str) -> 
             load_registry(tmp_path)
         return
     assert load_registry(tmp_path)[0].cache_isolation == expected
+
+
+BAD_URLS = [  # (where the value comes from, setting, value); the password must not show
+    ("file", "[audit]\nurl = '{url}'\n", "audit"),
+    ("file", "[auth]\nurl = '{url}'\n", "auth"),
+    ("env", "MEDSERVE_AUDIT__URL", "audit"),
+    ("env", "MEDSERVE_AUTH__URL", "auth"),
+]
+
+
+@pytest.mark.parametrize(("source", "where", "section"), BAD_URLS)
+def test_a_refused_database_url_is_named_not_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, where: str, section: str
+) -> None:
+    url = "mysql://u:Pw7741zq@h/db"  # short: pydantic elides the middle of long values
+    cfg = tmp_path / "medserve.toml"
+    cfg.write_text(where.format(url=url) if source == "file" else "")
+    if source == "env":
+        monkeypatch.setenv(where, url)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg)
+    # The error, and the one it replaced (kept as its context, shown by some log tools).
+    text = "".join(traceback.format_exception(caught.value)) + str(caught.value.__context__)
+    assert "postgresql://" in text and section in text
+    assert "Pw7741zq" not in text
