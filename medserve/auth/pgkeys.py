@@ -308,6 +308,9 @@ class PgKeyStore:
                         (key_id,),
                     )
                     _journal(conn, "key.revoked", key)
+                # Its shared rate buckets are of no more use (a gateway that still admits
+                # it in the last moments of its copy's trust creates the row again).
+                conn.execute("DELETE FROM auth_rate WHERE key_id = %s", (key_id,))
             return key
 
         key: Key = self._run(update)

@@ -92,6 +92,20 @@ async def test_tokens_charged_on_one_gateway_limit_the_other(
     assert refused.value.retry_after is not None and refused.value.retry_after >= 30
 
 
+async def test_revoking_a_key_removes_its_buckets(
+    url: str, two: tuple[SharedRateLimiter, SharedRateLimiter]
+) -> None:
+    import psycopg
+
+    key = limited(url, rpm=10)
+    await two[0].admit(key)
+    sql = "SELECT count(*) FROM auth_rate WHERE key_id = %s"
+    with psycopg.connect(url) as conn:
+        assert conn.execute(sql, (key.id,)).fetchone() == (1,)
+        PgKeyStore(url).revoke(key.id)
+        assert conn.execute(sql, (key.id,)).fetchone() == (0,)
+
+
 async def test_a_key_without_limits_never_reaches_the_database(url: str) -> None:
     unopened = SharedRateLimiter(url)  # no pool at all: any query would fail
     await unopened.admit(limited(url))
