@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from medserve import pgsql
 from medserve.auth.keys import KeyStore, KeyStoreError
 from medserve.auth.pgkeys import SCHEMA_VERSION as PG_KEYS_SCHEMA
 from medserve.auth.pgkeys import PgKeyStore
@@ -145,6 +146,25 @@ def checks(
     replicas = upstream_hosts(models)
     allowed = ", ".join([*settings.egress_allow, *replicas]) or "loopback only"
     yield Check("egress guard", "ok", f"on at start-up; allowed: {allowed}")
+    databases = sorted(
+        {
+            pgsql.host_of(url.get_secret_value())
+            for url in (settings.audit.url, settings.auth.url)
+            if url is not None
+        }
+    )
+    databases = [
+        d
+        for d in databases
+        if d != "local socket" and not loopback(d.rsplit(":", 1)[0].strip("[]"))
+    ]
+    if databases:  # libpq connects from C: the guard never sees these
+        yield Check(
+            "egress outside the guard",
+            "ok",
+            f"PostgreSQL at {', '.join(databases)} (libpq connects outside Python's guard: "
+            "restrict it with the host's firewall or a NetworkPolicy)",
+        )
     plain = sorted(
         {
             r.url

@@ -72,6 +72,22 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def host_of(url: str) -> str:
+    """Where ``url`` connects: ``host:port`` (port 5432 unless given), or ``local socket``
+    (no host, or a ``host=`` parameter naming a directory). For ``doctor``: libpq connects
+    from C, outside the egress guard, so these hosts are listed beside what it allows."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 5432
+    except ValueError:
+        return "(unparseable URL)"
+    query_host = re.search(r"(?i)(?:^|&)host=([^&]*)", parts.query)
+    host = parts.hostname or (query_host.group(1) if query_host else "")
+    if not host or host.startswith(("/", "%2F", "%2f")):
+        return "local socket"
+    return f"{host}:{port}"
+
+
 def password_of(url: str) -> str | None:
     """The password in ``url`` (authority or ``password=``), as written (maybe encoded)."""
     try:
