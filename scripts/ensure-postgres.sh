@@ -5,8 +5,8 @@
 # The tests start a throwaway server of their own (tests/pg.py: initdb + pg_ctl in a temp
 # directory, listening on a unix socket there only, as a dedicated unprivileged user); they
 # skip, saying why, when the binaries are missing and cannot be installed here (no apt, not
-# root). Installing never starts the packaged service: a policy-rc.d that refuses every
-# start is in place while apt runs, so no PostgreSQL listens on port 5432 afterwards.
+# root). Installing never starts the packaged service (scripts/apt-install.sh), so no
+# PostgreSQL listens on port 5432 afterwards.
 set -euo pipefail
 
 have_postgres() {
@@ -18,20 +18,5 @@ have_postgres() {
 if have_postgres; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
-  echo "postgresql not installed and cannot install it (needs apt-get as root): its tests will skip" >&2
-  exit 0
-fi
-echo "==> installing postgresql from Debian (for the tests on a real PostgreSQL)"
-policy=/usr/sbin/policy-rc.d
-added=0
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' > "$policy"
-  chmod +x "$policy"
-  added=1
-fi
-trap '[ "$added" = 1 ] && rm -f "$policy"' EXIT
-export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q --no-install-recommends postgresql >/dev/null \
-  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends postgresql >/dev/null; } \
-  || echo "apt-get could not install postgresql: its tests will skip" >&2
+"$(dirname "$0")/apt-install.sh" "for the tests on a real PostgreSQL" postgresql \
+  || echo "postgresql is not installed: its tests will skip" >&2
