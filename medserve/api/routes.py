@@ -97,7 +97,8 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     Each model lists its replicas' states (:func:`replica_report`); one replica down
     leaves its model ready. A model whose engines keep a prefix cache also has
     ``prefix_cache``: their counts added up
-    (:class:`~medserve.engines.base.PrefixCacheStats`' fields)."""
+    (:class:`~medserve.engines.base.PrefixCacheStats`' fields). Asked without an API key
+    (a probe), the same status code and only ``{"status": ...}``; a bad key is a 401."""
     report = []
     views = models.replicas()
     for served in models:
@@ -121,8 +122,17 @@ async def ready(models: RouterDep, request: Request) -> JSONResponse:
     ok = bool(report) and all(m["ready"] for m in report) and not draining and audit["ok"]
     ok = ok and (keys is None or bool(keys["ok"]))
     status = "draining" if draining else "ready" if ok else "not_ready"
+    if request.state.key is None:  # no key (a Kubernetes or load-balancer probe): status only
+        body: dict[str, object] = {"status": status}
+    else:
+        body = {
+            "status": status,
+            "models": report,
+            "audit": audit,
+            **({"keys": keys} if keys else {}),
+        }
     return JSONResponse(
-        {"status": status, "models": report, "audit": audit, **({"keys": keys} if keys else {})},
+        body,
         status_code=200 if ok else 503,
         headers=None if ok else {"Retry-After": "5"},
     )

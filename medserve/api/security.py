@@ -112,7 +112,8 @@ class Security:
         return path == "/metrics" and self.settings.metrics == "open"
 
     def authenticate(self, scope: Scope) -> Key | None:
-        """The request's key; None for public paths. Raises 401."""
+        """The request's key; None for public paths and for ``/ready`` asked without an
+        Authorization header (status only). Raises 401."""
         if self.public(scope["path"]):
             return None if self.settings.enabled else ANONYMOUS
         values = [v for k, v in scope["headers"] if k == b"authorization"]
@@ -120,6 +121,8 @@ class Security:
             raise AuthenticationError(
                 "Send exactly one Authorization header.", code="invalid_authorization"
             )
+        if not values and scope["path"] == "/ready":
+            return None  # a probe without a key gets the status alone; details need a key
         header = values[0].decode("latin-1") if values else None
         return self.authenticator.authenticate(header)
 

@@ -126,7 +126,15 @@ PROBES: list[tuple[str, str, str, Any, str | None, int, str]] = [
         "not_found",
     ),
     ("unknown route without key", "GET", "/v1/secrets", {}, None, 401, "missing_api_key"),
-    ("readiness needs a key", "GET", "/ready", {}, None, 401, "missing_api_key"),
+    (
+        "readiness details with a bad key",
+        "GET",
+        "/ready",
+        "user:wrong",
+        None,
+        401,
+        "invalid_api_key",
+    ),
     ("schema needs a key", "GET", "/openapi.json", {}, None, 401, "missing_api_key"),
     ("other model card", "GET", "/v1/models/fake-other", "user", None, 403, "model_not_permitted"),
 ]
@@ -169,6 +177,23 @@ def test_bypass_attempts_are_refused(
         assert r.headers["www-authenticate"].startswith("Bearer")
     for token in (keys.user, keys.admin, keys.revoked):
         assert token.partition("_")[2] not in r.text
+
+
+READINESS = [  # (who asks, the body's keys): a probe without a key gets the status only
+    ("no key", {"status"}),
+    ("user", {"status", "models", "audit"}),
+    ("auditor", {"status", "models", "audit"}),
+]
+
+
+@pytest.mark.parametrize(("who", "fields"), READINESS)
+def test_readiness_without_a_key_is_the_status_alone(
+    client: TestClient, keys: Keys, who: str, fields: set[str]
+) -> None:
+    hdrs = {} if who == "no key" else bearer(getattr(keys, who))
+    r = client.get("/ready", headers=hdrs)
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == fields and r.json()["status"] == "ready"
 
 
 def test_allowed_requests_pass(client: TestClient, keys: Keys) -> None:
