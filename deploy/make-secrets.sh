@@ -3,7 +3,7 @@
 #   deploy/make-secrets.sh deploy/secrets                    (compose.yaml)
 #   deploy/make-secrets.sh deploy/kubernetes/base/secrets    (kustomize secretGenerator)
 # Generated here: the audit secret (32 random bytes, hex), the Ed25519 checkpoint signing
-# key (PEM, PKCS#8, as medserve writes it) and random database (and Grafana) passwords.
+# key (PEM, PKCS#8, as medserve writes it) with its public half, and random database (and Grafana) passwords.
 # An existing file is never overwritten: rerunning is safe, rotating is deliberate.
 # Needs openssl. Git ignores both folders. Keep audit.key and audit-signing.key in escrow.
 #
@@ -27,6 +27,8 @@ password() { printf "%s" "$(openssl rand -hex 24)"; }
 
 new audit.key openssl rand -hex 32
 new audit-signing.key openssl genpkey -algorithm ed25519
+# Its public half, for auditors (`medserve audit verify` checks the checkpoints with it).
+new audit-signing.pub openssl pkey -in audit-signing.key -pubout
 new db-owner-password password
 new db-gateway-password password
 case "$dir" in
