@@ -13,6 +13,8 @@ on what ``kubectl kustomize`` renders for the base and each overlay, patches app
 - Compose: only medserve's port published beyond loopback (Grafana on 127.0.0.1), the
   other services on internal networks only, secrets from files.
 - The model registries in the ConfigMaps load with medserve's own registry loader.
+- A gateway's egress guard allows its database's host (psycopg resolves the name in
+  Python, where the guard refuses every name it was not given).
 
 Each check is a function returning its problems; the table of broken copies at the end
 shows that each one reports what it should.
@@ -21,12 +23,14 @@ shows that each one reports what it should.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml  # type: ignore[import-untyped]
@@ -262,11 +266,33 @@ def secret_problems(doc: Doc, rendered: bool) -> list[str]:
     return []
 
 
+def guard_problems(name: str, env: dict[str, str]) -> list[str]:
+    """Database hosts (from the ``*__URL`` settings) missing from ``egress_allow``."""
+    allowed = set(json.loads(env.get("MEDSERVE_EGRESS_ALLOW", "[]")))
+    hosts = {urlsplit(v).hostname for k, v in env.items() if k.endswith("__URL")}
+    return [f"{name}: the egress guard refuses the database host {h}" for h in hosts - allowed]
+
+
+def resolved_env(c: Doc, configmaps: dict[str, Doc]) -> dict[str, str]:
+    """A container's environment, ConfigMap references read from ``configmaps``."""
+    env = {}
+    for e in c.get("env") or []:
+        ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        elif ref and ref["name"] in configmaps:
+            env[e["name"]] = str(configmaps[ref["name"]]["data"][ref["key"]])
+    return env
+
+
 def all_problems(docs: list[Doc], rendered: bool) -> list[str]:
     problems = []
+    configmaps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
     for doc in docs:
         for pod, c in containers(doc):
             problems += container_problems(pod, c)
+            if rendered and "serve" in c.get("args", []):
+                problems += guard_problems(c["name"], resolved_env(c, configmaps))
         problems += env_problems(doc) + service_problems(doc) + policy_problems(doc)
         problems += secret_problems(doc, rendered)
     if not default_deny(docs):
@@ -311,6 +337,8 @@ def compose_problems(stack: Doc) -> list[str]:
                 problems.append(f"{name}: {key} set inline")
             if PASSWORD_IN_URL.search(str(value)):
                 problems.append(f"{name}: {key} holds a URL with a password")
+        if "serve" in (svc.get("command") or []):
+            problems += guard_problems(name, {k: str(v) for k, v in env.items()})
         if str(svc.get("image", "")).find("medserve") >= 0:
             for key, value in OFFLINE_ENV.items():
                 if str(env.get(key)) != value:
@@ -492,6 +520,11 @@ BROKEN_COMPOSE = [
     ),
     ("no healthcheck", lambda s: s["services"]["prometheus"].pop("healthcheck"), "healthcheck"),
     (
+        "database host not allowed",
+        lambda s: s["services"]["medserve"]["environment"].pop("MEDSERVE_EGRESS_ALLOW"),
+        "egress guard refuses the database host postgres",
+    ),
+    (
         "secret from the environment",
         lambda s: s["secrets"].update({"x": {"environment": "X"}}),
         "secret x",
@@ -508,3 +541,11 @@ def test_broken_compose_is_reported(
     stack = copy.deepcopy(yaml_docs(COMPOSE)[0])
     mutate(stack)
     assert any(expected in p for p in compose_problems(stack)), case
+
+
+def test_a_rendered_gateway_without_its_database_host_is_reported(tmp_path: Path) -> None:
+    docs = render("base", tmp_path)
+    assert all_problems(docs, rendered=True) == []
+    (database,) = [d for d in docs if d["metadata"]["name"].startswith("medserve-database")]
+    database["data"]["egress-allow"] = "[]"
+    assert any("egress guard refuses" in p for p in all_problems(docs, rendered=True))
