@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from medserve import __version__
+from medserve import __version__, pgsql
 from medserve.audit.cli import app as audit_app
 from medserve.auth.cli import app as keys_app
 from medserve.config import Settings, load_settings
@@ -107,8 +107,15 @@ def serve(
         check_keys_database(settings.auth.url.get_secret_value())
     # From here on, nothing in this process may reach a non-local address.
     # A configured vLLM replica's host is allowed as if it were in egress_allow: the
-    # registry names it as explicitly as that setting would (README, "Serving on GPUs").
-    guard = EgressGuard([*settings.egress_allow, *upstream_hosts(specs)])
+    # registry names it as explicitly as that setting would (README, "Serving on GPUs");
+    # so is the database host of [audit] url and [auth] url.
+    guard = EgressGuard(
+        [
+            *settings.egress_allow,
+            *upstream_hosts(specs),
+            *pgsql.host_names(*settings.database_urls()),
+        ]
+    )
     guard.install()
     if dev_key:
         token = "ms-dev_" + secrets.token_urlsafe(32)

@@ -527,6 +527,11 @@ class Settings(BaseSettings):
         default_factory=AuditSettings, description="The tamper-evident audit log."
     )
 
+    def database_urls(self) -> list[str]:
+        """The PostgreSQL URLs configured (``[audit] url``, ``[auth] url``), with their
+        passwords: for connecting and the egress guard only, never for showing."""
+        return [u.get_secret_value() for u in (self.audit.url, self.auth.url) if u is not None]
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, value: list[str]) -> list[str]:

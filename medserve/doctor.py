@@ -144,26 +144,16 @@ def checks(
     )
     yield from _connections(settings)
     replicas = upstream_hosts(models)
-    allowed = ", ".join([*settings.egress_allow, *replicas]) or "loopback only"
+    databases = pgsql.host_names(*settings.database_urls())
+    allowed = ", ".join([*settings.egress_allow, *replicas, *databases]) or "loopback only"
     yield Check("egress guard", "ok", f"on at start-up; allowed: {allowed}")
-    databases = sorted(
-        {
-            pgsql.host_of(url.get_secret_value())
-            for url in (settings.audit.url, settings.auth.url)
-            if url is not None
-        }
-    )
-    databases = [
-        d
-        for d in databases
-        if d != "local socket" and not loopback(d.rsplit(":", 1)[0].strip("[]"))
-    ]
-    if databases:  # libpq connects from C: the guard never sees these
+    remote = [h for h in databases if not loopback(h)]
+    if remote:  # the guard sees psycopg's name lookup; libpq's connect is made in C
         yield Check(
             "egress outside the guard",
             "ok",
-            f"PostgreSQL at {', '.join(databases)} (libpq connects outside Python's guard: "
-            "restrict it with the host's firewall or a NetworkPolicy)",
+            f"PostgreSQL at {', '.join(remote)}: libpq connects outside Python's guard; "
+            "confine it with the host's firewall or a NetworkPolicy",
         )
     plain = sorted(
         {

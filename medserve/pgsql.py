@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import psycopg
@@ -56,60 +55,108 @@ def is_postgres_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
 
 
+_PASSWORD_PARAM = re.compile(r"(?i)([?&])(password)=([^&]*)")
+# Where libpq, meeting an unescaped character it does not expect, may cut a password: the
+# pieces between them can appear in its error messages, so they are scrubbed too.
+_CUTS = re.compile(r"[@:/?#&,=]")
+_PIECE_MIN = 4  # shorter pieces would blank ordinary words of an error message
+
+
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme://, user[:password], @rest)``, or None without an ``@``.
+
+    The user information runs to the **last** ``@``: a password written unescaped may hold
+    ``@``, ``#``, ``?`` or ``/`` (libpq accepts some of these), and whatever is taken for
+    the password is hidden; a URL split too far hides a host too, never shows a secret.
+    """
+    start = url.find("://")
+    if start < 0:
+        return None
+    start += 3
+    at = url.rfind("@", start)
+    if at < 0:
+        return None
+    return url[:start], url[start:at], url[at:]
+
+
 def redact(url: str) -> str:
-    """``url`` with its password (in the authority or a ``password=`` parameter) as ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://(unparseable URL)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
+    """``url`` with its password (in the user information or a ``password=`` parameter)
+    as ``***``; used for every URL medserve shows (logs, errors, ``/ready``, doctor)."""
+    parts = _userinfo(url)
+    if parts is not None:
+        head, userinfo, rest = parts
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        url = head + userinfo + rest
+    return _PASSWORD_PARAM.sub(r"\1\2=***", url)
+
+
+def passwords_of(url: str) -> list[str]:
+    """The passwords in ``url`` (user information, ``password=`` parameters), as written
+    (maybe percent-encoded)."""
+    found = []
+    parts = _userinfo(url)
+    if parts is not None and ":" in parts[1]:
+        found.append(parts[1].split(":", 1)[1])
+    found += [m.group(3) for m in _PASSWORD_PARAM.finditer(url)]
+    return [f for f in found if f]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message) without the passwords of ``url``, in any form:
+    as written, percent-decoded, and the pieces of them that a misparse would show."""
+    from urllib.parse import unquote
+
+    forms = {f for secret in passwords_of(url) for f in (secret, unquote(secret))}
+    forms |= {p for f in list(forms) for p in _CUTS.split(f) if len(p) >= _PIECE_MIN}
+    for form in sorted(forms, key=len, reverse=True):  # whole before pieces
+        text = text.replace(form, "***")
+    return text
 
 
 def host_of(url: str) -> str:
     """Where ``url`` connects: ``host:port`` (port 5432 unless given), or ``local socket``
-    (no host, or a ``host=`` parameter naming a directory). For ``doctor``: libpq connects
-    from C, outside the egress guard, so these hosts are listed beside what it allows."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 5432
-    except ValueError:
-        return "(unparseable URL)"
-    query_host = re.search(r"(?i)(?:^|&)host=([^&]*)", parts.query)
-    host = parts.hostname or (query_host.group(1) if query_host else "")
-    if not host or host.startswith(("/", "%2F", "%2f")):
-        return "local socket"
-    return f"{host}:{port}"
+    (no host, or a ``host=`` parameter naming a directory); several for a multi-host URL,
+    comma-separated. For ``doctor`` and the egress guard (:func:`hosts_of`)."""
+    found = hosts_of(url)
+    return ", ".join(found) if found else "local socket"
 
 
-def password_of(url: str) -> str | None:
-    """The password in ``url`` (authority or ``password=``), as written (maybe encoded)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.password:
-        return parts.password
-    found = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-    return found.group(1) if found else None
+def host_names(*urls: str | None) -> list[str]:
+    """The network host names (or addresses) the ``urls`` name, without ports, sorted: the
+    egress guard allows them as it allows vLLM replicas' hosts (psycopg resolves a name in
+    Python, which the guard sees; libpq's connect itself it does not)."""
+    names = {h.rsplit(":", 1)[0].strip("[]") for u in urls if u for h in hosts_of(u)}
+    return sorted(names)
 
 
-def scrub(text: str, url: str) -> str:
-    """``text`` (a driver's error message) without the password of ``url``, in any form."""
+def hosts_of(url: str) -> list[str]:
+    """The network hosts ``url`` names, ``host:port`` each (none for unix sockets)."""
+    parts = _userinfo(url)
+    rest = parts[2][1:] if parts is not None else url.split("://", 1)[-1]
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    listed = re.search(r"(?i)(?:^|&)host=([^&]*)", query)
+    ports = re.search(r"(?i)(?:^|&)port=([^&]*)", query)
     from urllib.parse import unquote
 
-    secret = password_of(url)
-    if secret:
-        for form in {secret, unquote(secret)}:
-            if form:
-                text = text.replace(form, "***")
-    return text
+    names: list[str] = []
+    if authority:
+        for item in authority.split(","):
+            if item.startswith("["):  # [IPv6]:port
+                host, _, port = item.partition("]")
+                host, port = host + "]", port.removeprefix(":")
+            else:
+                host, _, port = item.partition(":")
+            if host:
+                names.append(f"{host}:{port or 5432}")
+    elif listed:
+        port_list = unquote(ports.group(1)).split(",") if ports else []
+        for i, host in enumerate(unquote(listed.group(1)).split(",")):
+            if host and not host.startswith("/"):
+                port = port_list[i] if i < len(port_list) else "5432"
+                names.append(f"{host}:{port}")
+    return names
 
 
 def connect(

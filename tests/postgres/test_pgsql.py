@@ -85,8 +85,7 @@ def test_a_newer_schema_and_a_role_that_cannot_migrate_are_refused(pg_db: pg.PgD
 )
 def test_redact_hides_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
     assert pgsql.redact(url) == shown
-    secret = pgsql.password_of(url)
-    if secret:
+    for secret in pgsql.passwords_of(url):
         assert pgsql.scrub(f"failed for {secret} and {secret.replace('%40', '@')}", url) == (
             "failed for *** and ***"
         )

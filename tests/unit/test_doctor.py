@@ -150,24 +150,25 @@ def test_remote_replicas_show_in_the_egress_line_and_plain_http_off_machine_warn
     assert "gpu-2" not in transport.detail and "127.0.0.1" not in transport.detail
 
 
-DATABASES = [  # (audit url, auth url, what the line lists; None: no line)
-    ("postgresql://gw:pw@db.ward:5433/m", None, "db.ward:5433"),
-    (None, "postgresql://gw@10.2.3.4/m?sslmode=verify-full", "10.2.3.4:5432"),
-    ("postgresql://gw@db.ward/m", "postgresql://gw@db.ward/m", "db.ward:5432"),
-    ("postgresql://gw@127.0.0.1/m", "postgresql:///m?host=/run/postgresql", None),
-    ("postgresql://gw@localhost:5432/m", None, None),
+DATABASES = [  # (audit url, auth url, the guard allows, the "outside the guard" line lists)
+    ("postgresql://gw:pw@db.ward:5433/m", None, "db.ward", "db.ward"),
+    (None, "postgresql://gw@10.2.3.4/m?sslmode=verify-full", "10.2.3.4", "10.2.3.4"),
+    ("postgresql://gw@db.ward/m", "postgresql://gw@db.ward/m", "db.ward", "db.ward"),
+    ("postgresql://gw@127.0.0.1/m", "postgresql:///m?host=/run/postgresql", "127.0.0.1", None),
+    ("postgresql://gw@localhost:5432/m", None, "localhost", None),
 ]
 
 
-@pytest.mark.parametrize(("audit_url", "auth_url", "listed"), DATABASES)
-def test_database_hosts_are_listed_as_outside_the_egress_guard(
-    audit_url: str | None, auth_url: str | None, listed: str | None
+@pytest.mark.parametrize(("audit_url", "auth_url", "allowed", "listed"), DATABASES)
+def test_database_hosts_are_allowed_and_named_as_outside_the_guard(
+    audit_url: str | None, auth_url: str | None, allowed: str, listed: str | None
 ) -> None:
     settings = Settings(audit=AuditSettings(url=audit_url), auth=AuthSettings(url=auth_url))
     found = {c.name: c for c in checks(settings, [], probe=False, hash_models=False)}
+    assert found["egress guard"].detail.endswith(f"allowed: {allowed}")
     line = found.get("egress outside the guard")
     if listed is None:
         assert line is None
     else:
-        assert line is not None and f"PostgreSQL at {listed} (libpq" in line.detail
+        assert line is not None and line.detail.startswith(f"PostgreSQL at {listed}: libpq")
         assert "pw" not in line.detail
