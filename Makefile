@@ -19,7 +19,7 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench,postgres
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
-.PHONY: install serve test test-vllm deploy-check image lint typecheck unit bench bench-prefix bench-gateway bench-structured clean
+.PHONY: install serve test test-vllm deploy-check image lint typecheck unit bench bench-prefix bench-gateway bench-structured bench-sizing clean
 
 install: $(VENV)/.installed-serve
 
@@ -73,6 +73,12 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/bench/prefix.py
 	$(MAKE) --no-print-directory bench-gateway
 	$(MAKE) --no-print-directory bench-structured
+	$(MAKE) --no-print-directory bench-sizing
+
+## Memory of a real server (the packaged SmolLM2 at several quantizations, slots x
+## context) beside the formulas of deploy/README.md "Sizing" (1-2 minutes)
+bench-sizing: $(VENV)/.installed-bench
+	$(BIN)/python tests/bench/sizing.py
 
 ## JSON-schema-constrained vs free decoding on SmolLM2 at 1 and 8 concurrent requests:
 ## medserve's engine (as served, and with the grammar applied to the whole vocabulary),
