@@ -33,8 +33,7 @@ new db-owner-password password
 new db-gateway-password password
 case "$dir" in
   */kubernetes/*)
-    echo "also needed here: db-ca.crt (the database's CA) and readiness-key (an auditor"
-    echo "API key, once the schema exists); see secrets/README.md" ;;
+    echo "also needed here: db-ca.crt (the database's CA); see secrets/README.md" ;;
   *)
     new db-superuser-password password
     new db-auditor-password password
