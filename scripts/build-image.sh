@@ -6,7 +6,10 @@
 #   (given to both passes of step 4, but --no-cache to the first only)
 #
 # Environment:
-#   MEDSERVE_IMAGE                 tag to build (default localhost/medserve:latest)
+#   MEDSERVE_IMAGE_FILE            Containerfile (default) or Containerfile.vllm (the GPU
+#                                  variant, `make image-gpu`; base: VLLM_IMAGE if set)
+#   MEDSERVE_IMAGE                 tag to build (default localhost/medserve:latest, or
+#                                  localhost/medserve:gpu for Containerfile.vllm)
 #   PYTHON_IMAGE                   use this base instead of the local one (a site with a
 #                                  registry: docker.io/library/python:3.11-slim)
 #   MEDSERVE_LLAMA_WHEEL           a prebuilt llama-cpp-python wheel to use (default: the
@@ -35,14 +38,24 @@ if ! . scripts/ensure-podman.sh; then
   echo "build-image: podman is missing and cannot be installed here (see above)" >&2
   exit 1
 fi
-image="${MEDSERVE_IMAGE:-localhost/medserve:latest}"
+file="${MEDSERVE_IMAGE_FILE:-Containerfile}"
+case "$file" in
+  Containerfile.vllm) image="${MEDSERVE_IMAGE:-localhost/medserve:gpu}" ;;
+  *) image="${MEDSERVE_IMAGE:-localhost/medserve:latest}" ;;
+esac
 work="$root/var/image-build"
 mkdir -p "$work"
 now() { date +%s.%N; }
 took() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" "$1" "$(now)"; }
 
 # --- 2. the base, from the host's Debian mirror ------------------------------------------
-if [ -z "${PYTHON_IMAGE:-}" ]; then
+if [ "$file" = Containerfile.vllm ]; then
+  # The GPU variant's base is the vLLM runtime (VLLM_IMAGE, default in the file): pulled
+  # from a registry, or `podman load`ed beforehand on an air-gapped build host.
+  base_args=()
+  [ -z "${VLLM_IMAGE:-}" ] || base_args=(--build-arg "VLLM_IMAGE=$VLLM_IMAGE")
+  echo "==> the GPU variant ($file) on ${VLLM_IMAGE:-the vLLM image named in $file}"
+elif [ -z "${PYTHON_IMAGE:-}" ]; then
   codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
   sources=/etc/apt/sources.list.d/debian.sources
   [ -f "$sources" ] || sources=/etc/apt/sources.list
@@ -78,6 +91,11 @@ if [ -z "${PYTHON_IMAGE:-}" ]; then
   echo "==> $PYTHON_IMAGE (stand-in for python:3.11-slim)"
   podman build --quiet --format docker --build-arg "BASE_IMAGE=$base" \
     -t "$PYTHON_IMAGE" -f deploy/image/Containerfile.python deploy/image >/dev/null
+fi
+if [ "$file" != Containerfile.vllm ]; then
+  base_args=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
+    --build-arg "MODELS=${MEDSERVE_IMAGE_MODELS:-models}"
+    --build-arg "WITH_DEFAULT_MODEL=${MEDSERVE_IMAGE_DEFAULT_MODEL:-1}")
 fi
 
 # --- the llama-cpp-python wheel: reuse the portable build, never a native one -------------
@@ -193,11 +211,8 @@ printf '%s\n' "${targets[@]}" > "$work/build-mounts"
 # silently ship anything.
 old="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 old_cache="$(podman image inspect --format '{{.Id}}' "$image-build-cache" 2>/dev/null || true)"
-args=(--format docker --layers -f Containerfile
-  --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
-  --build-arg "MODELS=${MEDSERVE_IMAGE_MODELS:-models}"
-  --build-arg "WITH_DEFAULT_MODEL=${MEDSERVE_IMAGE_DEFAULT_MODEL:-1}")
-echo "==> building $image from $PYTHON_IMAGE"
+args=(--format docker --layers -f "$file" "${base_args[@]}")
+echo "==> building $image ($file)"
 t0="$(now)"
 # --no-cache applies to the first pass only (the second must reuse what the first built).
 first=() second=()
