@@ -13,7 +13,8 @@
 #   PYTHON_IMAGE                   use this base instead of the local one (a site with a
 #                                  registry: docker.io/library/python:3.11-slim)
 #   MEDSERVE_LLAMA_WHEEL           a prebuilt llama-cpp-python wheel to use (default: the
-#                                  portable one in scripts/setup-venv.sh's cache, if any)
+#                                  portable one in scripts/setup-venv.sh's cache, if any;
+#                                  "none": compile it in the build stage, portably)
 #   MEDSERVE_IMAGE_MODELS          build arg MODELS (default: models)
 #   MEDSERVE_IMAGE_DEFAULT_MODEL   build arg WITH_DEFAULT_MODEL (default: 1)
 #
@@ -110,11 +111,12 @@ PY
 )"
 cache_root="${MEDSERVE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/medserve/wheels}"
 portable_key="$(printf '%s\n' "$(uname -m)" "-DGGML_NATIVE=OFF" | sha256sum | cut -c1-12)"
-wheel="${MEDSERVE_LLAMA_WHEEL:-}"
+wheel="${MEDSERVE_LLAMA_WHEEL:-}"  # "none": compile in the image even if one is cached
 if [ -z "$wheel" ]; then
   wheel="$(ls "$cache_root/$portable_key"/llama_cpp_python-"$pin"-*.whl 2>/dev/null | head -n 1 || true)"
 fi
 rm -f deploy/image/wheels/llama_cpp_python-*.whl
+[ "$wheel" != none ] || wheel=""
 if [ -n "$wheel" ]; then
   cp "$wheel" deploy/image/wheels/
   echo "==> using the prebuilt llama-cpp-python wheel $wheel"
