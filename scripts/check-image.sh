@@ -27,6 +27,7 @@ if ! . scripts/ensure-podman.sh; then
 fi
 image="${MEDSERVE_IMAGE:-localhost/medserve:latest}"
 export MEDSERVE_IMAGE="$image"
+command -v curl >/dev/null || { echo "check-image: FAILED: curl is needed (apt-get install curl)" >&2; exit 1; }
 name="medserve-check-$$"
 health_deadline_s="${MEDSERVE_CHECK_HEALTH_DEADLINE_S:-240}"
 now() { date +%s.%N; }
