@@ -172,13 +172,13 @@ for key in ("index-url", "extra-index-url", "find-links"):
         kept.append(v)
     if kept:
         keep[key] = " ".join(kept)
-if conf.get("constraint"):
-    for i, c in enumerate(conf["constraint"].split()):
-        if os.path.isfile(c):
-            mounts.append(os.path.realpath(c) + "\t" + f"/run/medserve-build/constraints-{i}.txt")
+# Constraint files (here: /etc/xdg/pip's cap on torch) keep applying, under fixed names.
+constraints = [c for c in conf.get("constraint", "").split() if os.path.isfile(c)]
+for i, c in enumerate(constraints):
+    mounts.append(f"{os.path.realpath(c)}\t/run/medserve-build/constraints-{i}.txt")
+if constraints:
     keep["constraint"] = " ".join(
-        f"/run/medserve-build/constraints-{i}.txt"
-        for i, c in enumerate(conf["constraint"].split()) if os.path.isfile(c)
+        f"/run/medserve-build/constraints-{i}.txt" for i in range(len(constraints))
     )
 for key in ("timeout", "default-timeout", "retries", "trusted-host", "proxy"):
     if conf.get(key):
