@@ -19,7 +19,7 @@ $(VENV)/.installed-bench: pyproject.toml scripts/setup-venv.sh
 	PYTHON=$(PYTHON) MEDSERVE_VENV=$(VENV) scripts/setup-venv.sh dev,quant,bench,postgres
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-serve
 
-.PHONY: install serve test test-vllm deploy-check image lint typecheck unit bench bench-prefix bench-gateway bench-structured bench-sizing clean
+.PHONY: install serve test test-vllm deploy-check image image-gpu lint typecheck unit bench bench-prefix bench-gateway bench-structured bench-sizing clean
 
 install: $(VENV)/.installed-serve
 
@@ -52,8 +52,14 @@ deploy-check: $(VENV)/.installed-dev
 	scripts/deploy-check.sh $(BIN)/python
 
 ## Build the CPU image offline (base from the Debian mirror, cached llama-cpp-python wheel)
+## as localhost/medserve:latest
 image:
 	scripts/build-image.sh
+
+## Build the GPU variant (Containerfile.vllm) as localhost/medserve:gpu, on a host that can
+## pull or has loaded the vLLM image (VLLM_IMAGE=... to name a mirrored one)
+image-gpu:
+	MEDSERVE_IMAGE_FILE=Containerfile.vllm scripts/build-image.sh
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
