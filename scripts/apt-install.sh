@@ -2,6 +2,8 @@
 # Install Debian packages that the tests and checks need, never starting their services.
 #
 # Usage: scripts/apt-install.sh WHY PACKAGE...
+#        APT_WITH_RECOMMENDS=1 scripts/apt-install.sh ...   (podman needs its recommends:
+#        netavark, aardvark-dns, slirp4netns, catatonit)
 # Exits 0 once the packages are installed, 1 with the reason on stderr when that cannot be
 # done here (no apt-get, not root, apt failed); the caller says what skips then.
 # A policy-rc.d that refuses every start is in place while apt runs, so no packaged
@@ -24,8 +26,10 @@ if [ ! -e "$policy" ]; then
 fi
 trap '[ "$added" = 1 ] && rm -f "$policy"' EXIT
 export DEBIAN_FRONTEND=noninteractive
-if apt-get install -y -q --no-install-recommends "$@" >/dev/null \
-  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "$@" >/dev/null; }; then
+flags=(-y -q)
+[ "${APT_WITH_RECOMMENDS:-0}" = 1 ] || flags+=(--no-install-recommends)
+if apt-get install "${flags[@]}" "$@" >/dev/null \
+  || { apt-get update -q >/dev/null && apt-get install "${flags[@]}" "$@" >/dev/null; }; then
   exit 0
 fi
 echo "apt-get could not install $*" >&2

@@ -21,7 +21,7 @@
 # Steps, each skipped when its result is there:
 # 1. podman, buildah, runc, mmdebstrap from Debian (scripts/ensure-podman.sh).
 # 2. localhost/medserve-base:<codename>: mmdebstrap of Debian's python3, python3-venv,
-#    libgomp1, ca-certificates from the host's own apt sources, `podman import`ed
+#    libgomp1, tzdata, ca-certificates from the host's own apt sources, `podman import`ed
 #    (~50 s, 174 MB). Cached by that tag (and a label with the recipe's hash); rebuilt only
 #    when missing or when the recipe changed.
 # 3. localhost/medserve-python:<codename>: deploy/image/Containerfile.python, a stand-in for
@@ -68,7 +68,7 @@ elif [ -z "${PYTHON_IMAGE:-}" ]; then
   # Everything that decides the base's content, hashed into a label: a changed recipe
   # rebuilds it. 90no-pkgcache: apt-get in a later layer leaves no binary caches (77 MB).
   debstrap=(mmdebstrap --variant=apt --quiet
-    --include=ca-certificates,python3,python3-venv,libgomp1
+    --include=ca-certificates,python3,python3-venv,libgomp1,tzdata
     "--dpkgopt=path-exclude=/usr/share/man/*"
     "--dpkgopt=path-exclude=/usr/share/locale/*"
     "--dpkgopt=path-include=/usr/share/locale/locale.alias"

@@ -28,15 +28,8 @@ skip() {
 }
 
 if ! command -v systemd-analyze >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "check-units: installing systemd-analyze (Debian package systemd)"
-        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends systemd >/dev/null; }; then
-            skip "apt-get install systemd failed (no package mirror reachable?)"
-        fi
-    else
-        skip "systemd-analyze is missing and cannot be installed (needs root and apt-get)"
-    fi
+    "$(dirname "$0")/apt-install.sh" "for systemd-analyze" systemd \
+        || skip "systemd-analyze is missing and could not be installed (reason above)"
 fi
 version=$(systemd-analyze --version | awk 'NR == 1 {print $2}')
 if [ "${version%%.*}" -lt 250 ] 2>/dev/null; then

@@ -23,19 +23,11 @@ for _ep_tool in podman buildah runc mmdebstrap; do
   command -v "$_ep_tool" >/dev/null || _ep_missing+=("$_ep_tool")
 done
 if [ "${#_ep_missing[@]}" -gt 0 ]; then
-  if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
-    echo "ensure-podman: missing ${_ep_missing[*]} and cannot install (needs apt-get as root)" >&2
+  if ! APT_WITH_RECOMMENDS=1 "$_ep_root/scripts/apt-install.sh" "for building and running images; first time ~30 s" \
+    podman buildah runc mmdebstrap; then
+    echo "ensure-podman: missing ${_ep_missing[*]} and could not install them" >&2
     # shellcheck disable=SC2317  # `return` when sourced, `exit` when run
     return 3 2>/dev/null || exit 3
-  fi
-  echo "==> installing ${_ep_missing[*]} from Debian (first time: ~30 s)"
-  export DEBIAN_FRONTEND=noninteractive
-  _ep_pkgs=(podman buildah runc mmdebstrap)
-  if ! apt-get install -y -q "${_ep_pkgs[@]}" >/dev/null; then
-    apt-get update -q >/dev/null && apt-get install -y -q "${_ep_pkgs[@]}" >/dev/null || {
-      echo "ensure-podman: apt-get could not install ${_ep_pkgs[*]}" >&2
-      return 3 2>/dev/null || exit 3
-    }
   fi
 fi
 
