@@ -157,6 +157,8 @@ class PgStore(ChainWriter):
     """One gateway instance's chain in a shared PostgreSQL database. See the module
     docstring; the writer thread is :class:`~medserve.audit.writer.ChainWriter`'s."""
 
+    instance: str
+
     def __init__(
         self,
         url: str,

@@ -138,6 +138,9 @@ class ChainWriter(ABC):
         self._failed_at: float | None = None
         self._recover_queued = threading.Event()
 
+    # The chain's name where several share a database (PostgreSQL: the gateway instance).
+    instance: str | None = None
+
     # -- what a store supplies -----------------------------------------------------------
 
     @abstractmethod
@@ -165,13 +168,51 @@ class ChainWriter(ABC):
 
     # -- life cycle ------------------------------------------------------------------
 
+    @abstractmethod
+    def _release(self) -> None:
+        """Close what :meth:`open` took (connection, locks), ignoring errors."""
+
     def _start(self, last_checkpoint: int) -> None:
-        """Start the writer thread on the ``_head`` the store has read and checked."""
+        """Start the writer thread on the ``_head`` the store has read and checked.
+
+        Raises :class:`AuditError` (and releases the store) when ``checkpoint_file``
+        cannot be written, or vouches for records this chain no longer holds: a log
+        restored from an older backup would otherwise reuse sequence numbers that signed
+        checkpoints kept elsewhere already cover.
+        """
+        try:
+            self._check_checkpoint_file()
+        except AuditError:
+            self._release()
+            raise
         self.stats.last_seq = self._head[0]
         self._checkpointed = (last_checkpoint, time.monotonic())
         self._failed_at = None
         self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
+
+    def _check_checkpoint_file(self) -> None:
+        path = self.checkpoint_file
+        if path is None:
+            return
+        try:
+            with path.open("a", encoding="utf-8"):
+                pass
+            vouched = _last_vouched(path, self.instance)
+        except OSError as exc:
+            raise AuditError(
+                f"cannot write the audit checkpoint file {path}: {exc.strerror}: create its "
+                "directory, writable by the user medserve runs as, or unset "
+                "audit.checkpoint_file"
+            ) from None
+        if vouched > self._head[0]:
+            chain = f" (instance {self.instance!r})" if self.instance else ""
+            raise AuditError(
+                f"the audit log{chain} ends at seq {self._head[0]}, but the checkpoint file "
+                f"{path} vouches for seq {vouched}: the log was restored from an older "
+                "backup, or cut. Preserve both and run `medserve audit verify --checkpoints "
+                f"{path}`; to start a new log on purpose, move the checkpoint file aside"
+            )
 
     def _stop(self) -> None:
         """Write everything queued, sign a final checkpoint, stop the writer."""
@@ -352,6 +393,23 @@ class ChainWriter(ABC):
                     f.write(json.dumps(line, sort_keys=True) + "\n")
             except OSError as exc:
                 log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
+
+
+def _last_vouched(path: Path, instance: str | None) -> int:
+    """The highest seq a checkpoint line of ``path`` vouches for in ``instance``'s chain
+    (SQLite: lines without an instance); 0 when none. Unparsable lines are skipped
+    (``verify`` reports them). Raises OSError."""
+    highest = 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                item = json.loads(line)
+                seq = int(item["seq"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(item, dict) and item.get("instance") == instance:
+                highest = max(highest, seq)
+    return highest
 
 
 def _settle(batch: list[Entry], outcomes: Sequence[int | Exception]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -394,3 +395,19 @@ def test_an_idle_writer_signs_a_checkpoint_when_the_interval_ends(
         assert row == ("gw-a", 2)
     finally:
         store.close()
+
+
+def test_a_chain_behind_its_checkpoint_file_refuses_to_continue(
+    migrated: pg.PgDatabase, tmp_path: Path
+) -> None:
+    """A database restored from an older backup (here: the newest rows cut by a superuser)
+    would let the instance reuse sequence numbers its kept checkpoints vouch for. Another
+    instance's lines in the same file do not count against this one."""
+    kept = tmp_path / "checkpoints.jsonl"
+    write(migrated.gateway_url, 3, "gw-b", checkpoint_file=kept)
+    write(migrated.gateway_url, 6, checkpoint_file=kept)  # gw-a: a checkpoint at 6
+    with psycopg.connect(migrated.superuser_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM audit_records WHERE instance = 'gw-a' AND seq > 4")
+    with pytest.raises(AuditError, match=r"instance 'gw-a'\) ends at seq 4, .* seq 6"):
+        write(migrated.gateway_url, 1, checkpoint_file=kept)
+    assert write(migrated.gateway_url, 1, "gw-b", checkpoint_file=kept) == [4]

@@ -301,3 +301,33 @@ def test_records_from_before_the_structured_answer_fields_still_verify(tmp_path:
     keys = ChainKeys.from_secret(load_or_create_secret(conf.key_path()))
     public = load_public_key(conf.signing_key_path().with_suffix(".pub"))
     assert verify(conf.path, keys, public).ok
+
+
+def test_a_checkpoint_file_that_cannot_be_written_refuses_the_start(tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "checkpoints.jsonl"
+    conf = AuditSettings(path=tmp_path / "audit.db", checkpoint_file=target)
+    with pytest.raises(AuditError, match=r"cannot write the audit checkpoint file .*missing"):
+        open_store(conf)
+    target.parent.mkdir()
+    open_store(conf).close()  # the refused start released the log (its lock) on the way out
+    assert target.read_text(encoding="utf-8") == ""  # closed with no record: no checkpoint
+
+
+def test_a_log_behind_its_checkpoint_file_refuses_to_continue(tmp_path: Path) -> None:
+    """A log restored from an older backup would reuse sequence numbers that checkpoints
+    kept elsewhere already vouch for: the server refuses to start on it."""
+    kept = tmp_path / "kept" / "checkpoints.jsonl"
+    kept.parent.mkdir()
+    conf = AuditSettings(path=tmp_path / "audit.db", checkpoint_file=kept)
+    backup = tmp_path / "backup.db"
+    for n, then in ((5, lambda: backup.write_bytes(conf.path.read_bytes())), (5, None)):
+        store = open_store(conf)
+        write(store, [facts(i) for i in range(n)])
+        store.close()  # a checkpoint at close: 5, then 10
+        if then is not None:
+            then()
+    conf.path.write_bytes(backup.read_bytes())  # the restore
+    with pytest.raises(AuditError, match=r"ends at seq 5, but the checkpoint file .* seq 10"):
+        open_store(conf)
+    kept.rename(kept.with_suffix(".old"))  # a new log, on purpose
+    open_store(conf).close()
