@@ -172,6 +172,43 @@ def bounds(statement_timeout_s: float, lock_timeout_s: float) -> tuple[str, str]
     return f"{round(statement_timeout_s * 1000)}ms", f"{round(lock_timeout_s * 1000)}ms"
 
 
+def libpq_options(url: str) -> dict[str, tuple[str, str]]:
+    """The connection options libpq will use for ``url``, each as ``(value, source)``: the
+    URL's own, else its environment variable's (``PGSSLMODE``, ``PGHOST``, ...; the source
+    is the variable's name), else libpq's compiled-in default (source ``default``); options
+    none of the three sets are absent, and so is the password. Resolved by libpq itself
+    (``PQconninfoParse`` and ``PQconndefaults``, through psycopg), so medserve judges what
+    libpq will do; a service file (``PGSERVICE``) is not read. Raises
+    :class:`DatabaseError` (scrubbed) when libpq refuses the URL, ImportError without
+    psycopg."""
+    import os
+
+    import psycopg
+    from psycopg import pq
+
+    try:
+        given = pq.Conninfo.parse(url.encode())
+    except psycopg.Error as exc:
+        reason = scrub(str(exc).strip(), url)
+        raise DatabaseError(f"libpq cannot read {redact(url)}: {reason}") from None
+    defaults = {o.keyword: o for o in pq.Conninfo.get_defaults()}
+    found: dict[str, tuple[str, str]] = {}
+    for option in given:
+        name = option.keyword.decode()
+        if name == "password":
+            continue
+        if option.val is not None:
+            found[name] = (option.val.decode(), "url")
+            continue
+        default = defaults.get(option.keyword)
+        if default is None or default.val is None:
+            continue
+        envvar = default.envvar.decode() if default.envvar else ""
+        source = envvar if envvar and os.environ.get(envvar) is not None else "default"
+        found[name] = (default.val.decode(), source)
+    return found
+
+
 def connect(
     url: str,
     *,
