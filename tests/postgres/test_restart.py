@@ -344,3 +344,52 @@ def test_a_gateway_serves_and_audits_across_a_restart_and_stops_cleanly(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["records"] == len(rows)
+
+
+# -- `medserve audit tail --follow` -------------------------------------------------------
+
+
+def test_audit_tail_follow_carries_on_across_a_restart(db: pg.PgDatabase) -> None:
+    import queue
+    import threading
+
+    store = PgStore(db.gateway_url, "gw-a", KEYS, SIGNER, lock_wait_s=1.0)
+    store.open()
+    asyncio.run(store.append(facts(1)))  # printed as the last line when tail starts
+    cmd = [sys.executable, "-m", "medserve", "audit", "tail", "-f", "-n", "1"]
+    tail = subprocess.Popen(
+        [*cmd, "--db", db.auditor_url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert tail.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in tail.stdout], daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def printed(request_id: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and tail.poll() is None, f"{request_id} not printed"
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if json.loads(line).get("request_id") == request_id:
+                return
+
+    try:
+        printed("req-1")
+        db.server.restart()
+        asyncio.run(store.append(facts(2)))  # the writer carries on (tested above)
+        printed("req-2")
+        assert tail.poll() is None
+    finally:
+        tail.terminate()
+        tail.wait(timeout=30)
+        reader.join(timeout=30)
+        tail.stdout.close()
+        store.close()
