@@ -365,8 +365,14 @@ def test_audit_tail_follow_carries_on_across_a_restart(db: pg.PgDatabase) -> Non
         text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
-    assert tail.stdout is not None
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in tail.stdout], daemon=True)  # type: ignore[union-attr]
+    out = tail.stdout
+    assert out is not None
+
+    def read() -> None:
+        for line in out:
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
 
     def printed(request_id: str) -> None:
@@ -391,5 +397,5 @@ def test_audit_tail_follow_carries_on_across_a_restart(db: pg.PgDatabase) -> Non
         tail.terminate()
         tail.wait(timeout=30)
         reader.join(timeout=30)
-        tail.stdout.close()
+        out.close()
         store.close()
