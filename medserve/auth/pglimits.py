@@ -220,13 +220,17 @@ class SharedRateLimiter:
         import psycopg
 
         for attempt in range(2):
-            conn: Any = None
+            broken = False
             try:
                 async with self._pool.connection() as conn:
-                    cur = await conn.execute(query, args)
-                    return await cur.fetchone() if cur.description else None
+                    try:
+                        cur = await conn.execute(query, args)
+                        return await cur.fetchone() if cur.description else None
+                    except psycopg.Error:
+                        broken = conn.broken  # before the pool takes it back and drops it
+                        raise
             except psycopg.Error as exc:
-                if attempt or conn is None or not conn.broken:
+                if attempt or not broken:
                     raise
                 log.warning(
                     "shared rate limit connection lost", extra={"error": type(exc).__name__}
