@@ -61,7 +61,9 @@ def _pg_keys(auth: AuthSettings, probe: bool) -> Iterator[Check]:
     if not probe or state.level == "danger" or "no schema yet" in state.detail:
         return
     try:
-        with pgsql.connect(url, connect_timeout_s=int(PROBE_TIMEOUT_S)) as conn:
+        with pgsql.connect(
+            url, connect_timeout_s=int(PROBE_TIMEOUT_S), statement_timeout_s=PROBE_TIMEOUT_S
+        ) as conn:
             conn.read_only = True
             writable = [
                 privilege
@@ -321,7 +323,9 @@ def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
         yield Check("audit log", "danger", "PostgreSQL driver missing: medserve[postgres]")
         return
     try:
-        with pgsql.connect(url, connect_timeout_s=int(PROBE_TIMEOUT_S)) as conn:
+        with pgsql.connect(
+            url, connect_timeout_s=int(PROBE_TIMEOUT_S), statement_timeout_s=PROBE_TIMEOUT_S
+        ) as conn:
             conn.read_only = True
             version = conn.execute(
                 "SELECT version FROM schema_version WHERE component = 'audit'"
