@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -50,7 +51,42 @@ class Check:
     detail: str
 
 
-def _pg_keys(auth: AuthSettings, probe: bool) -> Check:
+def _pg_keys(auth: AuthSettings, probe: bool) -> Iterator[Check]:
+    """Keys in PostgreSQL: the check of :func:`_pg_keys_state`, and (``probe``) whether the
+    role the gateway logs in as could change the keys (it must not: a gateway reads them)."""
+    assert auth.url is not None
+    url = auth.url.get_secret_value()
+    state = _pg_keys_state(auth, probe)
+    yield state
+    if not probe or state.level == "danger" or "no schema yet" in state.detail:
+        return
+    try:
+        with pgsql.connect(
+            url, connect_timeout_s=int(PROBE_TIMEOUT_S), statement_timeout_s=PROBE_TIMEOUT_S
+        ) as conn:
+            conn.read_only = True
+            writable = [
+                privilege
+                for privilege in ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+                if conn.execute(
+                    "SELECT has_table_privilege('auth_keys', %s)", (privilege,)
+                ).fetchone()
+                == (True,)
+            ]
+    except Exception as exc:  # unreadable: the check above has said what it could
+        reason = pgsql.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
+        yield Check("keys database role", "warn", f"its rights could not be read ({reason})")
+        return
+    if writable:
+        yield Check(
+            "keys database role",
+            "warn",
+            f"this role may {'/'.join(writable)} API keys: gateways should log in as the "
+            "gateway role (it reads the keys; the owner's URL is for `medserve keys`)",
+        )
+
+
+def _pg_keys_state(auth: AuthSettings, probe: bool) -> Check:
     """Keys in PostgreSQL: reachable, schema version, active keys (``probe``); read only.
     The connection string is shown without its password, and so is any error."""
     assert auth.url is not None
@@ -106,7 +142,7 @@ def checks(
         yield Check("auth", "danger" if not local else "warn", "off: every request is anonymous")
     elif auth.url is not None:
         yield from database_tls(auth.url.get_secret_value(), "keys database TLS")
-        yield _pg_keys(auth, probe)
+        yield from _pg_keys(auth, probe)
     else:
         active: list[object] = []
         if not auth.keys_path.is_file():  # never create it here: doctor changes nothing
@@ -182,6 +218,7 @@ def checks(
         + (f" (overriding {', '.join(differing)})" if differing else ""),
     )
     yield from _audit(settings, probe)
+    yield from _config_files(settings)
     for spec in models:
         yield from _models(spec, hash_models, probe)
         yield from _fallback(spec, hash_models)
@@ -225,17 +262,48 @@ def _audit(settings: Settings, probe: bool) -> Iterator[Check]:
 
 def database_tls(url: str, name: str) -> Iterator[Check]:
     """A check named ``name`` when ``url`` reaches a database across a network without a
-    verified TLS connection (sslmode other than verify-full/verify-ca); none else."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    hosts = [h for h in (parts.hostname, *query.get("host", [])) if h]
-    remote = any(not h.startswith("/") and not loopback(h) for h in hosts)
-    sslmode = (query.get("sslmode") or ["prefer"])[0]
-    if remote and sslmode not in ("verify-full", "verify-ca"):
+    verified TLS connection (sslmode other than verify-full/verify-ca), or verifies with a
+    root certificate file that is not there (libpq then refuses to connect); none else.
+
+    Every setting is read as libpq resolves it (:func:`medserve.pgsql.libpq_options`): the
+    URL's own, else the environment (``PGSSLMODE``, ``PGHOST``, ``PGHOSTADDR``,
+    ``PGSSLROOTCERT``), else libpq's default (``prefer``; a local socket;
+    ``~/.postgresql/root.crt``)."""
+    try:
+        options = pgsql.libpq_options(url)
+    except ImportError:  # pragma: no cover - the extra is missing: other checks say so
+        return
+    except pgsql.DatabaseError as exc:
+        yield Check(name, "danger", str(exc))
+        return
+
+    def listed(key: str) -> list[str]:
+        return [v for v in options.get(key, ("", ""))[0].split(",") if v]
+
+    # With hostaddr, libpq connects to those addresses (host names only what TLS checks).
+    targets = listed("hostaddr") or [h for h in listed("host") if not h.startswith(("/", "@"))]
+    if not any(not loopback(t) for t in targets):
+        return
+    sslmode, source = options.get("sslmode", ("prefer", "default"))
+    said = f"sslmode={sslmode}" + ("" if source == "url" else f" (from {source})")
+    if sslmode not in ("verify-full", "verify-ca"):
         yield Check(
             name,
             "danger" if sslmode in ("disable", "allow") else "warn",
-            f"sslmode={sslmode} across a network: set sslmode=verify-full (and sslrootcert)",
+            f"{said} across a network: set sslmode=verify-full (and sslrootcert)",
+        )
+        return
+    root, root_source = options.get("sslrootcert", ("", "default"))
+    if root == "system":  # the operating system's trusted roots (libpq 16 and later)
+        return
+    path = Path(root) if root else Path.home() / ".postgresql" / "root.crt"
+    if not path.is_file():
+        where = "" if root_source == "url" else f" (from {root_source})"
+        yield Check(
+            name,
+            "danger",
+            f"{said} with sslrootcert {path}{where}, which is not a file: libpq will refuse "
+            "to connect; set sslrootcert to the database's CA certificate",
         )
 
 
@@ -255,7 +323,9 @@ def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
         yield Check("audit log", "danger", "PostgreSQL driver missing: medserve[postgres]")
         return
     try:
-        with pgsql.connect(url, connect_timeout_s=int(PROBE_TIMEOUT_S)) as conn:
+        with pgsql.connect(
+            url, connect_timeout_s=int(PROBE_TIMEOUT_S), statement_timeout_s=PROBE_TIMEOUT_S
+        ) as conn:
             conn.read_only = True
             version = conn.execute(
                 "SELECT version FROM schema_version WHERE component = 'audit'"
@@ -300,6 +370,56 @@ def _audit_postgres(url: str, on_failure: str, probe: bool) -> Iterator[Check]:
             f"this role may {'/'.join(writable)} audit records: gateways should log in as "
             "the gateway role (INSERT and SELECT only)",
         )
+
+
+# Settings whose value is a secret wherever they appear in a settings file (the SecretStr
+# fields of medserve.config and medserve.engines.vllm; URLs are judged by their content).
+SECRET_KEYS = frozenset({"dev_key", "api_key", "password"})
+
+
+def _config_files(settings: Settings) -> Iterator[Check]:
+    """A settings file (``--config``, the registry's ``models/*.toml``) that holds a secret
+    (a password in a URL, an API key, ...) and that other users of the machine may read:
+    ``warn``, as for the audit secret's file. The detail names the settings, never a value.
+    """
+    config = settings.model_config.get("toml_file")
+    files = [config] if isinstance(config, Path) else []
+    if settings.models_dir.is_dir():
+        files += sorted(settings.models_dir.glob("*.toml"))
+    for path in files:
+        try:
+            mode = path.stat().st_mode & 0o777
+            if not mode & 0o004:
+                continue
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable or not TOML: load_settings reports it
+            continue
+        found = sorted(set(_secrets(data, "")))
+        if found:
+            yield Check(
+                "config file",
+                "warn",
+                f"{path} (mode {mode:o}) holds {', '.join(found)}, and any user of this "
+                "machine may read it: chmod 600 (or 640 with the service's group), or move "
+                "the secret to the environment",
+            )
+
+
+def _secrets(value: object, name: str) -> Iterator[str]:
+    """The dotted names of the settings in ``value`` (parsed TOML) that hold a secret: a
+    key named like one (:data:`SECRET_KEYS`), or a URL with a password in it."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{name}.{key}" if name else str(key)
+            if isinstance(item, str) and item and str(key).lower() in SECRET_KEYS:
+                yield inner
+            else:
+                yield from _secrets(item, inner)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _secrets(item, f"{name}[{i}]")
+    elif isinstance(value, str) and "://" in value and pgsql.passwords_of(value):
+        yield f"{name} (a password in the URL)"
 
 
 def _audit_file(path: Path, on_failure: str) -> Iterator[Check]:

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     import psycopg
 
 CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout (its default is to wait forever)
+# A migration's wait for a lock (another gateway migrating holds the advisory lock for the
+# few milliseconds its scripts take; DDL waits for long transactions on its tables, and
+# meanwhile every other session's statements on those tables queue behind it): past this,
+# the start fails, saying so, rather than hang with the gateways' writes queued behind.
+MIGRATE_LOCK_TIMEOUT_S = 10.0
+BOUNDS = "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)"
 MIGRATE_LOCK = 0x6D656473  # "meds": the advisory lock that serialises migrations
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -159,18 +165,82 @@ def hosts_of(url: str) -> list[str]:
     return names
 
 
+def bounds(statement_timeout_s: float, lock_timeout_s: float) -> tuple[str, str]:
+    """:data:`BOUNDS`' arguments: the session's ``statement_timeout`` and ``lock_timeout``
+    (seconds, as milliseconds; 0 is no bound). Set once when a connection is configured,
+    so every later statement of the session is bounded without a round trip of its own."""
+    return f"{round(statement_timeout_s * 1000)}ms", f"{round(lock_timeout_s * 1000)}ms"
+
+
+def libpq_options(url: str) -> dict[str, tuple[str, str]]:
+    """The connection options libpq will use for ``url``, each as ``(value, source)``: the
+    URL's own, else its environment variable's (``PGSSLMODE``, ``PGHOST``, ...; the source
+    is the variable's name), else libpq's compiled-in default (source ``default``); options
+    none of the three sets are absent, and so is the password. Resolved by libpq itself
+    (``PQconninfoParse`` and ``PQconndefaults``, through psycopg), so medserve judges what
+    libpq will do; a service file (``PGSERVICE``) is not read. Raises
+    :class:`DatabaseError` (scrubbed) when libpq refuses the URL, ImportError without
+    psycopg."""
+    import os
+
+    import psycopg
+    from psycopg import pq
+
+    try:
+        given = pq.Conninfo.parse(url.encode())
+    except psycopg.Error as exc:
+        reason = scrub(str(exc).strip(), url)
+        raise DatabaseError(f"libpq cannot read {redact(url)}: {reason}") from None
+    defaults = {o.keyword: o for o in pq.Conninfo.get_defaults()}
+    found: dict[str, tuple[str, str]] = {}
+    for option in given:
+        name = option.keyword.decode()
+        if name == "password":
+            continue
+        if option.val is not None:
+            found[name] = (option.val.decode(), "url")
+            continue
+        default = defaults.get(option.keyword)
+        if default is None or default.val is None:
+            continue
+        envvar = default.envvar.decode() if default.envvar else ""
+        source = envvar if envvar and os.environ.get(envvar) is not None else "default"
+        found[name] = (default.val.decode(), source)
+    return found
+
+
 def connect(
-    url: str, *, autocommit: bool = False, connect_timeout_s: int = CONNECT_TIMEOUT_S
+    url: str,
+    *,
+    autocommit: bool = False,
+    connect_timeout_s: int = CONNECT_TIMEOUT_S,
+    statement_timeout_s: float | None = None,
+    lock_timeout_s: float | None = None,
 ) -> psycopg.Connection:
     """A connection to ``url``; :class:`DatabaseError` naming the redacted URL and the
-    driver's reason (scrubbed) when it cannot be made."""
+    driver's reason (scrubbed) when it cannot be made. With ``statement_timeout_s`` (and
+    ``lock_timeout_s``, default the same) every statement of the session is bounded: one
+    that runs or waits for a lock longer fails (``QueryCanceled``/``LockNotAvailable``).
+    Those on a request's or a writer's path are bounded; read tools (verify, export) that
+    may scan a whole log are not."""
     import psycopg
 
     try:
-        return psycopg.connect(url, autocommit=autocommit, connect_timeout=connect_timeout_s)
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=connect_timeout_s)
     except psycopg.Error as exc:
         reason = scrub(str(exc).strip(), url)
         raise DatabaseError(f"cannot connect to {redact(url)}: {reason}") from None
+    if statement_timeout_s is None:
+        return conn
+    lock_s = statement_timeout_s if lock_timeout_s is None else lock_timeout_s
+    try:
+        conn.execute(BOUNDS, bounds(statement_timeout_s, lock_s))
+        conn.commit()  # outside autocommit, a rolled-back transaction would undo the SETs
+    except psycopg.Error as exc:
+        conn.close()
+        reason = scrub(str(exc).strip(), url)
+        raise DatabaseError(f"cannot configure a session on {redact(url)}: {reason}") from None
+    return conn
 
 
 def migrate(
@@ -192,14 +262,21 @@ def migrate(
     import psycopg
 
     target = len(migrations)
+    waited = DatabaseError(
+        f"the {component} schema could not be checked or migrated: a lock it needs was held "
+        f"for more than {MIGRATE_LOCK_TIMEOUT_S:g} s by another session (another gateway "
+        "migrating, or a long transaction on its tables: see pg_stat_activity); start again "
+        "once it is done"
+    )
     try:
-        current = _version(conn, component)
-        conn.rollback()
+        with conn.transaction():
+            _bound_migration(conn)
+            current = _version(conn, component)
     except psycopg.errors.UndefinedTable:
-        conn.rollback()
         current = 0
+    except psycopg.errors.LockNotAvailable:
+        raise waited from None
     except psycopg.Error as exc:
-        conn.rollback()
         raise DatabaseError(f"cannot read the schema version: {scrub(str(exc), url)}") from None
     if current > target:
         raise SchemaError(
@@ -212,6 +289,7 @@ def migrate(
         return current
     try:
         with conn.transaction():
+            _bound_migration(conn)
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             conn.execute(VERSION_TABLE)
             current = _version(conn, component)  # another gateway may have migrated meanwhile
@@ -235,11 +313,23 @@ def migrate(
             f"needs {target}, but the role it logs in as may not change the schema: "
             f"{migrate_hint or 'apply the migrations as the owner role'}"
         ) from None
+    except psycopg.errors.LockNotAvailable:
+        raise waited from None
     except psycopg.Error as exc:
         raise DatabaseError(
             f"migrating the {component} schema failed: {scrub(str(exc), url)}"
         ) from None
     return target
+
+
+def _bound_migration(conn: psycopg.Connection) -> None:
+    """This transaction's bounds: lock waits :data:`MIGRATE_LOCK_TIMEOUT_S`, statements
+    unbounded (a migration that works on a large table takes what it takes; the session's
+    own statement bound, meant for one batch or one request, must not cut it)."""
+    conn.execute(
+        "SELECT set_config('statement_timeout', '0', true), set_config('lock_timeout', %s, true)",
+        (f"{round(MIGRATE_LOCK_TIMEOUT_S * 1000)}ms",),
+    )
 
 
 def _version(conn: psycopg.Connection, component: str) -> int:

@@ -196,6 +196,24 @@ class PgServer:
             self._started = False
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def restart(self) -> None:
+        """Kill the server as a crash would (``pg_ctl -m immediate stop``: every backend
+        dies at once, every client connection is cut) and start it again on the same data
+        directory and socket; returns once it accepts connections. Whatever a client held
+        (connections, advisory locks, LISTENs) is gone; unlogged tables are emptied."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            str(START_TIMEOUT_S),
+            "start",
+        )
+
     def log_text(self) -> str:
         """The server's log (for a failing test's message)."""
         try:

@@ -39,6 +39,8 @@ from medserve.config import AuditSettings, load_settings
 from medserve.console import ConfigOpt, err, fail
 from medserve.errors import ConfigError
 
+RECONNECT_S = 60.0  # how long `tail --follow` keeps reconnecting to a database that went away
+
 app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
 
 DbOpt = Annotated[
@@ -374,12 +376,26 @@ def _pg_export(
 
 
 def _pg_tail(url: str, lines: int, follow: bool) -> None:
+    """The last ``lines`` records of every chain, then (``follow``) what each chain adds,
+    once a second. A connection lost while following (the database restarted) is made
+    again, and the chains continue from the heads already printed (nothing twice, nothing
+    missed); the command fails only when the database stays away :data:`RECONNECT_S`."""
+    import psycopg
+
+    heads: dict[str, int] | None = None
+    lost_at: float | None = None
+
     def run(conn: Any) -> None:
+        nonlocal heads, lost_at
         # One snapshot for the last lines and the heads; then, per round, what each chain
         # added above its head (a time-ordered cursor would miss a record that a slower
         # gateway commits with an earlier time than one already printed).
-        heads = exporting.pg_heads(conn)
-        items = exporting.pg_records(conn, after=exporting.pg_tail_start(conn, lines))
+        if heads is None:
+            heads = exporting.pg_heads(conn)
+            items = exporting.pg_records(conn, after=exporting.pg_tail_start(conn, lines))
+        else:
+            items = exporting.pg_records(conn, above=dict(heads))
+        lost_at = None
         while True:
             for item in items:
                 sys.stdout.write(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n")
@@ -392,7 +408,29 @@ def _pg_tail(url: str, lines: int, follow: bool) -> None:
             time.sleep(1.0)
             items = exporting.pg_records(conn, above=dict(heads))
 
-    try:
-        _pg_read(url, run)
-    except KeyboardInterrupt:
-        return
+    while True:
+        try:
+            with pgsql.connect(url) as conn:
+                conn.read_only = True
+                run(conn)
+                return
+        except KeyboardInterrupt:
+            return
+        except (pgsql.DatabaseError, psycopg.OperationalError) as exc:
+            if not follow or heads is None:
+                reason = str(exc) if isinstance(exc, pgsql.DatabaseError) else None
+                raise fail(
+                    reason
+                    or f"cannot read the audit log in {pgsql.redact(url)}: "
+                    f"{pgsql.scrub(str(exc), url)}"
+                ) from None
+            if lost_at is None:
+                lost_at = time.monotonic()
+                err.print("the audit database connection was lost; reconnecting", highlight=False)
+            elif time.monotonic() - lost_at > RECONNECT_S:
+                raise fail(f"the audit log in {pgsql.redact(url)} stayed unreachable") from None
+            time.sleep(1.0)
+        except psycopg.Error as exc:
+            raise fail(
+                f"cannot read the audit log in {pgsql.redact(url)}: {pgsql.scrub(str(exc), url)}"
+            ) from None

@@ -34,11 +34,17 @@ applies migrations (the server does, when it logs in as the owner; otherwise
 never UPDATE, DELETE or TRUNCATE; the auditor role may only SELECT. Grants are given to
 the roles named in the settings, when they exist.
 
-Faults: as the SQLite store, a batch whose transaction fails (connection lost, database
-restarted, disk full) is reported lost to its callers and never retried; the next batch,
-or :meth:`PgStore.recover`, reconnects, re-takes the lock and re-reads the chain's head
-from the database, so a commit whose acknowledgement was lost is continued from, not
-forked. Limits: every gateway holds the audit secret, so a compromised gateway can append
+Faults: as the SQLite store (:mod:`medserve.audit.writer`), a batch whose transaction fails
+(connection lost, database restarted) is retried once on a new connection when the
+database's head shows it did not land (settled as written when it did); a reconnect
+re-takes the lock (first terminating the writer's own previous server process, if a
+network fault left it holding the lock) and re-reads the chain's head, so a commit whose
+acknowledgement was lost is continued from, not forked. A batch that fails again is
+reported lost; the next batch, or :meth:`PgStore.recover`, reconnects. Every statement is
+bounded (``statement_timeout`` :data:`STATEMENT_TIMEOUT_S`, ``lock_timeout``
+:data:`LOCK_TIMEOUT_S`): a database that stops answering fails the batch, never hangs it.
+
+Limits: every gateway holds the audit secret, so a compromised gateway can append
 records that verify to any instance's chain (append only: it cannot change or remove
 one); per-gateway roles with row-level security on ``instance`` would confine it.
 """
@@ -102,6 +108,17 @@ MIGRATIONS = [
     """,
 ]
 LOCK_WAIT_S = 15.0  # how long a restarted gateway waits for its dead predecessor's lock
+# How long a reopen (writer thread, callers waiting) waits for its own lock: the backend of
+# the connection it just dropped may hold it for a moment (it is terminated first, below).
+REOPEN_LOCK_WAIT_S = 2.0
+# The writer's session bounds. A statement is at most one batch (batch_max records, 1024 by
+# default, one COPY) or a checkpoint; the store commits >= 5,000 records/s with 64 writers
+# (README, benchmark), so the largest batch takes about 0.2 s: 30 s is over 100 times that,
+# a slow disk is not mistaken for a dead one, and a database that has stopped answering
+# fails the batch (its requests get their answer) within half a typical client's timeout.
+# The writer's statements only wait for locks that DDL or a LOCK TABLE takes.
+STATEMENT_TIMEOUT_S = 30.0
+LOCK_TIMEOUT_S = 10.0
 MIGRATE_HINT = "run `medserve audit migrate --db <the owner role's URL>`"
 
 
@@ -191,6 +208,8 @@ class PgStore(ChainWriter):
         self.gateway_role = gateway_role
         self.auditor_role = auditor_role
         self._conn: psycopg.Connection | None = None
+        # (pid, backend_start) of the writer's current or last connection's server process.
+        self._backend: tuple[int, Any] | None = None
 
     def __repr__(self) -> str:
         return f"PgStore({pgsql.redact(self.url)!r}, instance={self.instance!r})"
@@ -228,12 +247,22 @@ class PgStore(ChainWriter):
         head read and checked. Raises :class:`AuditError` / ``pgsql.DatabaseError``."""
         import psycopg
 
-        conn = pgsql.connect(self.url, autocommit=True)  # transactions are explicit
+        conn = pgsql.connect(  # transactions are explicit
+            self.url,
+            autocommit=True,
+            statement_timeout_s=STATEMENT_TIMEOUT_S,
+            lock_timeout_s=LOCK_TIMEOUT_S,
+        )
         try:
             open_schema(
                 conn, self.url, gateway_role=self.gateway_role, auditor_role=self.auditor_role
             )
+            self._end_previous(conn)
             self._lock(conn, wait_s)
+            row = conn.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            self._backend = (int(row[0]), row[1]) if row else None
             with conn.transaction():  # an error inside rolls the registration back
                 other = conn.execute(
                     "SELECT key_id FROM audit_instances WHERE key_id <> %s LIMIT 1",
@@ -261,6 +290,26 @@ class PgStore(ChainWriter):
             conn.close()
             raise
         return conn
+
+    def _end_previous(self, conn: psycopg.Connection) -> None:
+        """Terminate the server process of this writer's previous connection if it still
+        runs. The writer dropped that connection, but after a network fault the server may
+        not have noticed (until its TCP keep-alive gives up: hours by default), and that
+        process still holds this instance's lock. It is known by its pid *and* start time,
+        so it is never another session that took the same pid. Failing that (no right to
+        signal it), the bounded lock wait decides."""
+        import psycopg
+
+        if self._backend is None:
+            return
+        pid, started = self._backend
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(
+                "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity "
+                "WHERE pid = %s AND backend_start = %s AND pid <> pg_backend_pid()",
+                (pid, started),
+            )
+        conn.rollback()
 
     def _lock(self, conn: psycopg.Connection, wait_s: float) -> None:
         """Hold this instance's advisory lock for the connection's life (bounded wait: a
@@ -313,7 +362,7 @@ class PgStore(ChainWriter):
 
     def _reopen(self) -> None:
         try:
-            self._conn = self._connect(wait_s=0.0)
+            self._conn = self._connect(wait_s=min(self.lock_wait_s, REOPEN_LOCK_WAIT_S))
         except pgsql.DatabaseError as exc:
             raise AuditError(str(exc)) from None
 

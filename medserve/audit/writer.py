@@ -9,11 +9,15 @@ transaction; nothing lingers waiting for more. So 64 concurrent requests cost on
 the chain order is the commit order, and a crash loses at most a transaction that never
 committed.
 
-A batch whose commit fails is lost, never retried: its callers get
-:class:`AuditWriteError` (or ``on_lost``), the store drops its connection and is not
-:meth:`~ChainWriter.available` until a later batch or a :meth:`~ChainWriter.recover`
-request reopens it (:meth:`ChainWriter._reopen` re-reads the chain's head from the
-database, so a commit whose acknowledgement was lost is continued from, not forked).
+A batch whose commit fails gets one more chance: the writer drops the connection and
+reopens (:meth:`ChainWriter._reopen` re-reads the chain's head from the database). If the
+head is still where the batch started, the batch is committed once more on the new
+connection; if the head is the batch's last record, the commit had landed and only its
+acknowledgement was lost, and the batch is settled as written. So a connection that died
+while idle (a database restarted, a proxy's idle cut) costs no record. Otherwise, or when
+the retry fails too, the batch is lost: its callers get :class:`AuditWriteError` (or
+``on_lost``), and the store is not :meth:`~ChainWriter.available` until a later batch or
+a :meth:`~ChainWriter.recover` request reopens it. Checkpoints get the same one retry.
 
 Checkpoints: every ``checkpoint_every`` records, every ``checkpoint_interval_s`` seconds
 when records were written, and at close, the store signs its head
@@ -325,7 +329,8 @@ class ChainWriter(ABC):
                 self._fail(batch, AuditWriteError("AuditError"))
                 return
         started = time.perf_counter()
-        seq, prev = self._head
+        start = self._head
+        seq, prev = start
         rows: list[Row] = []
         for entry in batch:
             seq += 1
@@ -338,9 +343,11 @@ class ChainWriter(ABC):
         try:
             self._commit(rows)
         except AuditWriteError as exc:
-            log.error("audit write failed", extra={"error": str(exc), "count": len(batch)})
-            self._fail(batch, exc)
-            return
+            failure = self._retry(rows, start, exc)
+            if failure is not None:
+                log.error("audit write failed", extra={"error": str(failure), "count": len(batch)})
+                self._fail(batch, failure)
+                return
         self._head = (seq, prev)
         self._failed_at = None
         self.stats.written += len(batch)
@@ -348,6 +355,39 @@ class ChainWriter(ABC):
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
         _settle(batch, [row.seq for row in rows])
+
+    def _retry(
+        self, rows: Sequence[Row], start: tuple[int, bytes], error: AuditWriteError
+    ) -> AuditWriteError | None:
+        """After a failed commit of ``rows`` (chained from ``start``): drop the connection,
+        reopen (which re-reads the head from the database) and settle the batch once more.
+        None when it is written: the database's head was still ``start`` and the one retry
+        on the new connection committed, or it already was the batch's last record (the
+        commit landed and only its acknowledgement was lost). Otherwise the error that
+        loses the batch. One retry, never more: a fault that persists (a full disk, a
+        read-only file, a database that is down) fails the batch as before, a moment later.
+        """
+        self._drop()
+        try:
+            self._reopen()
+        except AuditError as exc:
+            log.error("audit log still failing", extra={"error": str(exc)})
+            return error
+        last = (rows[-1].seq, rows[-1].hash)
+        if self._head == last:
+            log.warning(
+                "audit commit landed; its acknowledgement was lost", extra={"count": len(rows)}
+            )
+            return None
+        if self._head != start:  # the chain moved otherwise: never write over or fork it
+            return error
+        try:
+            self._commit(rows)
+        except AuditWriteError as exc:
+            self._drop()
+            return exc
+        log.warning("audit commit retried on a new connection", extra={"count": len(rows)})
+        return None
 
     def _fail(self, batch: list[Entry], error: AuditWriteError) -> None:
         """The batch is lost: drop the connection (the next write opens a new one and
@@ -382,8 +422,11 @@ class ChainWriter(ABC):
         try:
             body, signature = self._sign_checkpoint(seq, digest.hex())
         except AuditWriteError as exc:
-            log.error("audit checkpoint failed", extra={"error": str(exc)})
-            return
+            signed = self._retry_checkpoint(seq, digest)
+            if signed is None:
+                log.error("audit checkpoint failed", extra={"error": str(exc)})
+                return
+            body, signature = signed
         self._checkpointed = (seq, time.monotonic())
         self.stats.checkpoints += 1
         if self.checkpoint_file is not None:
@@ -393,6 +436,21 @@ class ChainWriter(ABC):
                     f.write(json.dumps(line, sort_keys=True) + "\n")
             except OSError as exc:
                 log.error("audit checkpoint file not written", extra={"error": type(exc).__name__})
+
+    def _retry_checkpoint(self, seq: int, digest: bytes) -> tuple[bytes, bytes] | None:
+        """A failed checkpoint's one retry on a new connection (as :meth:`_retry`), when the
+        reopened database's head is still the one to sign; None when it cannot be signed
+        (the connection is dropped then: the next batch reopens it)."""
+        self._drop()
+        try:
+            self._reopen()
+            if self._head != (seq, digest):
+                raise AuditWriteError("the chain's head moved")
+            return self._sign_checkpoint(seq, digest.hex())
+        except AuditError as exc:
+            log.error("audit log still failing", extra={"error": str(exc)})
+            self._drop()
+            return None
 
 
 def _last_vouched(path: Path, instance: str | None) -> int:

@@ -114,6 +114,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
 REFRESH_S = 0.5
 STALE_AFTER_S = 2.0
+# Every statement of the store's sessions is bounded: a refresh is one row and, on a change,
+# the keys table (milliseconds); past STALE_AFTER_S its answer is of no use to lookups
+# anyway. A command's write (create, revoke) waits at most LOCK_TIMEOUT_S for a key's row.
+STATEMENT_TIMEOUT_S = 5.0
+LOCK_TIMEOUT_S = 2.0
 
 
 DRIVER_MISSING = (
@@ -213,7 +218,12 @@ class PgKeyStore:
         """A new autocommit connection, the schema migrated (or checked) once per store."""
         require_driver()
         try:
-            conn = pgsql.connect(self.url, autocommit=True)
+            conn = pgsql.connect(
+                self.url,
+                autocommit=True,
+                statement_timeout_s=STATEMENT_TIMEOUT_S,
+                lock_timeout_s=LOCK_TIMEOUT_S,
+            )
         except pgsql.DatabaseError as exc:
             raise KeyStoreError(f"keys database: {exc}") from None
         try:
@@ -329,7 +339,12 @@ class PgKeyStore:
         import psycopg
 
         try:
-            with pgsql.connect(self.url, autocommit=True) as conn:
+            with pgsql.connect(
+                self.url,
+                autocommit=True,
+                statement_timeout_s=STATEMENT_TIMEOUT_S,
+                lock_timeout_s=LOCK_TIMEOUT_S,
+            ) as conn:
                 version = schema_version(conn)
                 if version != SCHEMA_VERSION:
                     return version, None
@@ -352,26 +367,44 @@ class PgKeyStore:
 
         with self._lock:
             started = self.clock()
+            kept = self._conn is not None and not self._conn.closed
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = self._connect()
-                conn = self._conn
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    row = conn.execute("SELECT generation FROM auth_generation").fetchone()
-                    generation = int(row[0])
-                    reloaded = generation != self._generation
-                    if reloaded:
-                        rows = conn.execute(f"SELECT {COLUMNS} FROM auth_keys").fetchall()
-                        self._keys = {str(r[0]): (_key(r), bytes(r[9])) for r in rows}
-                        self._generation = generation
+                reloaded = self._reload()
             except psycopg.Error as exc:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
-                raise self._fail(exc) from None
+                broken = self._conn is None or self._conn.broken
+                self._drop()
+                if not (kept and broken):
+                    raise self._fail(exc) from None
+                # The kept connection had died while idle (a database restart, an idle
+                # cut): once more on a new one before the copy is left to age.
+                try:
+                    reloaded = self._reload()
+                except psycopg.Error as again:
+                    self._drop()
+                    raise self._fail(again) from None
             self._confirmed = started
             return reloaded
+
+    def _reload(self) -> bool:
+        """One refresh on the kept connection (made when missing); psycopg errors raise."""
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        conn = self._conn
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = conn.execute("SELECT generation FROM auth_generation").fetchone()
+            generation = int(row[0])
+            reloaded = generation != self._generation
+            if reloaded:
+                rows = conn.execute(f"SELECT {COLUMNS} FROM auth_keys").fetchall()
+                self._keys = {str(r[0]): (_key(r), bytes(r[9])) for r in rows}
+                self._generation = generation
+        return reloaded
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def watch(self) -> None:
         """Refresh (:meth:`refresh`, in a thread) on every ``NOTIFY medserve_keys`` and at
@@ -423,6 +456,7 @@ class PgKeyStore:
         except psycopg.Error:
             return None
         try:
+            await conn.execute(pgsql.BOUNDS, pgsql.bounds(STATEMENT_TIMEOUT_S, LOCK_TIMEOUT_S))
             await conn.execute(f"LISTEN {CHANNEL}")
         except psycopg.Error:
             await conn.close()

@@ -20,6 +20,13 @@ over as they do on one gateway (a request is admitted with one token left, then 
 its whole answer), plus what finished in the last ``flush_s`` on each gateway and is not
 charged yet. When the database cannot be asked, a limited key gets 503
 ``rate_limit_unavailable`` with Retry-After (fail closed), never an unlimited pass.
+
+Bounds and faults: every statement of the limiter's sessions waits at most
+:data:`LOCK_TIMEOUT_S` for a row lock and runs at most :data:`STATEMENT_TIMEOUT_S` (a key's
+row held by someone else answers 503 within about a second, never a hang), and a pooled
+connection that turns out dead (a database restart, an idle cut) is replaced and the
+admission or the flush tried once more on a new one, so a restart costs no 503 for a
+database that is back.
 """
 
 from __future__ import annotations
@@ -32,15 +39,21 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from medserve import pgsql
 from medserve.auth.keys import Key
 from medserve.errors import RateLimitError, UnavailableError
-from medserve.pgsql import CONNECT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.25
 POOL_SIZE = 4
 RETRY_AFTER_S = 2
+# An admission holds its key's row for one statement of microseconds: waiting a second for
+# it means someone else holds the row (a `SELECT ... FOR UPDATE` left open), and the request
+# gets its 503 then. A statement (one admission, one flush of every key's charges) that runs
+# as long as the Retry-After it would answer is treated as a database that cannot be asked.
+LOCK_TIMEOUT_S = 1.0
+STATEMENT_TIMEOUT_S = float(RETRY_AFTER_S)
 # Part of the keys schema's first migration (medserve.auth.pgkeys.MIGRATIONS).
 FUNCTIONS = """
 CREATE FUNCTION auth_rate_level(level double precision, cap double precision,
@@ -102,8 +115,9 @@ CHARGE = (
 
 async def _configure(conn: Any) -> None:
     """A bucket update needs no durability (``auth_rate`` is unlogged): never wait for a
-    WAL flush at commit."""
+    WAL flush at commit. Every statement bounded (see the module docstring)."""
     await conn.execute("SET synchronous_commit = off")
+    await conn.execute(pgsql.BOUNDS, pgsql.bounds(STATEMENT_TIMEOUT_S, LOCK_TIMEOUT_S))
 
 
 class SharedRateLimiter:
@@ -133,7 +147,7 @@ class SharedRateLimiter:
             self.url,
             min_size=1,
             max_size=self.pool_size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            kwargs={"autocommit": True, "connect_timeout": pgsql.CONNECT_TIMEOUT_S},
             open=False,
             timeout=RETRY_AFTER_S,
             configure=_configure,
@@ -161,9 +175,7 @@ class SharedRateLimiter:
 
         started = time.perf_counter()
         try:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(ADMIT, (key.id, key.rpm or None, key.tpm or None))
-                row = await cur.fetchone()
+            row = await self._execute(ADMIT, (key.id, key.rpm or None, key.tpm or None))
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("shared rate limit not checked", extra={"error": type(exc).__name__})
             if self.on_unavailable is not None:
@@ -197,8 +209,34 @@ class SharedRateLimiter:
         rpm = [pending[k][0] or None for k in ids]
         tpm = [pending[k][1] for k in ids]
         used = [pending[k][2] for k in ids]
-        async with self._pool.connection() as conn:
-            await conn.execute(CHARGE, (ids, rpm, tpm, used))
+        await self._execute(CHARGE, (ids, rpm, tpm, used))
+
+    async def _execute(self, query: str, args: tuple[Any, ...]) -> Any:
+        """``query``'s first row on a pooled connection. A connection found dead (broken:
+        the database restarted, or cut it while idle) is discarded with every other dead
+        one in the pool (:meth:`AsyncConnectionPool.check`), and the query runs once more
+        on a new connection; any other error, or a second failure, raises (psycopg.Error,
+        PoolTimeout)."""
+        import psycopg
+
+        for attempt in range(2):
+            broken = False
+            try:
+                async with self._pool.connection() as conn:
+                    try:
+                        cur = await conn.execute(query, args)
+                        return await cur.fetchone() if cur.description else None
+                    except psycopg.Error:
+                        broken = conn.broken  # before the pool takes it back and drops it
+                        raise
+            except psycopg.Error as exc:
+                if attempt or not broken:
+                    raise
+                log.warning(
+                    "shared rate limit connection lost", extra={"error": type(exc).__name__}
+                )
+                await self._pool.check()
+        return None  # not reached: the second attempt returns or raises
 
     async def _flush_forever(self) -> None:
         import psycopg

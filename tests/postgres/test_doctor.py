@@ -8,7 +8,8 @@ import pytest
 from pydantic import SecretStr
 
 from medserve.audit.pgstore import open_schema
-from medserve.config import AuditSettings, Settings
+from medserve.auth.pgkeys import PgKeyStore
+from medserve.config import AuditSettings, AuthSettings, Settings
 from medserve.doctor import Check, checks
 from tests import pg
 
@@ -48,19 +49,30 @@ def test_no_schema_or_no_connection_is_a_danger(pg_db: pg.PgDatabase) -> None:
     assert password not in found["audit log"].detail and "***" in found["audit log"].detail
 
 
+def keys_checks(url: str) -> dict[str, Check]:
+    settings = Settings(auth=AuthSettings(url=SecretStr(url)))
+    found = checks(settings, [], hash_models=False, probe=True)
+    return {c.name: c for c in found if c.name.startswith(("auth", "keys"))}
+
+
 @pytest.mark.parametrize(
-    ("query", "level"),
-    [("sslmode=disable", "danger"), ("", "warn"), ("sslmode=require", "warn")],
+    ("role", "level"),
+    [
+        (pg.OWNER, "warn"),  # it may change or delete every key, as the audit role check says
+        (pg.GATEWAY, None),  # reads the keys, writes only its own rows
+        (pg.AUDITOR, None),  # reads only
+    ],
 )
-def test_clear_or_unverified_tls_across_a_network_is_named(query: str, level: str) -> None:
-    found = audit_checks(f"postgresql://gw:pw@db.example:5432/medserve?{query}", probe=False)
-    assert found["audit database TLS"].level == level
-
-
-def test_verified_tls_or_a_local_socket_needs_no_tls_check() -> None:
-    for url in (
-        "postgresql://gw:pw@db.example/medserve?sslmode=verify-full",
-        "postgresql://gw:pw@/medserve?host=/run/postgresql",
-        "postgresql://gw:pw@127.0.0.1/medserve",
-    ):
-        assert "audit database TLS" not in audit_checks(url, probe=False), url
+def test_a_keys_role_that_could_change_keys_is_a_warning(
+    pg_db: pg.PgDatabase, role: str, level: str | None
+) -> None:
+    PgKeyStore(pg_db.owner_url).create("ward-app")  # the schema, migrated by its owner
+    found = keys_checks(pg_db.url(role))
+    assert found["auth"].level in ("ok", "warn") and "1 active keys" in found["auth"].detail
+    role_check = found.get("keys database role")
+    if level is None:
+        assert role_check is None, role_check
+    else:
+        assert role_check is not None and role_check.level == level
+        assert "INSERT/UPDATE/DELETE/TRUNCATE" in role_check.detail
+        assert pg_db.server.passwords[role] not in role_check.detail

@@ -5,6 +5,8 @@ tests/postgres/test_pgsql.py.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medserve.config import AuthSettings, Settings
@@ -66,11 +68,16 @@ def test_a_bad_auth_url_in_the_environment_does_not_echo_it(
         ("sslmode=disable", "danger"),
         ("sslmode=require", "warn"),
         ("", "warn"),  # libpq's default, prefer: encryption without verification
-        ("sslmode=verify-full&sslrootcert=/etc/ca.pem", None),
+        ("sslmode=verify-full&sslrootcert={ca}", None),
+        ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "danger"),  # libpq refuses
     ],
 )
-def test_doctor_names_keys_reached_without_verified_tls(query: str, level: str | None) -> None:
-    url = f"postgresql://gw:{ENCODED}@db.ward:5432/medserve?{query}"
+def test_doctor_names_keys_reached_without_verified_tls(
+    tmp_path: Path, query: str, level: str | None
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    url = f"postgresql://gw:{ENCODED}@db.ward:5432/medserve?{query.format(ca=ca)}"
     settings = Settings(auth=AuthSettings(url=url))
     found = {c.name: c for c in checks(settings, [], hash_models=False, probe=False)}
     tls = found.get("keys database TLS")
