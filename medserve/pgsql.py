@@ -132,7 +132,16 @@ def host_names(*urls: str | None) -> list[str]:
     """The network host names (or addresses) the ``urls`` name, without ports, sorted: the
     egress guard allows them as it allows vLLM replicas' hosts (psycopg resolves a name in
     Python, which the guard sees; libpq's connect itself it does not)."""
-    names = {h.rsplit(":", 1)[0].strip("[]") for u in urls if u for h in hosts_of(u)}
+    import os
+
+    names: set[str] = set()
+    for url in urls:
+        if not url:
+            continue
+        found = hosts_of(url)
+        if not found and not re.search(r"(?i)[?&]host=", url):  # libpq falls back on PGHOST
+            found = [f"{h}:" for h in os.environ.get("PGHOST", "").split(",") if h]
+        names |= {h.rsplit(":", 1)[0].strip("[]") for h in found if not h.startswith("/")}
     return sorted(names)
 
 

@@ -71,3 +71,19 @@ HOSTS = [  # (url, hosts named, what doctor shows)
 def test_the_hosts_a_url_names(url: str, hosts: list[str], shown: str) -> None:
     assert pgsql.hosts_of(url) == hosts
     assert pgsql.host_of(url) == shown
+
+
+ENV_HOSTS = [  # (url, PGHOST, the names the egress guard allows)
+    ("postgresql://u@db.ward/m", "other", ["db.ward"]),
+    ("postgresql:///m", "db1.ward,db2.ward", ["db1.ward", "db2.ward"]),
+    ("postgresql:///m", "/run/postgresql", []),
+    ("postgresql:///m?host=/run/postgresql", "db.ward", []),
+]
+
+
+@pytest.mark.parametrize(("url", "pghost", "names"), ENV_HOSTS)
+def test_the_guard_allows_the_host_libpq_will_use(
+    monkeypatch: pytest.MonkeyPatch, url: str, pghost: str, names: list[str]
+) -> None:
+    monkeypatch.setenv("PGHOST", pghost)
+    assert pgsql.host_names(url) == names
