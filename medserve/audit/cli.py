@@ -36,10 +36,10 @@ from medserve.audit.record import chat_input, chat_message, parse_time
 from medserve.audit.store import connect, read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, load_settings
-from medserve.console import ConfigOpt, err, fail
+from medserve.console import ConfigOpt, err, fail, typer_app
 from medserve.errors import ConfigError
 
-app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
+app = typer_app(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
 
 DbOpt = Annotated[
     str | None,

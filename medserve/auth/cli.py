@@ -22,10 +22,10 @@ from rich.table import Table
 
 from medserve.auth.keys import ROLES, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
 from medserve.config import load_settings
-from medserve.console import ConfigOpt, fail
+from medserve.console import ConfigOpt, fail, typer_app
 from medserve.errors import ConfigError
 
-app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
+app = typer_app(help="API keys: who may ask what.", no_args_is_help=True)
 
 
 DbOpt = Annotated[
