@@ -18,9 +18,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
-from medserve.auth.keys import ROLES, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
+from medserve.auth.keys import ROLES, Key, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
 from medserve.config import load_settings
 from medserve.console import ConfigOpt, fail, typer_app
 from medserve.errors import ConfigError
@@ -87,7 +88,8 @@ def create(
     out = Console()
     policy = "" if key.fallback else ", no fallback"
     out.print(
-        f"created key [bold]{key.id}[/] ({key.name}, role {key.role}{policy})", highlight=False
+        f"created key [bold]{key.id}[/] ({escape(key.name)}, role {key.role}{policy})",
+        highlight=False,
     )
     out.print("secret, shown once — store it in the application's secret store:")
     out.print(token, highlight=False, soft_wrap=True)
@@ -107,36 +109,78 @@ def list_keys(
     if as_json:
         sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
         return
-    table = Table("id", "name", "role", "models", "rpm", "tpm", "expires", "fallback", "state")
-    for k in keys:
-        state = "revoked" if k.revoked else "expired" if k.expired() else "active"
-        table.add_row(
+    rows = [
+        (
             k.id,
-            k.name,
+            escape(k.name),
             k.role,
-            ",".join(k.models),
+            escape(",".join(k.models)),
             str(k.rpm or "-"),
             str(k.tpm or "-"),
             k.expires or "-",
             "yes" if k.fallback else "no",
-            state,
+            "revoked" if k.revoked else "expired" if k.expired() else "active",
         )
+        for k in keys
+    ]
+    # The id is what `revoke` takes: never cut or wrapped, whatever the terminal's width;
+    # nor are the short columns; names, model lists and expiry times wrap (never cut).
+    headers = ("id", "name", "role", "models", "rpm", "tpm", "expires", "fallback", "state")
+    columns = []
+    for i, header in enumerate(headers):
+        if header in ("name", "models", "expires"):
+            columns.append(Column(header, overflow="fold"))
+        else:
+            widest = max([len(header), *(len(row[i]) for row in rows)])
+            columns.append(Column(header, no_wrap=True, min_width=widest, overflow="ignore"))
+    table = Table(*columns, show_edge=False)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+PREFIX_MIN = 4  # shortest id prefix `revoke` accepts (ids are 12 hex digits)
 
 
 @app.command("revoke")
 def revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    key_id: Annotated[
+        str, typer.Argument(help="The key's id, or a prefix of it that no other key's id has.")
+    ],
     config: ConfigOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Revoke a key: refused from the next request on (PostgreSQL: on every gateway
     within [auth] stale_after_s)."""
     try:
-        key = _store(config, db).revoke(key_id)
+        store = _store(config, db)
+        key = store.revoke(resolve(store.all(), key_id))
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
-    Console().print(f"revoked key {key.id} ({key.name})", highlight=False)
+    Console().print(f"revoked key {key.id} ({escape(key.name)})", highlight=False)
+
+
+def resolve(keys: list[Key], given: str) -> str:
+    """The id ``given`` names: an id itself, or a prefix of exactly one key's id (at least
+    :data:`PREFIX_MIN` characters; a trailing "…" copied from a cut display is dropped).
+    A prefix is accepted because ids are long and were shown cut; an ambiguous one is
+    refused naming the candidates, so a revocation never hits another key. Raises
+    :class:`KeyStoreError`; an id that matches nothing is returned as given (the store
+    says there is no such key)."""
+    wanted = given.strip().rstrip("…")
+    if any(k.id == wanted for k in keys):
+        return wanted
+    matches = sorted(k.id for k in keys if k.id.startswith(wanted))
+    if len(matches) > 1:
+        raise KeyStoreError(
+            f"{wanted!r} is the start of {len(matches)} keys' ids ({', '.join(matches)}): "
+            "give more of it"
+        )
+    if len(matches) == 1 and len(wanted) >= PREFIX_MIN:
+        return matches[0]
+    if matches:
+        raise KeyStoreError(f"give at least {PREFIX_MIN} characters of the key's id")
+    return wanted
 
 
 @app.command("migrate")
