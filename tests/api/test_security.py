@@ -33,19 +33,23 @@ class Keys:
     expired: str
     limited: str  # 1 request per minute
     user_id: str
+    ids: dict[str, str]  # Keys attribute -> that key's id
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     store = KeyStore(tmp_path / "keys.db")  # the path the autouse fixture configured
     user_key, user = store.create("triage-app", "user", ["fake-echo"])
-    _, admin = store.create("ops", "admin")
-    _, auditor = store.create("compliance", "auditor")
+    admin_key, admin = store.create("ops", "admin")
+    auditor_key, auditor = store.create("compliance", "auditor")
     gone, revoked = store.create("old-app", "user")
     store.revoke(gone.id)
-    _, expired = store.create("pilot", "user", expires="2020-01-01T00:00:00.000000Z")
-    _, limited = store.create("notebook", "user", rpm=1)
-    return Keys(user, admin, auditor, revoked, expired, limited, user_key.id)
+    late, expired = store.create("pilot", "user", expires="2020-01-01T00:00:00.000000Z")
+    limited_key, limited = store.create("notebook", "user", rpm=1)
+    made = [user_key, admin_key, auditor_key, gone, late, limited_key]
+    names = ["user", "admin", "auditor", "revoked", "expired", "limited"]
+    ids = {name: key.id for name, key in zip(names, made, strict=True)}
+    return Keys(user, admin, auditor, revoked, expired, limited, user_key.id, ids)
 
 
 @pytest.fixture
@@ -281,6 +285,48 @@ def test_keys_and_failures_reach_the_audit_log_and_metrics(
     requests = [r for r in records if r["kind"] == "request" and r["endpoint"] == CHAT]
     assert [(r["status"], r["key_id"]) for r in requests][:2] == [(200, keys.user_id), (401, None)]
     assert requests[2]["error"] == "key_revoked"
+
+
+# Refusals and the key id their audit record carries: the key's own id wherever the key
+# was identified (its secret matched), even though refused; none where it was not.
+REFUSALS = [
+    # name, Keys attribute (":wrong" for a wrong secret) or None, model, status, error,
+    # whose id the record carries (a Keys attribute) or None
+    ("revoked", "revoked", "fake-echo", 401, "key_revoked", "revoked"),
+    ("expired", "expired", "fake-echo", 401, "key_expired", "expired"),
+    ("model not permitted", "user", "fake-other", 403, "model_not_permitted", "user"),
+    ("role not permitted", "auditor", "fake-echo", 403, "role_not_permitted", "auditor"),
+    ("wrong secret: a claim only", "user:wrong", "fake-echo", 401, "invalid_api_key", None),
+    ("no key", None, "fake-echo", 401, "missing_api_key", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "who", "model", "status", "code", "recorded"), REFUSALS, ids=[r[0] for r in REFUSALS]
+)
+def test_a_refusal_records_the_key_it_identified(
+    keys: Keys,
+    client: TestClient,
+    audit_path: Path,
+    name: str,
+    who: str | None,
+    model: str,
+    status: int,
+    code: str,
+    recorded: str | None,
+) -> None:
+    headers = headers_for(who, keys) if who is not None else {}
+    r = client.post(CHAT, json={**BODY, "model": model}, headers=headers)
+    assert error(r) == (status, code)
+    client.__exit__(None, None, None)  # stop the server: the log is complete
+    conn = sqlite3.connect(audit_path)
+    records = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    conn.close()
+    [refused] = [r for r in records if r["kind"] == "request" and r["endpoint"] == CHAT]
+    assert (refused["status"], refused["error"]) == (status, code)
+    assert refused["key_id"] == (keys.ids[recorded] if recorded else None)
+    secrets = [t.partition("_")[2] for t in (keys.user, keys.revoked, keys.expired)]
+    assert not any(s in json.dumps(records) for s in secrets)
 
 
 def test_cors_is_off_unless_origins_are_configured(keys: Keys, monkeypatch: Any) -> None:
