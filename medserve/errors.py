@@ -98,9 +98,7 @@ class AuthenticationError(MedserveError):
     type = "invalid_request_error"
     default_code = "invalid_api_key"
 
-    def __init__(
-        self, message: str, *, code: str | None = None, key_id: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, code: str | None = None, key_id: str | None = None) -> None:
         super().__init__(message, code=code)
         self.key_id = key_id
 

@@ -23,7 +23,14 @@ from rich.table import Column, Table
 
 from medserve.auth.keys import ROLES, Key, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
 from medserve.config import load_settings
-from medserve.console import ConfigOpt, fail, typer_app
+from medserve.console import (
+    AllowMissingRolesOpt,
+    ConfigOpt,
+    check_roles,
+    fail,
+    report_migration,
+    typer_app,
+)
 from medserve.errors import ConfigError
 
 app = typer_app(help="API keys: who may ask what.", no_args_is_help=True)
@@ -184,12 +191,16 @@ def resolve(keys: list[Key], given: str) -> str:
 
 
 @app.command("migrate")
-def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
+def migrate_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    allow_missing_roles: AllowMissingRolesOpt = False,
+) -> None:
     """Apply the PostgreSQL keys schema's pending migrations and grants (as the owner
     role: a gateway's role may not change the schema). Roles: [audit] gateway_role and
-    auditor_role."""
+    auditor_role; says what was granted to whom, and fails on a role that does not exist."""
     from medserve import pgsql
-    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore, require_driver
+    from medserve.auth.pgkeys import MIGRATE_HINT, PgKeyStore, require_driver
 
     try:
         settings = load_settings(config)
@@ -198,16 +209,15 @@ def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
     url = db if db is not None else settings.auth.keys_target()
     if not isinstance(url, str) or not pgsql.is_postgres_url(url):
         raise fail("migrate is for keys in PostgreSQL: --db postgresql://... or [auth] url")
-    roles = (settings.audit.gateway_role, settings.audit.auditor_role)
-    store = PgKeyStore(url, gateway_role=roles[0], auditor_role=roles[1])
+    gateway, auditor = settings.audit.gateway_role, settings.audit.auditor_role
+    roles = {gateway: "[audit] gateway_role", auditor: "[audit] auditor_role"}
+    store = PgKeyStore(url, gateway_role=gateway, auditor_role=auditor)
+    granted = pgsql.Granted()
     try:
         require_driver()
         with pgsql.connect(url, autocommit=True) as conn:
-            store.migrate(conn)
+            check_roles(pgsql.missing_roles(conn, list(roles)), roles, allow_missing_roles)
+            version = store.migrate(conn, granted)
     except (pgsql.DatabaseError, KeyStoreError) as exc:
         raise fail(str(exc)) from None
-    Console().print(
-        f"keys schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
-        f"{roles[0]} read + its own rows, {roles[1]} read (those that exist)",
-        highlight=False,
-    )
+    report_migration("keys", version, pgsql.redact(url), granted, MIGRATE_HINT)

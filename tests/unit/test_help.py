@@ -28,9 +28,7 @@ def commands() -> Iterator[tuple[str, Any, Any]]:
     """(path, command, context) of every command and group, depth first."""
     root = typer.main.get_command(app)
 
-    def walk(
-        cmd: Any, name: str, parent: Any | None
-    ) -> Iterator[tuple[str, Any, Any]]:
+    def walk(cmd: Any, name: str, parent: Any | None) -> Iterator[tuple[str, Any, Any]]:
         # Typer carries its own copy of click: its commands make their own contexts.
         ctx = cmd.context_class(cmd, info_name=name, parent=parent, terminal_width=80)
         yield name, cmd, ctx
