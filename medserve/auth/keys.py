@@ -5,8 +5,12 @@ random bytes, base64url) is checked against its SHA-256 with a constant-time com
 A 256-bit random secret needs no slow hash: there is nothing to brute-force. The database
 (SQLite, WAL, beside the audit log but not part of its chain) holds ids, names, roles,
 model scopes, limits, expiry, revocation and whether fallback engines may answer, plus a
-journal of changes that each server copies into its audit log as events. A database made
-before a column existed gets it on first open (:data:`ADDED_COLUMNS`).
+journal of changes that each server copies into its audit log as events. The journal is
+written by triggers on the ``keys`` table (:data:`TRIGGERS`), so a hand edit of the file
+is journaled as ``medserve keys`` is (SQLite has no users: the entry cannot say who).
+Whoever can write the file can also drop the triggers; the file's mode (0600) is the
+guard. A database made before a column existed gets it on first open
+(:data:`ADDED_COLUMNS`), and the triggers too.
 """
 
 from __future__ import annotations

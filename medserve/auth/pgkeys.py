@@ -20,15 +20,32 @@ a new key works within the same time. The trigger also sends ``NOTIFY medserve_k
 change usually reaches every gateway in milliseconds; the polling stays as the guarantee
 (a notification is lost while the listening connection is down).
 
+The journal. Every change to ``auth_keys`` is journaled by the database itself, in the
+changing transaction (a row trigger, migration 2), so ``medserve keys`` and a hand edit in
+``psql`` are journaled the same way, exactly once: ``key.created``, ``key.revoked``,
+``key.unrevoked``, ``key.changed`` (with the names of the ``changed`` columns; the
+secret's hash by name only), ``key.deleted`` (also for each key a TRUNCATE removes), with
+the key's non-secret fields and the database role that made it (``db_user``:
+``current_user``; ``db_session_user``: the role that logged in). A role allowed to change
+``auth_keys`` but not to write ``auth_journal`` cannot change a key at all: fail closed.
+Each gateway copies the entries into its audit log
+(:meth:`medserve.api.security.Security.audit_key_changes`) and marks each one copied in
+``auth_copied``, one row per (instance, entry), which the gateway role may INSERT and
+never UPDATE or DELETE: no credential of a gateway can move a mark back (copies twice) or
+forward (hides entries), and an entry committed after a higher-numbered one is still
+found. What the schema cannot stop: a gateway credential *adding* marks for another
+instance, hiding entries from that instance's log; ``medserve audit verify --db`` (keys
+and audit in one database) names every entry that reaches no instance's log.
+
 Schema: component ``keys`` of :mod:`medserve.pgsql`'s ``schema_version``, migrated on
 first use by a role that owns the schema (``medserve keys migrate --db <owner URL>``, or
 any ``medserve keys`` command or gateway logging in as the owner), with grants: the
-gateway role reads the keys and the journal and writes only ``auth_audited`` and
-``auth_rate``, never ``auth_keys``; the auditor role reads. Tables: ``auth_keys`` (as the
-SQLite ``keys`` table; times are ``timestamptz``, models a ``text[]``), ``auth_journal``
-and ``auth_audited`` (the change journal each gateway copies into its audit log),
-``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit buckets of
-:mod:`medserve.auth.pglimits`).
+gateway role reads the keys and the journal, adds rows to ``auth_copied`` and writes
+``auth_rate``, never ``auth_keys`` or the journal; the auditor role reads. Tables:
+``auth_keys`` (as the SQLite ``keys`` table; times are ``timestamptz``, models a
+``text[]``), ``auth_journal`` and ``auth_copied`` (the change journal and each gateway's
+copy marks), ``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit
+buckets of :mod:`medserve.auth.pglimits`).
 """
 
 from __future__ import annotations
