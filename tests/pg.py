@@ -172,17 +172,7 @@ class PgServer:
                 "shared_buffers = 64MB\n"
                 "log_min_messages = warning\n"
             )
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "server.log"),
-            "-w",
-            "-t",
-            str(START_TIMEOUT_S),
-            "start",
-        )
+        self._pg_ctl_start()
         self._started = True
         with self.connect() as conn:
             for role in ROLES:
@@ -202,6 +192,10 @@ class PgServer:
         directory and socket; returns once it accepts connections. Whatever a client held
         (connections, advisory locks, LISTENs) is gone; unlogged tables are emptied."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._pg_ctl_start()
+
+    def _pg_ctl_start(self) -> None:
+        """Start the server on its data directory; returns once it accepts connections."""
         self._run(
             "pg_ctl",
             "-D",
