@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from medserve.errors import unusable_file
+
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -21,3 +23,9 @@ def fail(message: str) -> typer.Exit:
     # Escaped: messages name paths and options such as `medserve[quant]`, not markup.
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(2)
+
+
+def os_fail(exc: OSError, what: str, path: Path | str) -> typer.Exit:
+    """Fail (status 2) on a file the user named that cannot be used: one line naming
+    ``what`` and ``path``, the system's reason and the fix; no traceback."""
+    return fail(unusable_file(exc, what, path))
