@@ -13,8 +13,19 @@ from medserve.errors import unusable_file
 
 err = Console(stderr=True)
 
+# MEDSERVE_CONFIG names the file when --config is not given: the image sets it, so that a
+# server and the admin commands exec'd beside it read the same file (file < MEDSERVE_* env
+# < flags, medserve.config.load_settings).
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=False)
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MEDSERVE_CONFIG",
+        help="TOML settings file [env: MEDSERVE_CONFIG].",
+        show_envvar=False,
+        exists=False,
+    ),
 ]
 
 
