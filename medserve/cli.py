@@ -16,7 +16,7 @@ from medserve import __version__, pgsql
 from medserve.audit.cli import app as audit_app
 from medserve.auth.cli import app as keys_app
 from medserve.config import Settings, load_settings
-from medserve.console import ConfigOpt, err, fail
+from medserve.console import ConfigOpt, err, fail, typer_app
 from medserve.engines.llamacpp import LlamaCppSpec
 from medserve.engines.vllm import VllmSpec, upstream_hosts
 from medserve.errors import ConfigError
@@ -25,13 +25,13 @@ from medserve.quantize.cli import add as add_model
 from medserve.quantize.cli import quantize
 from medserve.registry import served_models
 
-app = typer.Typer(
+app = typer_app(
     name="medserve",
     help="On-premise, privacy-preserving inference server for medical LLMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+models_app = typer_app(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")

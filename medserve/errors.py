@@ -88,11 +88,20 @@ class UnsupportedParameterError(InvalidRequestError):
 
 
 class AuthenticationError(MedserveError):
-    """No usable API key: missing, malformed, unknown, revoked or expired (``code`` says)."""
+    """No usable API key: missing, malformed, unknown, revoked or expired (``code`` says).
+
+    ``key_id``: the key's id when the key was identified (its secret matched) but is not
+    usable (revoked, expired), for the refusal's audit record; None otherwise (an id
+    whose secret did not match is only a claim). Never the secret.
+    """
 
     status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+    def __init__(self, message: str, *, code: str | None = None, key_id: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.key_id = key_id
 
 
 class PermissionDeniedError(MedserveError):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,6 +47,19 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+
+
+@dataclass
+class Granted:
+    """What the grants of a :func:`migrate` did, so that a ``migrate`` command says only
+    what happened: ``lines``, one per grant made (``role: PRIVILEGES on tables``);
+    ``missing``, the roles named that do not exist (nothing granted to them); ``refused``,
+    true when the role migrating may not grant (it does not own the tables): nothing was
+    granted at all."""
+
+    lines: list[str] = field(default_factory=list)
+    missing: set[str] = field(default_factory=set)
+    refused: bool = False
 
 
 class DatabaseError(Exception):
@@ -256,18 +270,22 @@ def migrate(
     conn: psycopg.Connection,
     component: str,
     migrations: Sequence[str],
-    grants: Callable[[psycopg.Connection], None] | None = None,
+    grants: Callable[[psycopg.Connection, Granted], None] | None = None,
     *,
     url: str = "",
     migrate_hint: str = "",
+    granted: Granted | None = None,
 ) -> int:
     """Bring ``component``'s schema to ``len(migrations)``; returns the version it is at.
 
     ``conn`` must not be in a transaction. ``grants`` runs after the migrations (in the same
-    transaction) when this role could apply them, i.e. owns the schema. Raises
-    :class:`SchemaError` (newer schema, or pending migrations this role may not apply:
-    ``migrate_hint`` says how to apply them) or :class:`DatabaseError`.
+    transaction) when this role could apply them, i.e. owns the schema, and notes what it
+    did in ``granted`` (:func:`grant`; ``granted.refused`` when this role may not change
+    the schema, so nothing was granted). Raises :class:`SchemaError` (newer schema, or
+    pending migrations this role may not apply: ``migrate_hint`` says how to apply them)
+    or :class:`DatabaseError`.
     """
+    granted = granted if granted is not None else Granted()
     import psycopg
 
     target = len(migrations)
@@ -313,9 +331,10 @@ def migrate(
                     (component, version),
                 )
             if grants is not None:
-                grants(conn)
+                grants(conn, granted)
     except psycopg.errors.InsufficientPrivilege:
         if current == target:  # up to date; re-granting is the owner's business
+            granted.refused, granted.lines = True, []
             return current
         raise SchemaError(
             f"the database's {component} schema is at version {current} and this medserve "
@@ -353,11 +372,30 @@ def role_exists(conn: psycopg.Connection, role: str) -> bool:
     return row is not None
 
 
-def grant(conn: psycopg.Connection, privileges: str, tables: Sequence[str], role: str) -> None:
-    """``GRANT privileges ON tables TO role`` (names quoted), if the role exists."""
+def grant(
+    conn: psycopg.Connection,
+    privileges: str,
+    tables: Sequence[str],
+    role: str,
+    granted: Granted | None = None,
+) -> None:
+    """``GRANT privileges ON tables TO role`` (names quoted) if the role exists and this
+    role may grant (owns the tables, or is a superuser); notes in ``granted`` what it did,
+    or that the role is missing, or that this role may not grant. (PostgreSQL itself only
+    warns, "no privileges were granted", when a role that may not grant tries.)"""
     from psycopg import sql
 
+    granted = granted if granted is not None else Granted()
     if not role_exists(conn, role):
+        granted.missing.add(role)
+        return
+    owns = conn.execute(
+        "SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), false) "
+        "FROM pg_class c WHERE c.oid = ANY(%s::regclass[])",
+        (list(tables),),
+    ).fetchone()
+    if not owns or not owns[0]:
+        granted.refused = True
         return
     query = sql.SQL("GRANT {} ON {} TO {}").format(
         sql.SQL(privileges),
@@ -365,6 +403,12 @@ def grant(conn: psycopg.Connection, privileges: str, tables: Sequence[str], role
         sql.Identifier(role),
     )
     conn.execute(query)
+    granted.lines.append(f"{role}: {privileges} on {', '.join(tables)}")
+
+
+def missing_roles(conn: psycopg.Connection, roles: Sequence[str]) -> list[str]:
+    """The ``roles`` that do not exist in the cluster (any role may ask), in order."""
+    return [r for r in dict.fromkeys(roles) if not role_exists(conn, r)]
 
 
 def rows(conn: psycopg.Connection, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

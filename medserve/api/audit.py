@@ -176,15 +176,18 @@ class Auditor:
         ex.audited = True
         self.store.submit(self.facts(ex), on_lost=lambda: self._lost(ex))
 
-    async def event(self, name: str, /, **details: Any) -> None:
-        """Record an administrative or security event (start, stop, config, keys)."""
+    async def event(self, name: str, /, **details: Any) -> bool:
+        """Record an administrative or security event (start, stop, config, keys); True
+        once committed, False when the record was lost (counted and logged)."""
         if self.store is None:
-            return
+            return False
         try:
             await self.store.append(EventFacts(name, self.instance, details))
         except AuditWriteError:
             self.lost += 1
             log.error("audit record lost", extra={"event": name})
+            return False
+        return True
 
     def event_later(self, name: str, /, **details: Any) -> None:
         """Queue an event record without waiting (from sync code, any thread)."""

@@ -31,6 +31,7 @@ from medserve.api.audit import Auditor
 from medserve.api.exchange import Exchange
 from medserve.api.security import Security
 from medserve.errors import (
+    AuthenticationError,
     BodyTimeoutError,
     InvalidRequestError,
     MedserveError,
@@ -103,6 +104,9 @@ class RequestContext:
             try:
                 state["key"] = key = self.security.authenticate(scope)
             except MedserveError as exc:  # 401: no key, or not a usable one
+                # A revoked or expired key is identified (its secret matched): its id goes
+                # into the refusal's record, so an auditor sees which key was tried.
+                ex.key_id = exc.key_id if isinstance(exc, AuthenticationError) else None
                 await _error(exc, ex)(scope, receive, send_with_headers)
                 return
             ex.key_id = key.id if key is not None else None

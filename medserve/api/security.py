@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from medserve.api.audit import Auditor
+from medserve.audit import AuditError
 from medserve.auth import Authenticator, Key, RateLimiter, Role, require_role
 from medserve.auth.keys import KeyBackend, KeyStoreError, open_keys
 from medserve.auth.pgkeys import PgKeyStore
@@ -134,20 +135,33 @@ class Security:
                 self.limiter.charge(key, tokens)
 
     async def audit_key_changes(self, auditor: Auditor, instance: str) -> None:
-        """Copy key creations and revocations (made by `medserve keys`, another process)
-        into this server's audit log, now and every few seconds."""
-        if self.store is None or auditor.store is None:
+        """Copy the key journal (every change to the keys, journaled by the database
+        itself: `medserve keys` or a hand edit) into this server's audit log, now and
+        every few seconds. Each event carries its entry's ``journal`` number; an entry is
+        marked copied only once its record committed, and one already in this log (a
+        mark lost to a crash or a database fault after the record committed) is marked,
+        never copied twice."""
+        store, log_store = self.store, auditor.store
+        if store is None or log_store is None:
             return
+        copied: set[int] | None = None  # the journal entries in this log, read once
         while True:
             try:
-                changes = await self._off_loop(self.store.changes, instance)
+                if copied is None:
+                    copied = await asyncio.to_thread(log_store.journal_ids)
+                changes = await self._off_loop(store.changes, instance)
+                done: list[int] = []
                 for change in changes:
-                    details = {k: v for k, v in change.items() if k not in ("n", "action")}
-                    await auditor.event(str(change["action"]), **details)
-                if changes:
-                    last = int(str(changes[-1]["n"]))
-                    await self._off_loop(self.store.mark_audited, instance, last)
-            except (KeyStoreError, OSError, ValueError, sqlite3.Error) as exc:
+                    n = int(str(change["n"]))
+                    if n not in copied:
+                        details = {k: v for k, v in change.items() if k not in ("n", "action")}
+                        if not await auditor.event(str(change["action"]), journal=n, **details):
+                            break  # not recorded: neither marked nor skipped; next round
+                        copied.add(n)
+                    done.append(n)
+                if done:
+                    await self._off_loop(store.mark_audited, instance, done)
+            except (KeyStoreError, AuditError, OSError, ValueError, sqlite3.Error) as exc:
                 # Retried on the next round; the journal keeps every entry until copied.
                 log.warning("key journal not read", extra={"error": type(exc).__name__})
             except Exception:

@@ -36,12 +36,21 @@ from medserve.audit.record import chat_input, chat_message, parse_time
 from medserve.audit.store import connect, read_checkpoints
 from medserve.audit.verify import load_checkpoint_file, verify
 from medserve.config import AuditSettings, load_settings
-from medserve.console import ConfigOpt, err, fail, os_fail
+from medserve.console import (
+    AllowMissingRolesOpt,
+    ConfigOpt,
+    check_roles,
+    err,
+    fail,
+    os_fail,
+    report_migration,
+    typer_app,
+)
 from medserve.errors import ConfigError
 
 RECONNECT_S = 60.0  # how long `tail --follow` keeps reconnecting to a database that went away
 
-app = typer.Typer(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
+app = typer_app(help="Verify and read the tamper-evident audit log.", no_args_is_help=True)
 
 DbOpt = Annotated[
     str | None,
@@ -335,25 +344,32 @@ def checkpoints_command(
 def migrate_command(
     db: DbOpt = None,
     config: ConfigOpt = None,
+    allow_missing_roles: AllowMissingRolesOpt = False,
 ) -> None:
     """Apply the PostgreSQL audit schema's pending migrations and grants (as the owner role:
-    the gateways' own role may not change the schema)."""
-    from medserve.audit.pgstore import MIGRATIONS, open_schema
+    the gateways' own role may not change the schema). Roles: [audit] gateway_role and
+    auditor_role; says what was granted to whom, and fails on a role that does not exist."""
+    from medserve.audit.pgstore import MIGRATE_HINT, open_schema
 
     conf = _settings(config, db)
     if conf.url is None:
         raise fail("migrate is for a PostgreSQL audit log: --db postgresql://... or audit.url")
     url = conf.url.get_secret_value()
+    roles = {conf.gateway_role: "[audit] gateway_role", conf.auditor_role: "[audit] auditor_role"}
+    granted = pgsql.Granted()
     try:
         with pgsql.connect(url, autocommit=True) as conn:
-            open_schema(conn, url, gateway_role=conf.gateway_role, auditor_role=conf.auditor_role)
+            check_roles(pgsql.missing_roles(conn, list(roles)), roles, allow_missing_roles)
+            version = open_schema(
+                conn,
+                url,
+                gateway_role=conf.gateway_role,
+                auditor_role=conf.auditor_role,
+                granted=granted,
+            )
     except pgsql.DatabaseError as exc:
         raise fail(str(exc)) from None
-    Console().print(
-        f"audit schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
-        f"{conf.gateway_role} INSERT+SELECT, {conf.auditor_role} SELECT (those that exist)",
-        highlight=False,
-    )
+    report_migration("audit", version, pgsql.redact(url), granted, MIGRATE_HINT)
 
 
 def _pg_read(url: str, read: Any) -> Any:

@@ -145,28 +145,37 @@ def checkpoint_body(
     )
 
 
-def grants(gateway_role: str, auditor_role: str) -> Callable[[psycopg.Connection], None]:
+def grants(
+    gateway_role: str, auditor_role: str
+) -> Callable[[psycopg.Connection, pgsql.Granted], None]:
     """The migration's grants: gateway INSERT + SELECT, auditor SELECT, nothing else."""
 
-    def apply(conn: psycopg.Connection) -> None:
-        pgsql.grant(conn, "SELECT", ["schema_version"], gateway_role)
-        pgsql.grant(conn, "SELECT, INSERT", list(TABLES), gateway_role)
-        pgsql.grant(conn, "SELECT", ["schema_version", *TABLES], auditor_role)
+    def apply(conn: psycopg.Connection, granted: pgsql.Granted) -> None:
+        pgsql.grant(conn, "SELECT", ["schema_version"], gateway_role, granted)
+        pgsql.grant(conn, "SELECT, INSERT", list(TABLES), gateway_role, granted)
+        pgsql.grant(conn, "SELECT", ["schema_version", *TABLES], auditor_role, granted)
 
     return apply
 
 
 def open_schema(
-    conn: psycopg.Connection, url: str, *, gateway_role: str, auditor_role: str
-) -> None:
-    """Apply pending migrations (as the owner) or check there are none; SchemaError."""
-    pgsql.migrate(
+    conn: psycopg.Connection,
+    url: str,
+    *,
+    gateway_role: str,
+    auditor_role: str,
+    granted: pgsql.Granted | None = None,
+) -> int:
+    """Apply pending migrations (as the owner) or check there are none; SchemaError.
+    Returns the schema's version; ``granted`` says what the grants did."""
+    return pgsql.migrate(
         conn,
         COMPONENT,
         MIGRATIONS,
         grants(gateway_role, auditor_role),
         url=url,
         migrate_hint=MIGRATE_HINT,
+        granted=granted,
     )
 
 
@@ -235,6 +244,25 @@ class PgStore(ChainWriter):
         """Write everything queued, sign a final checkpoint, stop the writer."""
         self._stop()
         self._release()
+
+    def journal_ids(self) -> set[int]:
+        """The key journal entries already copied into this instance's chain
+        (:func:`record.journal_ids`), read on a connection of its own. Raises
+        :class:`AuditError` (no password in it)."""
+        import psycopg
+
+        try:
+            with pgsql.connect(self.url) as conn:
+                rows = conn.execute(
+                    "SELECT body FROM audit_records WHERE instance = %s AND kind = 'event'",
+                    (self.instance,),
+                ).fetchall()
+        except pgsql.DatabaseError as exc:
+            raise AuditError(str(exc)) from None
+        except psycopg.Error as exc:
+            reason = pgsql.scrub(str(exc), self.url)
+            raise AuditError(f"cannot read {pgsql.redact(self.url)}: {reason}") from None
+        return record.journal_ids(bytes(body) for (body,) in rows)
 
     def _release(self) -> None:
         if self._conn is not None:

@@ -7,6 +7,10 @@ bad record of the first damaged instance and the kind of damage: ``altered``, ``
 past the end of a chain), ``bad_checkpoint``, ``wrong_key``, and ``removed``: a signed
 checkpoint (a peer's, or one exported to a file) names an instance whose chain and
 registration are gone from the database. Reading needs SELECT only (the auditor role).
+
+When the keys live in the same database (``auth_journal``), verify also notes the key
+changes that reach no instance's audit log (:func:`_key_journal`): a note, not damage, as
+an entry made in the last seconds has not been copied yet.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -26,6 +31,8 @@ from medserve.audit.verify import Problem, Verification, check_row
 
 if TYPE_CHECKING:
     import psycopg
+
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # medserve.audit.record.now's
 
 
 @dataclass
@@ -68,7 +75,9 @@ def verify(
                 )
                 return result
             vouched = _checkpoints(result, read_checkpoints(conn) + (external or []), public_key)
-            present = _walk_all(conn, keys, vouched, result)
+            copies: set[Any] = set()
+            present = _walk_all(conn, keys, vouched, result, copies)
+            _key_journal(conn, result, copies)
         except psycopg.Error as exc:
             raise pgsql.DatabaseError(
                 f"cannot read the audit log in {pgsql.redact(url)}: {pgsql.scrub(str(exc), url)}"
@@ -151,9 +160,14 @@ def _checkpoints(
 
 
 def _walk_all(
-    conn: psycopg.Connection, keys: ChainKeys, vouched: _Vouched, result: Verification
+    conn: psycopg.Connection,
+    keys: ChainKeys,
+    vouched: _Vouched,
+    result: Verification,
+    copies: set[Any],
 ) -> set[str]:
-    """Walk every instance's chain; returns the instances that have records."""
+    """Walk every instance's chain; returns the instances that have records. Adds to
+    ``copies`` the key journal entries the event records copy (:func:`_copy_of`)."""
     present: set[str] = set()
     with conn.cursor(name="medserve_verify") as cur:
         cur.itersize = 2000
@@ -170,9 +184,57 @@ def _walk_all(
             current = str(row[0])
             present.add(current)
             chain.append(row)
+            if row[3] == "event":
+                copies.update(_copy_of(bytes(row[4])))
         if current is not None:
             _walk(conn, keys, current, chain, vouched, result)
     return present
+
+
+def _copy_of(body: bytes) -> list[Any]:
+    """What key journal entry an event record copies: its number (``details.journal``),
+    and, for records copied before they carried it, (key id, the entry's time)."""
+    try:
+        details = json.loads(body).get("details")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(details, dict):
+        return []
+    found: list[Any] = []
+    if isinstance(details.get("journal"), int):
+        found.append(details["journal"])
+    if "key_id" in details and "ts" in details:
+        found.append((str(details["key_id"]), str(details["ts"])))
+    return found
+
+
+def _key_journal(conn: psycopg.Connection, result: Verification, copies: set[Any]) -> None:
+    """Note the key journal entries (``auth_journal``, when the keys live in this database
+    and this role may read them) that reach no instance's audit log. A running gateway
+    copies an entry within seconds; an older one missing was hidden from every log (copy
+    marks added by hand) or no gateway has run since."""
+    row = conn.execute(
+        "SELECT CASE WHEN to_regclass('auth_journal') IS NULL THEN false "
+        "ELSE has_table_privilege('auth_journal', 'SELECT') END"
+    ).fetchone()
+    if not row or not row[0]:
+        return
+    missing: list[tuple[int, str, str, str]] = []
+    for n, ts, action, key_id in conn.execute(
+        "SELECT n, ts, action, key_id FROM auth_journal ORDER BY n"
+    ).fetchall():
+        at = ts.astimezone(UTC).strftime(TS_FORMAT)
+        if int(n) not in copies and (str(key_id), at) not in copies:
+            missing.append((int(n), str(action), str(key_id), at))
+    result.unaudited_key_changes = [n for n, *_ in missing]
+    if missing:
+        shown = ", ".join(f"#{n} {a} of key {k} at {t}" for n, a, k, t in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        result.notes.append(
+            f"{len(missing)} key changes in the key journal reach no instance's audit log: "
+            f"{shown}{more} (a running gateway copies one within seconds; an older one was "
+            "hidden from every log, or no gateway has run since it was made)"
+        )
 
 
 def _walk(

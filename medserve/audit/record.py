@@ -15,7 +15,7 @@ Records written before this field existed carry ``user`` in clear; they still ve
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -95,6 +95,22 @@ class EventFacts:
 
 
 Facts = RequestFacts | EventFacts
+
+
+def journal_ids(bodies: Iterable[bytes]) -> set[int]:
+    """The key journal entries (``details.journal``: their ``n``) that the event records
+    among ``bodies`` copy (:meth:`medserve.api.security.Security.audit_key_changes`)."""
+    found: set[int] = set()
+    for raw in bodies:
+        try:
+            item = json.loads(bytes(raw))
+        except ValueError:
+            continue
+        details = item.get("details") if isinstance(item, dict) else None
+        n = details.get("journal") if isinstance(details, dict) else None
+        if item.get("kind") == "event" and isinstance(n, int):
+            found.add(n)
+    return found
 
 
 def now() -> str:

@@ -107,6 +107,7 @@ class AuditStore(Protocol):
     async def append(self, facts: record.Facts, sealed: bytes | None = None) -> int: ...
     def available(self) -> bool: ...
     def recover(self) -> None: ...
+    def journal_ids(self) -> set[int]: ...
 
 
 def connect(
@@ -206,6 +207,19 @@ class SQLiteStore(ChainWriter):
             self._merger.join()
             self._merger = None
         self._release()
+
+    def journal_ids(self) -> set[int]:
+        """The key journal entries already copied into this log (:func:`record.journal_ids`),
+        read on a connection of its own. Raises :class:`AuditError`."""
+        try:
+            conn = connect(self.path, readonly=True)
+            try:
+                rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise AuditError(explain(self.path, exc)) from None
+        return record.journal_ids(body for (body,) in rows)
 
     def _merge(self) -> None:
         """Copy the WAL into the database every WAL_MERGE_S seconds, off the commit path.

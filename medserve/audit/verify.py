@@ -58,6 +58,9 @@ class Verification:
     heads: dict[str, int] = field(default_factory=dict)
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
+    # PostgreSQL with the keys in the same database: the key journal entries (their n)
+    # that reach no instance's audit log (medserve.audit.pgverify; also in ``notes``).
+    unaudited_key_changes: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,6 +76,7 @@ class Verification:
         if self.instances:  # one chain per instance: one head each, no single last seq
             out["instances"] = self.instances
             out["heads"] = dict(sorted(self.heads.items()))
+            out["unaudited_key_changes"] = self.unaudited_key_changes
         else:
             out["last_seq"] = self.last_seq
         if self.problem is not None:

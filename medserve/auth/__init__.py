@@ -45,8 +45,8 @@ AUTH_REASONS = {
 }
 
 
-def _refuse(code: str, message: str) -> AuthenticationError:
-    return AuthenticationError(message, code=code)
+def _refuse(code: str, message: str, key_id: str | None = None) -> AuthenticationError:
+    return AuthenticationError(message, code=code, key_id=key_id)
 
 
 def _is_token(value: str) -> bool:
@@ -97,9 +97,9 @@ class Authenticator:
             raise invalid
         key = found[0]
         if key.revoked is not None:
-            raise _refuse("key_revoked", "This API key has been revoked.")
+            raise _refuse("key_revoked", "This API key has been revoked.", key.id)
         if key.expired():
-            raise _refuse("key_expired", "This API key has expired.")
+            raise _refuse("key_expired", "This API key has expired.", key.id)
         return key
 
 

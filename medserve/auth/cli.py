@@ -18,15 +18,24 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
-from medserve.auth.keys import ROLES, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
+from medserve.auth.keys import ROLES, Key, KeyBackend, KeyStoreError, Role, open_keys, parse_expiry
 from medserve.config import load_settings
-from medserve.console import ConfigOpt, fail, os_fail
+from medserve.console import (
+    AllowMissingRolesOpt,
+    ConfigOpt,
+    check_roles,
+    fail,
+    os_fail,
+    report_migration,
+    typer_app,
+)
 from medserve.errors import ConfigError
 from medserve.pgsql import is_postgres_url
 
-app = typer.Typer(help="API keys: who may ask what.", no_args_is_help=True)
+app = typer_app(help="API keys: who may ask what.", no_args_is_help=True)
 
 
 DbOpt = Annotated[
@@ -101,7 +110,8 @@ def create(
     out = Console()
     policy = "" if key.fallback else ", no fallback"
     out.print(
-        f"created key [bold]{key.id}[/] ({key.name}, role {key.role}{policy})", highlight=False
+        f"created key [bold]{key.id}[/] ({escape(key.name)}, role {key.role}{policy})",
+        highlight=False,
     )
     out.print("secret, shown once — store it in the application's secret store:")
     out.print(token, highlight=False, soft_wrap=True)
@@ -121,45 +131,91 @@ def list_keys(
     if as_json:
         sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
         return
-    table = Table("id", "name", "role", "models", "rpm", "tpm", "expires", "fallback", "state")
-    for k in keys:
-        state = "revoked" if k.revoked else "expired" if k.expired() else "active"
-        table.add_row(
+    rows = [
+        (
             k.id,
-            k.name,
+            escape(k.name),
             k.role,
-            ",".join(k.models),
+            escape(",".join(k.models)),
             str(k.rpm or "-"),
             str(k.tpm or "-"),
             k.expires or "-",
             "yes" if k.fallback else "no",
-            state,
+            "revoked" if k.revoked else "expired" if k.expired() else "active",
         )
+        for k in keys
+    ]
+    # The id is what `revoke` takes: never cut or wrapped, whatever the terminal's width;
+    # nor are the short columns; names, model lists and expiry times wrap (never cut).
+    headers = ("id", "name", "role", "models", "rpm", "tpm", "expires", "fallback", "state")
+    columns = []
+    for i, header in enumerate(headers):
+        if header in ("name", "models", "expires"):
+            columns.append(Column(header, overflow="fold"))
+        else:
+            widest = max([len(header), *(len(row[i]) for row in rows)])
+            columns.append(Column(header, no_wrap=True, min_width=widest, overflow="ignore"))
+    table = Table(*columns, show_edge=False)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+PREFIX_MIN = 4  # shortest id prefix `revoke` accepts (ids are 12 hex digits)
 
 
 @app.command("revoke")
 def revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    key_id: Annotated[
+        str, typer.Argument(help="The key's id, or a prefix of it that no other key's id has.")
+    ],
     config: ConfigOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Revoke a key: refused from the next request on (PostgreSQL: on every gateway
     within [auth] stale_after_s)."""
     try:
-        key = _store(config, db).revoke(key_id)
+        store = _store(config, db)
+        key = store.revoke(resolve(store.all(), key_id))
     except KeyStoreError as exc:
         raise fail(str(exc)) from None
-    Console().print(f"revoked key {key.id} ({key.name})", highlight=False)
+    Console().print(f"revoked key {key.id} ({escape(key.name)})", highlight=False)
+
+
+def resolve(keys: list[Key], given: str) -> str:
+    """The id ``given`` names: an id itself, or a prefix of exactly one key's id (at least
+    :data:`PREFIX_MIN` characters; a trailing "…" copied from a cut display is dropped).
+    A prefix is accepted because ids are long and were shown cut; an ambiguous one is
+    refused naming the candidates, so a revocation never hits another key. Raises
+    :class:`KeyStoreError`; an id that matches nothing is returned as given (the store
+    says there is no such key)."""
+    wanted = given.strip().rstrip("…")
+    if any(k.id == wanted for k in keys):
+        return wanted
+    matches = sorted(k.id for k in keys if k.id.startswith(wanted))
+    if len(matches) > 1:
+        raise KeyStoreError(
+            f"{wanted!r} is the start of {len(matches)} keys' ids ({', '.join(matches)}): "
+            "give more of it"
+        )
+    if len(matches) == 1 and len(wanted) >= PREFIX_MIN:
+        return matches[0]
+    if matches:
+        raise KeyStoreError(f"give at least {PREFIX_MIN} characters of the key's id")
+    return wanted
 
 
 @app.command("migrate")
-def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
+def migrate_command(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    allow_missing_roles: AllowMissingRolesOpt = False,
+) -> None:
     """Apply the PostgreSQL keys schema's pending migrations and grants (as the owner
     role: a gateway's role may not change the schema). Roles: [audit] gateway_role and
-    auditor_role."""
+    auditor_role; says what was granted to whom, and fails on a role that does not exist."""
     from medserve import pgsql
-    from medserve.auth.pgkeys import MIGRATIONS, PgKeyStore, require_driver
+    from medserve.auth.pgkeys import MIGRATE_HINT, PgKeyStore, require_driver
 
     try:
         settings = load_settings(config)
@@ -168,16 +224,15 @@ def migrate_command(db: DbOpt = None, config: ConfigOpt = None) -> None:
     url = db if db is not None else settings.auth.keys_target()
     if not isinstance(url, str) or not pgsql.is_postgres_url(url):
         raise fail("migrate is for keys in PostgreSQL: --db postgresql://... or [auth] url")
-    roles = (settings.audit.gateway_role, settings.audit.auditor_role)
-    store = PgKeyStore(url, gateway_role=roles[0], auditor_role=roles[1])
+    gateway, auditor = settings.audit.gateway_role, settings.audit.auditor_role
+    roles = {gateway: "[audit] gateway_role", auditor: "[audit] auditor_role"}
+    store = PgKeyStore(url, gateway_role=gateway, auditor_role=auditor)
+    granted = pgsql.Granted()
     try:
         require_driver()
         with pgsql.connect(url, autocommit=True) as conn:
-            store.migrate(conn)
+            check_roles(pgsql.missing_roles(conn, list(roles)), roles, allow_missing_roles)
+            version = store.migrate(conn, granted)
     except (pgsql.DatabaseError, KeyStoreError) as exc:
         raise fail(str(exc)) from None
-    Console().print(
-        f"keys schema at version {len(MIGRATIONS)} in {pgsql.redact(url)}; granted "
-        f"{roles[0]} read + its own rows, {roles[1]} read (those that exist)",
-        highlight=False,
-    )
+    report_migration("keys", version, pgsql.redact(url), granted, MIGRATE_HINT)

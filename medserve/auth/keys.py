@@ -5,8 +5,12 @@ random bytes, base64url) is checked against its SHA-256 with a constant-time com
 A 256-bit random secret needs no slow hash: there is nothing to brute-force. The database
 (SQLite, WAL, beside the audit log but not part of its chain) holds ids, names, roles,
 model scopes, limits, expiry, revocation and whether fallback engines may answer, plus a
-journal of changes that each server copies into its audit log as events. A database made
-before a column existed gets it on first open (:data:`ADDED_COLUMNS`).
+journal of changes that each server copies into its audit log as events. The journal is
+written by triggers on the ``keys`` table (:data:`TRIGGERS`), so a hand edit of the file
+is journaled as ``medserve keys`` is (SQLite has no users: the entry cannot say who).
+Whoever can write the file can also drop the triggers; the file's mode (0600) is the
+guard. A database made before a column existed gets it on first open
+(:data:`ADDED_COLUMNS`), and the triggers too.
 """
 
 from __future__ import annotations
@@ -54,10 +58,58 @@ CREATE TABLE IF NOT EXISTS audited (replica TEXT PRIMARY KEY, last INTEGER NOT N
 -- `audited.replica` holds the gateway instance name (Settings.instance); the column keeps
 -- its old name because renaming it would need a migration of existing key databases.
 """
+
+COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
+
+
+def _details(row: str) -> str:
+    """SQL: the non-secret fields of key ``row`` (NEW or OLD in a trigger) as JSON."""
+    return (
+        f"json_object('name', {row}.name, 'role', {row}.role, 'models', json({row}.models), "
+        f"'rpm', {row}.rpm, 'tpm', {row}.tpm, 'expires', {row}.expires, "
+        f"'created', {row}.created, 'revoked', {row}.revoked, "
+        f"'fallback', json(CASE WHEN {row}.fallback THEN 'true' ELSE 'false' END))"
+    )
+
+
+_WATCHED = tuple(c.strip() for c in COLUMNS.split(","))  # every column (the secret's by name)
+_CHANGED = " UNION ALL ".join(f"SELECT '{c}' AS c WHERE OLD.{c} IS NOT NEW.{c}" for c in _WATCHED)
+_TS = "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')"  # the form of medserve.audit.record.now
+# The journal is written by the database itself: every change to `keys`, by `medserve
+# keys` or by hand (`sqlite3 keys.db "UPDATE keys SET revoked = NULL"`), is journaled once
+# and copied into each server's audit log. SQLite has no users: an entry cannot say who
+# made the change (PostgreSQL's can). Made after ADDED_COLUMNS (they name `fallback`).
+TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS keys_journal_insert AFTER INSERT ON keys BEGIN
+    INSERT INTO journal (ts, action, key_id, details)
+    VALUES ({_TS}, 'key.created', NEW.id, {_details("NEW")});
+END;
+CREATE TRIGGER IF NOT EXISTS keys_journal_update AFTER UPDATE ON keys
+WHEN {" OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in _WATCHED)} BEGIN
+    INSERT INTO journal (ts, action, key_id, details)
+    VALUES (
+        {_TS},
+        CASE WHEN OLD.revoked IS NULL AND NEW.revoked IS NOT NULL THEN 'key.revoked'
+             WHEN OLD.revoked IS NOT NULL AND NEW.revoked IS NULL THEN 'key.unrevoked'
+             ELSE 'key.changed' END,
+        NEW.id,
+        json_patch(  -- (a null in the patch leaves the key out: previous_id when set)
+            {_details("NEW")},
+            json_object(
+                'changed', json((SELECT json_group_array(c) FROM ({_CHANGED}))),
+                'previous_id', CASE WHEN OLD.id IS NOT NEW.id THEN OLD.id END
+            )
+        )
+    );
+END;
+CREATE TRIGGER IF NOT EXISTS keys_journal_delete AFTER DELETE ON keys BEGIN
+    INSERT INTO journal (ts, action, key_id, details)
+    VALUES ({_TS}, 'key.deleted', OLD.id, {_details("OLD")});
+END;
+"""
 # Columns added after the first release, with their definitions: a database made before
 # one of them gets it on first open (:meth:`KeyStore._connect`), existing keys the default.
 ADDED_COLUMNS = {"fallback": "INTEGER NOT NULL DEFAULT 1"}
-COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
 
 
 class KeyStoreError(Exception):
@@ -88,7 +140,7 @@ class KeyBackend(Protocol):
 
     def changes(self, instance: str) -> list[dict[str, object]]: ...
 
-    def mark_audited(self, instance: str, last: int) -> None: ...
+    def mark_audited(self, instance: str, copied: Sequence[int]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -204,6 +256,7 @@ class KeyStore:
                 conn.execute("ROLLBACK")
                 conn.close()
                 raise
+        conn.executescript(TRIGGERS)
         return conn
 
     def create(
@@ -242,8 +295,7 @@ class KeyStore:
                     digest(secret),
                     int(fallback),
                 ),
-            )
-            self._journal(conn, "key.created", key)
+            )  # journaled by the table's trigger (TRIGGERS)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -258,8 +310,8 @@ class KeyStore:
                 raise KeyStoreError(f"no key with id {key_id}")
             key = found[0]
             if key.revoked is None:
+                # Journaled by the table's trigger (TRIGGERS).
                 conn.execute("UPDATE keys SET revoked = ? WHERE id = ?", (now(), key_id))
-                self._journal(conn, "key.revoked", key)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -295,12 +347,19 @@ class KeyStore:
             {"n": n, "ts": ts, "action": a, "key_id": k, **json.loads(d)} for n, ts, a, k, d in rows
         ]
 
-    def mark_audited(self, instance: str, last: int) -> None:
+    def mark_audited(self, instance: str, copied: Sequence[int]) -> None:
+        """Mark the journal entries ``copied`` as in ``instance``'s audit log. One mark
+        per instance, the highest entry: SQLite commits one writer at a time, so entries
+        commit in their order and none below the mark can appear later. The mark never
+        moves back."""
+        if not copied:
+            return
         conn = self._connect()
         try:
             conn.execute(
-                "INSERT INTO audited VALUES (?, ?) ON CONFLICT(replica) DO UPDATE SET last = ?",
-                (instance, last, last),
+                "INSERT INTO audited VALUES (?, ?) "
+                "ON CONFLICT(replica) DO UPDATE SET last = max(last, excluded.last)",
+                (instance, max(copied)),
             )
         finally:
             conn.close()
@@ -309,19 +368,6 @@ class KeyStore:
     def _get(conn: sqlite3.Connection, key_id: str) -> tuple[Key, bytes] | None:
         row = conn.execute(f"SELECT {COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else (_key(row), bytes(row[9]))
-
-    @staticmethod
-    def _journal(conn: sqlite3.Connection, action: str, key: Key) -> None:
-        details = {
-            "name": key.name,
-            "role": key.role,
-            "models": list(key.models),
-            "fallback": key.fallback,
-        }
-        conn.execute(
-            "INSERT INTO journal (ts, action, key_id, details) VALUES (?, ?, ?, ?)",
-            (now(), action, key.id, json.dumps(details)),
-        )
 
 
 def open_keys(target: str | Path) -> KeyBackend:

@@ -20,21 +20,37 @@ a new key works within the same time. The trigger also sends ``NOTIFY medserve_k
 change usually reaches every gateway in milliseconds; the polling stays as the guarantee
 (a notification is lost while the listening connection is down).
 
+The journal. Every change to ``auth_keys`` is journaled by the database itself, in the
+changing transaction (a row trigger, migration 2), so ``medserve keys`` and a hand edit in
+``psql`` are journaled the same way, exactly once: ``key.created``, ``key.revoked``,
+``key.unrevoked``, ``key.changed`` (with the names of the ``changed`` columns; the
+secret's hash by name only), ``key.deleted`` (also for each key a TRUNCATE removes), with
+the key's non-secret fields and the database role that made it (``db_user``:
+``current_user``; ``db_session_user``: the role that logged in). A role allowed to change
+``auth_keys`` but not to write ``auth_journal`` cannot change a key at all: fail closed.
+Each gateway copies the entries into its audit log
+(:meth:`medserve.api.security.Security.audit_key_changes`) and marks each one copied in
+``auth_copied``, one row per (instance, entry), which the gateway role may INSERT and
+never UPDATE or DELETE: no credential of a gateway can move a mark back (copies twice) or
+forward (hides entries), and an entry committed after a higher-numbered one is still
+found. What the schema cannot stop: a gateway credential *adding* marks for another
+instance, hiding entries from that instance's log; ``medserve audit verify --db`` (keys
+and audit in one database) names every entry that reaches no instance's log.
+
 Schema: component ``keys`` of :mod:`medserve.pgsql`'s ``schema_version``, migrated on
 first use by a role that owns the schema (``medserve keys migrate --db <owner URL>``, or
 any ``medserve keys`` command or gateway logging in as the owner), with grants: the
-gateway role reads the keys and the journal and writes only ``auth_audited`` and
-``auth_rate``, never ``auth_keys``; the auditor role reads. Tables: ``auth_keys`` (as the
-SQLite ``keys`` table; times are ``timestamptz``, models a ``text[]``), ``auth_journal``
-and ``auth_audited`` (the change journal each gateway copies into its audit log),
-``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit buckets of
-:mod:`medserve.auth.pglimits`).
+gateway role reads the keys and the journal, adds rows to ``auth_copied`` and writes
+``auth_rate``, never ``auth_keys`` or the journal; the auditor role reads. Tables:
+``auth_keys`` (as the SQLite ``keys`` table; times are ``timestamptz``, models a
+``text[]``), ``auth_journal`` and ``auth_copied`` (the change journal and each gateway's
+copy marks), ``auth_generation`` (one row), and ``auth_rate`` (the shared rate limit
+buckets of :mod:`medserve.auth.pglimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -109,6 +125,79 @@ MIGRATIONS: tuple[str, ...] = (  # MIGRATIONS[i] brings the schema to version i 
     );
     """
     + FUNCTIONS,
+    # 2: the database journals every change to auth_keys itself (a trigger per row, so a
+    # change made by hand in psql is journaled exactly as `medserve keys` is), and each
+    # gateway's copy marks are rows it may add, never change or remove (auth_copied).
+    """
+    CREATE FUNCTION auth_stamp(t timestamptz) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+        SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    $$;
+    -- A key's non-secret fields, and the database role that changed it: current_user
+    -- (the role in effect, after SET ROLE) and session_user (the role that logged in).
+    CREATE FUNCTION auth_key_details(k auth_keys) RETURNS jsonb LANGUAGE sql STABLE AS $$
+        SELECT jsonb_build_object(
+            'name', k.name, 'role', k.role, 'models', to_jsonb(k.models),
+            'rpm', k.rpm, 'tpm', k.tpm, 'expires', auth_stamp(k.expires),
+            'created', auth_stamp(k.created), 'revoked', auth_stamp(k.revoked),
+            'fallback', k.fallback,
+            'db_user', current_user::text, 'db_session_user', session_user::text)
+    $$;
+    CREATE FUNCTION auth_keys_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        act text;
+        info jsonb;
+        changed text[];
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO auth_journal (action, key_id, details)
+                VALUES ('key.created', NEW.id, auth_key_details(NEW));
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO auth_journal (action, key_id, details)
+                VALUES ('key.deleted', OLD.id, auth_key_details(OLD));
+        ELSE
+            -- The columns whose value changed (by name: never the secret's hash itself).
+            SELECT coalesce(array_agg(c.key ORDER BY c.key), '{}') INTO changed
+                FROM jsonb_each(to_jsonb(NEW)) c
+                WHERE c.value IS DISTINCT FROM to_jsonb(OLD) -> c.key;
+            IF cardinality(changed) = 0 THEN
+                RETURN NULL;  -- an UPDATE that changed nothing
+            END IF;
+            act := CASE
+                WHEN OLD.revoked IS NULL AND NEW.revoked IS NOT NULL THEN 'key.revoked'
+                WHEN OLD.revoked IS NOT NULL AND NEW.revoked IS NULL THEN 'key.unrevoked'
+                ELSE 'key.changed' END;
+            info := auth_key_details(NEW) || jsonb_build_object('changed', to_jsonb(changed));
+            IF NEW.id IS DISTINCT FROM OLD.id THEN
+                info := info || jsonb_build_object('previous_id', OLD.id);
+            END IF;
+            INSERT INTO auth_journal (action, key_id, details) VALUES (act, NEW.id, info);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER auth_keys_journal AFTER INSERT OR UPDATE OR DELETE ON auth_keys
+        FOR EACH ROW EXECUTE FUNCTION auth_keys_journal();
+    -- TRUNCATE fires no row trigger: journal every key it is about to remove.
+    CREATE FUNCTION auth_keys_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO auth_journal (action, key_id, details)
+            SELECT 'key.deleted', k.id, auth_key_details(k) || '{"truncated": true}'::jsonb
+            FROM auth_keys k ORDER BY k.created;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER auth_keys_truncated BEFORE TRUNCATE ON auth_keys
+        FOR EACH STATEMENT EXECUTE FUNCTION auth_keys_truncated();
+    -- One row per (gateway instance, journal entry) copied into that gateway's audit
+    -- log: a gateway adds rows and may neither change nor remove one (no "last" to move).
+    CREATE TABLE auth_copied (
+        instance text NOT NULL,
+        n bigint NOT NULL,
+        copied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (instance, n)
+    );
+    INSERT INTO auth_copied (instance, n)
+        SELECT a.instance, j.n FROM auth_audited a JOIN auth_journal j ON j.n <= a.last;
+    DROP TABLE auth_audited;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 COLUMNS = "id, name, role, models, rpm, tpm, expires, created, revoked, secret_sha256, fallback"
@@ -136,14 +225,18 @@ def require_driver() -> None:
         raise KeyStoreError(DRIVER_MISSING) from None
 
 
-def grants(gateway_role: str, auditor_role: str) -> Callable[[Any], None]:
-    """The migration's grants (to the roles that exist): see the module docstring."""
+def grants(gateway_role: str, auditor_role: str) -> Callable[[Any, pgsql.Granted], None]:
+    """The migration's grants (to the roles that exist; see the module docstring): the
+    gateway reads the keys and the journal, adds its copy marks (``auth_copied``: INSERT,
+    never UPDATE or DELETE) and keeps the rate buckets; the auditor reads."""
 
-    def apply(conn: Any) -> None:
+    def apply(conn: Any, granted: pgsql.Granted) -> None:
         read = ["schema_version", "auth_keys", "auth_journal", "auth_generation"]
-        pgsql.grant(conn, "SELECT", read, gateway_role)
-        pgsql.grant(conn, "SELECT, INSERT, UPDATE", ["auth_audited", "auth_rate"], gateway_role)
-        pgsql.grant(conn, "SELECT", ["schema_version", "auth_keys", "auth_journal"], auditor_role)
+        pgsql.grant(conn, "SELECT", read, gateway_role, granted)
+        pgsql.grant(conn, "SELECT, INSERT", ["auth_copied"], gateway_role, granted)
+        pgsql.grant(conn, "SELECT, INSERT, UPDATE", ["auth_rate"], gateway_role, granted)
+        audit = ["schema_version", "auth_keys", "auth_journal", "auth_copied"]
+        pgsql.grant(conn, "SELECT", audit, auditor_role, granted)
 
     return apply
 
@@ -234,9 +327,10 @@ class PgKeyStore:
             raise KeyStoreError(f"keys database {self.shown}: {exc}") from None
         return conn
 
-    def migrate(self, conn: Any) -> int:
+    def migrate(self, conn: Any, granted: pgsql.Granted | None = None) -> int:
         """Apply pending migrations and the grants (as the owner) or check there are none;
-        :class:`medserve.pgsql.SchemaError` otherwise. Returns the version."""
+        :class:`medserve.pgsql.SchemaError` otherwise. Returns the version; ``granted``
+        says what the grants did (:func:`medserve.pgsql.migrate`)."""
         return pgsql.migrate(
             conn,
             COMPONENT,
@@ -244,6 +338,7 @@ class PgKeyStore:
             grants(*self.roles),
             url=self.url,
             migrate_hint=MIGRATE_HINT,
+            granted=granted,
         )
 
     def _run(self, work: Callable[[Any], Any]) -> Any:
@@ -296,9 +391,8 @@ class PgKeyStore:
                         fallback,
                     ),
                 ).fetchone()
-                key = _key(row)
-                _journal(conn, "key.created", key)
-            return key
+                # The row's trigger journals the creation (migration 2).
+                return _key(row)
 
         key: Key = self._run(insert)
         return key, f"{PREFIX}{key_id}_{secret}"
@@ -313,11 +407,10 @@ class PgKeyStore:
                     raise KeyStoreError(f"no key with id {key_id}")
                 key = _key(row)
                 if key.revoked is None:
-                    conn.execute(
+                    conn.execute(  # journaled by the row's trigger
                         "UPDATE auth_keys SET revoked = clock_timestamp() WHERE id = %s",
                         (key_id,),
                     )
-                    _journal(conn, "key.revoked", key)
                 # Its shared rate buckets are of no more use (a gateway that still admits
                 # it in the last moments of its copy's trust creates the row again).
                 conn.execute("DELETE FROM auth_rate WHERE key_id = %s", (key_id,))
@@ -482,13 +575,14 @@ class PgKeyStore:
         return self._keys.get(key_id)
 
     def changes(self, instance: str) -> list[dict[str, object]]:
-        """Journal entries gateway ``instance`` has not yet copied into its audit log."""
+        """Journal entries gateway ``instance`` has not yet marked copied, in journal
+        order: each entry's own mark, so an entry whose transaction committed after a
+        later one's (a hand edit held open in psql) is still found."""
 
         def read(conn: Any) -> list[Any]:
             rows: list[Any] = conn.execute(
-                "SELECT n, ts, action, key_id, details FROM auth_journal "
-                "WHERE n > coalesce((SELECT last FROM auth_audited WHERE instance = %s), 0) "
-                "ORDER BY n",
+                "SELECT n, ts, action, key_id, details FROM auth_journal j WHERE NOT EXISTS "
+                "(SELECT 1 FROM auth_copied c WHERE c.instance = %s AND c.n = j.n) ORDER BY n",
                 (instance,),
             ).fetchall()
             return rows
@@ -499,27 +593,16 @@ class PgKeyStore:
             for n, ts, a, k, d in rows
         ]
 
-    def mark_audited(self, instance: str, last: int) -> None:
+    def mark_audited(self, instance: str, copied: Sequence[int]) -> None:
+        """Mark the journal entries ``copied`` (their ``n``) as in ``instance``'s audit log:
+        rows added, never changed (the gateway role may only INSERT them)."""
         self._run(
             lambda conn: conn.execute(
-                "INSERT INTO auth_audited VALUES (%s, %s) "
-                "ON CONFLICT (instance) DO UPDATE SET last = excluded.last",
-                (instance, last),
+                "INSERT INTO auth_copied (instance, n) SELECT %s, unnest(%s::bigint[]) "
+                "ON CONFLICT DO NOTHING",
+                (instance, list(copied)),
             )
         )
-
-
-def _journal(conn: Any, action: str, key: Key) -> None:
-    details = {
-        "name": key.name,
-        "role": key.role,
-        "models": list(key.models),
-        "fallback": key.fallback,
-    }
-    conn.execute(
-        "INSERT INTO auth_journal (action, key_id, details) VALUES (%s, %s, %s::jsonb)",
-        (action, key.id, json.dumps(details)),
-    )
 
 
 def _key(row: Any) -> Key:

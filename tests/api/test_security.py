@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from medserve.api.app import create_app
 from medserve.auth import RateLimiter
 from medserve.auth.keys import Key, KeyStore
+from medserve.cli import app as cli_app
 from medserve.config import Settings
 from medserve.errors import RateLimitError
 from medserve.router import Router
@@ -33,19 +37,23 @@ class Keys:
     expired: str
     limited: str  # 1 request per minute
     user_id: str
+    ids: dict[str, str]  # Keys attribute -> that key's id
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     store = KeyStore(tmp_path / "keys.db")  # the path the autouse fixture configured
     user_key, user = store.create("triage-app", "user", ["fake-echo"])
-    _, admin = store.create("ops", "admin")
-    _, auditor = store.create("compliance", "auditor")
+    admin_key, admin = store.create("ops", "admin")
+    auditor_key, auditor = store.create("compliance", "auditor")
     gone, revoked = store.create("old-app", "user")
     store.revoke(gone.id)
-    _, expired = store.create("pilot", "user", expires="2020-01-01T00:00:00.000000Z")
-    _, limited = store.create("notebook", "user", rpm=1)
-    return Keys(user, admin, auditor, revoked, expired, limited, user_key.id)
+    late, expired = store.create("pilot", "user", expires="2020-01-01T00:00:00.000000Z")
+    limited_key, limited = store.create("notebook", "user", rpm=1)
+    made = [user_key, admin_key, auditor_key, gone, late, limited_key]
+    names = ["user", "admin", "auditor", "revoked", "expired", "limited"]
+    ids = {name: key.id for name, key in zip(names, made, strict=True)}
+    return Keys(user, admin, auditor, revoked, expired, limited, user_key.id, ids)
 
 
 @pytest.fixture
@@ -283,6 +291,48 @@ def test_keys_and_failures_reach_the_audit_log_and_metrics(
     assert requests[2]["error"] == "key_revoked"
 
 
+# Refusals and the key id their audit record carries: the key's own id wherever the key
+# was identified (its secret matched), even though refused; none where it was not.
+REFUSALS = [
+    # name, Keys attribute (":wrong" for a wrong secret) or None, model, status, error,
+    # whose id the record carries (a Keys attribute) or None
+    ("revoked", "revoked", "fake-echo", 401, "key_revoked", "revoked"),
+    ("expired", "expired", "fake-echo", 401, "key_expired", "expired"),
+    ("model not permitted", "user", "fake-other", 403, "model_not_permitted", "user"),
+    ("role not permitted", "auditor", "fake-echo", 403, "role_not_permitted", "auditor"),
+    ("wrong secret: a claim only", "user:wrong", "fake-echo", 401, "invalid_api_key", None),
+    ("no key", None, "fake-echo", 401, "missing_api_key", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "who", "model", "status", "code", "recorded"), REFUSALS, ids=[r[0] for r in REFUSALS]
+)
+def test_a_refusal_records_the_key_it_identified(
+    keys: Keys,
+    client: TestClient,
+    audit_path: Path,
+    name: str,
+    who: str | None,
+    model: str,
+    status: int,
+    code: str,
+    recorded: str | None,
+) -> None:
+    headers = headers_for(who, keys) if who is not None else {}
+    r = client.post(CHAT, json={**BODY, "model": model}, headers=headers)
+    assert error(r) == (status, code)
+    client.__exit__(None, None, None)  # stop the server: the log is complete
+    conn = sqlite3.connect(audit_path)
+    records = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    conn.close()
+    [refused] = [r for r in records if r["kind"] == "request" and r["endpoint"] == CHAT]
+    assert (refused["status"], refused["error"]) == (status, code)
+    assert refused["key_id"] == (keys.ids[recorded] if recorded else None)
+    secrets = [t.partition("_")[2] for t in (keys.user, keys.revoked, keys.expired)]
+    assert not any(s in json.dumps(records) for s in secrets)
+
+
 def test_cors_is_off_unless_origins_are_configured(keys: Keys, monkeypatch: Any) -> None:
     preflight = {
         "Origin": "https://portal.hospital.example",
@@ -295,3 +345,69 @@ def test_cors_is_off_unless_origins_are_configured(keys: Keys, monkeypatch: Any)
     with TestClient(create_app(Settings(), Router.from_specs([fake_spec()]))) as c:
         r = c.options(CHAT, headers=preflight)
         assert r.headers["access-control-allow-origin"] == "https://portal.hospital.example"
+
+
+def audit_events(audit_path: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"{audit_path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    finally:
+        conn.close()
+    return [r for r in bodies if r["kind"] == "event" and r["event"].startswith("key.")]
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_hand_edits_of_the_keys_file_reach_the_audit_log_once(
+    keys: Keys, audit_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand edit of the SQLite keys file (un-revoke!) is journaled by its trigger and
+    copied like a `medserve keys` change; each entry once, even when the gateway's mark is
+    set back (by hand, or lost) and when the server restarts."""
+    import medserve.api.security as security
+
+    monkeypatch.setattr(security, "JOURNAL_POLL_S", 0.05)
+    db = tmp_path / "keys.db"
+    revoked_id = keys.ids["revoked"]
+
+    def journal_size() -> int:
+        with closing(sqlite3.connect(db)) as conn:
+            return int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+    def mark() -> int:
+        with closing(sqlite3.connect(db)) as conn:
+            row = conn.execute("SELECT max(last) FROM audited").fetchone()
+        return int(row[0] or 0)
+
+    def hand(statement: str, *args: Any) -> None:
+        with closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute(statement, args)
+
+    for restart in (False, True):
+        app = create_app(Settings(), Router.from_specs([fake_spec()]))
+        with TestClient(app) as client:
+            if not restart:
+                wait_for(lambda: mark() == journal_size(), "the keys' creations copied")
+                hand("UPDATE keys SET revoked = NULL WHERE id = ?", revoked_id)
+                hand("DELETE FROM keys WHERE name = 'pilot'")
+                wait_for(lambda: mark() == journal_size(), "the hand edits copied")
+                r = client.post(CHAT, json=BODY, headers=bearer(keys.revoked))
+                assert r.status_code == 200  # un-revoked by hand: it works again...
+            hand("UPDATE audited SET last = 0")  # ...and a mark set back copies nothing twice
+            wait_for(lambda: mark() == journal_size(), "the mark restored")
+    events = audit_events(audit_path)
+    numbers = [e["details"]["journal"] for e in events]
+    assert sorted(numbers) == list(range(1, journal_size() + 1))  # each entry exactly once
+    by_action = {(e["event"], e["details"]["key_id"]) for e in events}
+    assert ("key.unrevoked", revoked_id) in by_action
+    assert ("key.deleted", keys.ids["expired"]) in by_action
+    exported = CliRunner().invoke(cli_app, ["audit", "export", "--db", str(audit_path)])
+    assert exported.exit_code == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    shown = {(r.get("event"), r.get("details", {}).get("key_id")) for r in lines}
+    assert {("key.unrevoked", revoked_id), ("key.deleted", keys.ids["expired"])} <= shown

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_create_list_revoke_and_the_journal(pg_db: pg.PgDatabase) -> None:
     changes = store.changes("gw-a")
     assert [c["action"] for c in changes] == ["key.created", "key.revoked"]
     assert changes[0]["name"] == "ward-app" and changes[0]["key_id"] == key.id
-    store.mark_audited("gw-a", int(str(changes[-1]["n"])))
+    store.mark_audited("gw-a", [int(str(c["n"])) for c in changes])
     assert store.changes("gw-a") == []
     assert len(store.changes("gw-b")) == 2  # each gateway copies the journal once
     with pytest.raises(KeyStoreError, match="no key with id nope"):
@@ -231,14 +232,14 @@ def test_roles_the_owner_migrates_the_gateway_reads_and_never_changes_a_key(
         early.refresh()  # no schema yet, and the gateway role may not make it
     done = keys_cli("migrate", "--db", pg_db.owner_url)
     assert done.returncode == 0, done.stderr
-    assert "keys schema at version 1" in done.stdout
+    assert f"keys schema at version {SCHEMA_VERSION}" in done.stdout
     assert pg_db.server.passwords[pg.OWNER] not in done.stdout
     key, token = PgKeyStore(pg_db.owner_url).create("ward-app", rpm=5)
     gateway = gateways(pg_db.gateway_url)
     gateway.refresh()
     assert Authenticator(gateway).authenticate(f"Bearer {token}").id == key.id
     assert [c["action"] for c in gateway.changes("gw-a")] == ["key.created"]
-    gateway.mark_audited("gw-a", 1)
+    gateway.mark_audited("gw-a", [1])
     with pytest.raises(KeyStoreError, match="permission denied"):
         PgKeyStore(pg_db.gateway_url).revoke(key.id)
     with pytest.raises(KeyStoreError, match="permission denied"):
@@ -301,3 +302,164 @@ def test_without_the_driver_the_commands_say_what_to_install(command: list[str])
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 2, output  # fail(): a configuration the command cannot use
     assert "pip install 'medserve[postgres]'" in output and "Traceback" not in output
+
+
+# Changes made by hand in psql, as the superuser or after SET ROLE: each is journaled once
+# by the database itself, with the key's non-secret fields and who made it.
+HAND_EDITS = [
+    # name, statements ({id}: the key's id), action journaled or None, changed columns
+    (
+        "revoke",
+        ["UPDATE auth_keys SET revoked = now() WHERE id = '{id}'"],
+        "key.revoked",
+        ["revoked"],
+    ),
+    (
+        "un-revoke",
+        [
+            "UPDATE auth_keys SET revoked = now() WHERE id = '{id}'",
+            "UPDATE auth_keys SET revoked = NULL WHERE id = '{id}'",
+        ],
+        "key.unrevoked",
+        ["revoked"],
+    ),
+    (
+        "widen",
+        ["UPDATE auth_keys SET role = 'admin', models = '{{*}}'"],
+        "key.changed",
+        ["models", "role"],
+    ),
+    (
+        "new secret",
+        ["UPDATE auth_keys SET secret_sha256 = '\\x00'"],
+        "key.changed",
+        ["secret_sha256"],
+    ),
+    ("no change", ["UPDATE auth_keys SET name = name"], None, None),
+    ("delete", ["DELETE FROM auth_keys"], "key.deleted", None),
+    ("truncate", ["TRUNCATE auth_keys"], "key.deleted", None),
+    (
+        "insert",
+        [
+            "INSERT INTO auth_keys (id, name, role, models, created, secret_sha256) "
+            "VALUES ('handmade0001', 'by-hand', 'admin', '{{*}}', now(), '\\x01')"
+        ],
+        "key.created",
+        None,
+    ),
+    (
+        "as another role",
+        ["SET ROLE medserve_owner", "UPDATE auth_keys SET revoked = now()"],
+        "key.revoked",
+        ["revoked"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "statements", "action", "changed"), HAND_EDITS, ids=[e[0] for e in HAND_EDITS]
+)
+def test_a_change_made_by_hand_is_journaled_once_by_the_database(
+    pg_db: pg.PgDatabase,
+    name: str,
+    statements: list[str],
+    action: str | None,
+    changed: list[str] | None,
+) -> None:
+    store = PgKeyStore(pg_db.owner_url)
+    key, _ = store.create("ward-app", models=["m1"], rpm=5)
+    [created] = store.changes("gw-a")  # the CLI path: journaled once, by the trigger too
+    assert (created["action"], created["db_user"]) == ("key.created", pg.OWNER)
+    store.mark_audited("gw-a", [int(str(created["n"]))])
+    with psycopg.connect(pg_db.superuser_url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement.format(id=key.id))
+    entries = store.changes("gw-a")
+    if action is None:
+        assert entries == []
+        return
+    last = entries[-1]
+    assert [e["action"] for e in entries][-1] == action
+    assert len(entries) == len(statements) - ("SET ROLE" in statements[0])
+    role = pg.OWNER if name == "as another role" else pg.SUPERUSER
+    assert (last["db_user"], last["db_session_user"]) == (role, pg.SUPERUSER)
+    assert last.get("changed") == changed
+    if action != "key.created":
+        assert last["key_id"] == key.id and last["name"] == "ward-app" and last["rpm"] == 5
+    assert "secret_sha256" not in last and "\\x00" not in json.dumps(last)
+    assert last.get("truncated") is (True if name == "truncate" else None)
+
+
+def test_an_entry_committed_after_a_later_one_is_still_copied(pg_db: pg.PgDatabase) -> None:
+    """An entry numbered first and committed last (key changes mostly commit in order, as
+    the generation row serialises them, but a journal entry is numbered before that lock
+    is taken) is still found: a 'highest number copied' mark would skip it for ever;
+    per-entry marks do not. The slow entry is written directly, standing for a change
+    whose transaction got its number first."""
+    store = PgKeyStore(pg_db.owner_url)
+    quick, _ = store.create("quick")
+    store.mark_audited("gw-a", [int(str(c["n"])) for c in store.changes("gw-a")])
+    with psycopg.connect(pg_db.superuser_url) as slow:
+        slow.execute(
+            "INSERT INTO auth_journal (action, key_id, details) VALUES ('key.changed', 'held', "
+            "'{}')"
+        )
+        store.revoke(quick.id)  # numbered after the open entry, committed before it
+        [first] = store.changes("gw-a")
+        assert first["key_id"] == quick.id
+        store.mark_audited("gw-a", [int(str(first["n"]))])
+        slow.commit()
+    [late] = store.changes("gw-a")
+    assert late["key_id"] == "held"
+    assert int(str(late["n"])) < int(str(first["n"]))
+
+
+GATEWAY_MARKS = [
+    # statement as the gateway role, refused?
+    ("INSERT INTO auth_copied (instance, n) VALUES ('gw-a', 1)", False),
+    ("UPDATE auth_copied SET n = 9999", True),
+    ("DELETE FROM auth_copied", True),
+    ("TRUNCATE auth_copied", True),
+    ("UPDATE auth_journal SET action = 'x'", True),
+    ("DELETE FROM auth_journal", True),
+    ("UPDATE auth_keys SET revoked = NULL", True),
+]
+
+
+@pytest.mark.parametrize(("statement", "refused"), GATEWAY_MARKS, ids=[s for s, _ in GATEWAY_MARKS])
+def test_the_gateway_role_may_only_add_copy_marks(
+    pg_db: pg.PgDatabase, statement: str, refused: bool
+) -> None:
+    """No mark a gateway can move: its credential adds marks, never changes or removes
+    one (the `UPDATE auth_audited SET last = 9999` of old), nor touches the journal."""
+    store = PgKeyStore(pg_db.owner_url)
+    store.create("ward-app")
+    with psycopg.connect(pg_db.gateway_url, autocommit=True) as conn:
+        if refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        else:
+            conn.execute(statement)
+    with psycopg.connect(pg_db.owner_url) as conn:
+        assert conn.execute("SELECT count(*) FROM auth_journal").fetchone() == (1,)
+        assert conn.execute("SELECT to_regclass('auth_audited')").fetchone() == (None,)
+
+
+def test_version_1_marks_carry_over_to_version_2(pg_db: pg.PgDatabase) -> None:
+    """A database migrated by the previous medserve (schema 1, Python-written journal, one
+    'last' mark per gateway) keeps its marks: nothing is copied twice after the upgrade."""
+    from medserve import pgsql
+    from medserve.auth.pgkeys import MIGRATIONS
+
+    with psycopg.connect(pg_db.owner_url, autocommit=True) as conn:
+        assert pgsql.migrate(conn, "keys", MIGRATIONS[:1]) == 1
+        for key_id in ("k1", "k2", "k3"):
+            conn.execute(
+                "INSERT INTO auth_journal (action, key_id, details) VALUES "
+                "('key.created', %s, '{}')",
+                (key_id,),
+            )
+        conn.execute("INSERT INTO auth_audited VALUES ('gw-a', 2)")
+    store = PgKeyStore(pg_db.owner_url)
+    assert [c["key_id"] for c in store.changes("gw-a")] == ["k3"]  # migrated on first use
+    assert [c["key_id"] for c in store.changes("gw-b")] == ["k1", "k2", "k3"]

@@ -7,9 +7,11 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medserve.auth import Authenticator, KeyStore
+from medserve.auth import keys as keys_module
 from medserve.cli import app
 
 runner = CliRunner()
@@ -101,3 +103,54 @@ def test_an_old_keys_database_is_migrated_and_its_keys_keep_working(tmp_path: Pa
     conn.close()
     assert columns.count("fallback") == 1
     assert KeyStore(db).all()[0].name == "ward-app"
+
+
+IDS = ("ed0433aa0001", "ed0433bb0002", "ff0012340003")
+
+
+@pytest.fixture
+def three_keys(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Three keys with the ids of IDS (two share the prefix ed0433) and long names."""
+    ids = iter(IDS)
+    monkeypatch.setattr(keys_module, "new_secret", lambda: (next(ids), "s" * 43))
+    long_name = "a-very-long-application-name-for-the-ward-discharge-summaries"
+    for i in range(3):
+        made = runner.invoke(app, ["keys", "create", "--name", f"{long_name}-{i}", "--json"])
+        assert made.exit_code == 0, made.stderr
+    return list(IDS)
+
+
+@pytest.mark.parametrize("columns", ["40", "80", "200"])
+def test_list_never_cuts_an_id(three_keys: list[str], columns: str) -> None:
+    shown = runner.invoke(app, ["keys", "list"], env={"COLUMNS": columns})
+    assert shown.exit_code == 0, shown.stderr
+    for key_id in three_keys:
+        assert key_id in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "revoked", "error"),
+    [
+        ("ff0012340003", "ff0012340003", None),  # the whole id
+        ("ff00", "ff0012340003", None),  # a unique prefix
+        ("ed0433b", "ed0433bb0002", None),
+        ("ed0433bb…", "ed0433bb0002", None),  # copied from a cut display
+        ("ed0433", None, "start of 2 keys' ids (ed0433aa0001, ed0433bb0002)"),  # ambiguous
+        ("ff0", None, "at least 4 characters"),  # unique but too short to be meant
+        ("ab12", None, "no key with id ab12"),
+    ],
+)
+def test_revoke_takes_an_id_or_a_unique_prefix(
+    three_keys: list[str], given: str, revoked: str | None, error: str | None
+) -> None:
+    done = runner.invoke(app, ["keys", "revoke", given], env={"COLUMNS": "200"})
+    listed = json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)
+    gone = [k["id"] for k in listed if k["revoked"]]
+    if error is None:
+        assert done.exit_code == 0, done.stderr
+        assert f"revoked key {revoked} (" in done.stdout
+        assert gone == [revoked]
+    else:
+        assert done.exit_code == 2
+        assert error in " ".join(done.stderr.split())
+        assert gone == []
