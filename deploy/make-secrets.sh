@@ -7,19 +7,26 @@
 # An existing file is never overwritten: rerunning is safe, rotating is deliberate.
 # Needs openssl. Git ignores both folders. Keep audit.key and audit-signing.key in escrow.
 #
-# The files are made readable by the containers' users (medserve runs as uid 10001,
-# PostgreSQL as 999, Grafana as 472, and compose bind-mounts secret files as they are):
-# the folder, mode 0700 and owned by you, is what keeps other users of the host out.
-# Kubernetes sets its own modes (defaultMode in the manifests).
+# Modes: every file stays writable by you (the guide's `printf %s 'PASSWORD' > FILE` to set
+# the password a database administrator chose works without root).
+#   compose (any DIR not under kubernetes/): 0644. compose bind-mounts secret files as they
+#     are, and the containers' users must read them (medserve uid 10001, PostgreSQL 999,
+#     Grafana 472); the folder, mode 0700 and owned by you, keeps other users of the host out.
+#   kubernetes: 0600. Only kustomize (you) reads them; the manifests set the modes inside
+#     the pods (defaultMode).
 set -euo pipefail
 dir="${1:?usage: $0 DIR}"
 install -d -m 0700 "$dir"
 cd "$dir"
+case "$dir" in
+  */kubernetes/*) mode=0600 ;;
+  *) mode=0644 ;;
+esac
 
 new() {  # new FILE COMMAND...: run COMMAND into FILE unless FILE exists
   local file="$1"; shift
   if [ -e "$file" ]; then echo "kept    $dir/$file"; return; fi
-  (umask 077; "$@" > "$file.tmp") && mv "$file.tmp" "$file" && chmod 0444 "$file"
+  (umask 077; "$@" > "$file.tmp") && mv "$file.tmp" "$file" && chmod "$mode" "$file"
   echo "created $dir/$file"
 }
 # No final newline: Kubernetes passes a Secret file byte for byte into PGPASSWORD.

@@ -36,7 +36,7 @@ from pydantic_settings import (
 )
 
 from medserve.engines import ENGINE_KINDS, EngineSpec
-from medserve.errors import ConfigError
+from medserve.errors import ConfigError, unusable_file
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -618,8 +618,11 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     ``overrides`` are CLI flags; ``None`` values mean "not given" and are dropped.
     """
     flags = {key: value for key, value in overrides.items() if value is not None}
-    if config is not None and not config.is_file():
-        raise ConfigError(f"config file not found: {config}")
+    try:
+        if config is not None and not config.is_file():
+            raise ConfigError(f"config file not found: {config}")
+    except OSError as exc:
+        raise ConfigError(unusable_file(exc, "config file", config)) from None
     # pydantic-settings reads the TOML path from the class config; a subclass per call
     # keeps Settings itself free of any global "current config file".
     source = type(
@@ -632,6 +635,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         return settings
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config} is not valid TOML: {exc}") from exc
+    except OSError as exc:  # a file that exists but cannot be read (mode, owner)
+        raise ConfigError(unusable_file(exc, "config file", config)) from None
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {describe(exc)}") from exc
 

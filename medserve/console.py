@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from medserve.errors import unusable_file
+
 if TYPE_CHECKING:
     from medserve.pgsql import Granted
 
@@ -23,8 +25,20 @@ AllowMissingRolesOpt = Annotated[
     ),
 ]
 
+
+# MEDSERVE_CONFIG names the file when --config is not given: the image sets it, so that a
+# server and the admin commands exec'd beside it read the same file (file < MEDSERVE_* env
+# < flags, medserve.config.load_settings).
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=False)
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MEDSERVE_CONFIG",
+        help="TOML settings file [env: MEDSERVE_CONFIG].",
+        show_envvar=False,
+        exists=False,
+    ),
 ]
 
 
@@ -86,3 +100,9 @@ def report_migration(what: str, version: int, where: str, granted: Granted, hint
             f"nothing granted: the role this command logs in as may not grant on the {what} "
             f"tables (it does not own them): {hint}"
         )
+
+
+def os_fail(exc: OSError, what: str, path: Path | str) -> typer.Exit:
+    """Fail (status 2) on a file the user named that cannot be used: one line naming
+    ``what`` and ``path``, the system's reason and the fix; no traceback."""
+    return fail(unusable_file(exc, what, path))

@@ -31,6 +31,7 @@ configuration or model registry is unusable (``medserve serve`` refuses to start
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -233,3 +234,18 @@ def headers(error: MedserveError) -> dict[str, str]:
     if isinstance(error, BodyTimeoutError):
         out["Connection"] = "close"
     return out
+
+
+def unusable_file(exc: OSError, what: str, path: object) -> str:
+    """One line for a file the user named that cannot be used: ``what``, the path, the
+    system's reason and the fix (a permission problem: the user, owner or mode)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (
+            "run as a user that may use it (the server's: `runuser -u medserve -- medserve "
+            "...`; in a container: `podman exec`, or a service that mounts it), or change "
+            "its owner or mode"
+        )
+    else:
+        fix = "check the path"
+    return f"cannot use the {what} {path}: {reason}; {fix}"

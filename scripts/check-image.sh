@@ -35,7 +35,7 @@ took() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]
 fail() { echo "check-image: FAILED: $*" >&2; exit 1; }
 cleanup() {
   for c in "$name-a" "$name-b" "$name-probe"; do podman rm -f -v -t 5 "$c" >/dev/null 2>&1 || true; done
-  for v in "$name-a" "$name-b"; do podman volume rm -f "$v" >/dev/null 2>&1 || true; done
+  for v in "$name-a" "$name-b" "$name-b-checkpoints"; do podman volume rm -f "$v" >/dev/null 2>&1 || true; done
   [ -n "${mnt:-}" ] && podman image unmount "$image" >/dev/null 2>&1 || true
   if [ -n "${gpu_image:-}" ]; then
     podman rmi "$gpu_image" "$gpu_image-build-cache" "$gpu_base" >/dev/null 2>&1 || true
@@ -79,9 +79,13 @@ if not hc.get("Test"):
     problems.append("no HEALTHCHECK (built without --format docker?)")
 if "/var/lib/medserve" not in (cfg.get("Volumes") or {}):
     problems.append("no volume at /var/lib/medserve")
-for k in ("MEDSERVE_AUDIT__PATH", "MEDSERVE_AUTH__KEYS_PATH", "MEDSERVE_STATE_DIR"):
-    if not env.get(k, "").startswith("/var/lib/medserve/"):
-        problems.append(f"{k}={env.get(k)!r} is not on the /var/lib/medserve volume")
+# Settings come from the file MEDSERVE_CONFIG names (a site mounts its own there); a
+# MEDSERVE_* setting baked as ENV would override that file silently.
+if env.get("MEDSERVE_CONFIG") != "/etc/medserve/medserve.toml":
+    problems.append(f"MEDSERVE_CONFIG={env.get('MEDSERVE_CONFIG')!r}")
+baked = sorted(k for k in env if k.startswith("MEDSERVE_") and k != "MEDSERVE_CONFIG")
+if baked:
+    problems.append(f"settings baked as ENV (they beat a mounted file): {baked}")
 for p in problems:
     print(f"  {sys.argv[3]}:", p)
 if not problems:
@@ -204,15 +208,41 @@ code="$(podman inspect --format '{{.State.ExitCode}}' "$name-a")"
 [ "$code" = 0 ] || fail "$name-a: exit code $code after SIGTERM (want 0)"
 echo "check-image: $name-a: uid $uid, audit.db on the volume, stopped by SIGTERM in $(took "$t0") (exit 0)"
 
-# B: hardened: read-only root, no capabilities, no privilege escalation.
+# B: hardened: read-only root, no capabilities, no privilege escalation; a site's settings
+# file mounted over the image's (it must take effect: no baked ENV may override it), with
+# the checkpoints on a second named volume (empty: it takes the image directory's owner).
 port_b="$(free_port)"
+cat > var/image-build/site.toml <<'TOML'
+host = "0.0.0.0"
+port = 8000
+models_dir = "/srv/medserve/models"
+state_dir = "/var/lib/medserve/state"
+[audit]
+path = "/var/lib/medserve/site-audit.db"
+checkpoint_file = "/var/lib/medserve-checkpoints/checkpoints.jsonl"
+checkpoint_every = 1
+[auth]
+keys_path = "/var/lib/medserve/site-keys.db"
+TOML
+chmod 0644 var/image-build/site.toml
 podman run -d --name "$name-b" -p "127.0.0.1:$port_b:8000" -v "$name-b:/var/lib/medserve" \
+  -v "$name-b-checkpoints:/var/lib/medserve-checkpoints" \
+  -v "$PWD/var/image-build/site.toml:/etc/medserve/medserve.toml:ro" \
   --read-only --cap-drop=ALL --security-opt no-new-privileges \
   "$image" >/dev/null 2> >(grep -v 'systemd connection' >&2)
 wait_health "$name-b" "$port_b"
 chat "$name-b" "$port_b"
 podman healthcheck run "$name-b" >/dev/null || fail "$name-b: podman healthcheck run"
 echo "check-image: $name-b (--read-only --cap-drop=ALL --security-opt no-new-privileges): healthy"
+for f in /var/lib/medserve/site-audit.db /var/lib/medserve/site-keys.db \
+    /var/lib/medserve-checkpoints/checkpoints.jsonl; do
+  podman exec "$name-b" test -s "$f" || fail "$name-b: the mounted settings file was not used: no $f"
+done
+podman exec "$name-b" test ! -e /var/lib/medserve/audit.db \
+  || fail "$name-b: audit.db written although the mounted settings file names site-audit.db"
+podman exec "$name-b" medserve audit verify >/dev/null \
+  || fail "$name-b: medserve audit verify (exec'd, reading the same settings file)"
+echo "check-image: $name-b: the mounted settings file took effect (audit log, keys, checkpoints on their volume); exec'd audit verify: intact"
 
 echo "check-image: size $(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'); layers:"
 podman history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | awk -F'\t' '$1 != "0 B"' \

@@ -74,7 +74,7 @@ stage_kubernetes() {  # stage_kubernetes DEST
   cp -r deploy/kubernetes "$1"
   local secrets="$1/base/secrets" f
   find "$secrets" -mindepth 1 ! -name README.md ! -name .gitignore -delete
-  for f in audit.key audit-signing.key db-gateway-password db-owner-password db-ca.crt; do
+  for f in audit.key audit-signing.key audit-signing.pub db-gateway-password db-owner-password db-ca.crt; do
     printf 'placeholder\n' > "$secrets/$f"
   done
 }

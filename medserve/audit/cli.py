@@ -42,6 +42,7 @@ from medserve.console import (
     check_roles,
     err,
     fail,
+    os_fail,
     report_migration,
     typer_app,
 )
@@ -77,15 +78,27 @@ def _settings(config: Path | None, db: str | None) -> AuditSettings:
         conf = conf.model_copy(update={"url": SecretStr(db)})
     elif db is not None:
         conf = conf.model_copy(update={"path": Path(db), "url": None})
-    if conf.url is None and not conf.path.is_file():
-        raise fail(f"no audit log at {conf.path}")
+    if conf.url is None:
+        try:
+            if not conf.path.is_file():
+                raise fail(f"no audit log at {conf.path}")
+            with conf.path.open("rb"):  # readable by this user (SQLite would only say
+                pass  # "unable to open database file")
+        except OSError as exc:
+            raise os_fail(exc, "audit log", conf.path) from None
     return conf
 
 
 def _secret(path: Path, what: str) -> bytes:
-    """A key that must already exist: reading the log never creates keys."""
-    if not path.is_file():
-        raise fail(f"the {what} {path} does not exist")
+    """A key that must already exist: reading the log never creates keys. A file that is
+    missing or unreadable fails the command (status 2) with one line naming it."""
+    try:
+        if not path.is_file():
+            raise fail(f"the {what} {path} does not exist")
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise os_fail(exc, what, path) from None
     try:
         return load_or_create_secret(path, what)
     except AuditKeyError as exc:
@@ -110,12 +123,17 @@ def verify_command(
     keys = ChainKeys.from_secret(_secret(key or conf.key_path(), "audit secret"))
     pub_path = public_key or signing_key_paths(conf.signing_key_path())[1]
     try:
-        pub = load_public_key(pub_path) if pub_path.is_file() or public_key else None
-        external = load_checkpoint_file(checkpoints) if checkpoints else []
+        pub = load_public_key(pub_path) if public_key or pub_path.is_file() else None
     except AuditKeyError as exc:
         raise fail(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise fail(f"cannot read checkpoints {checkpoints}: {type(exc).__name__}") from None
+    except OSError as exc:  # the default's directory cannot be searched
+        raise os_fail(exc, "public key", pub_path) from None
+    try:
+        external = load_checkpoint_file(checkpoints) if checkpoints else []
+    except OSError as exc:
+        raise os_fail(exc, "checkpoints file", str(checkpoints)) from None
+    except ValueError:
+        raise fail(f"the checkpoints file {checkpoints} is not JSON lines") from None
     if conf.url is not None:
         from medserve.audit import pgverify
 
@@ -182,6 +200,8 @@ def export_command(
         else:
             with out.open("w", encoding="utf-8", newline="") as f:
                 n = exporting.write(items, f, fmt)
+    except OSError as exc:
+        raise os_fail(exc, "output file", str(out)) from None
     finally:
         conn.close()
     err.print(f"{n} records", highlight=False)
@@ -238,8 +258,8 @@ def keygen_command(
     if content is not None:
         wanted.append((content, "content key"))
     for path, what in wanted:
-        existed = path.exists()
         try:
+            existed = path.exists()
             if what == "signing key":
                 pub = key_fingerprint(load_or_create_signing_key(path).public_key())
                 what = f"signing key (public key {path.with_suffix('.pub')}, id {pub})"
@@ -247,6 +267,8 @@ def keygen_command(
                 load_or_create_secret(path, what)
         except AuditKeyError as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            raise os_fail(exc, what, path) from None
         out.print(f"{'kept' if existed else 'created'} {what}: {path}", highlight=False)
 
 
@@ -272,7 +294,7 @@ def hash_command(
             messages = json.loads(data)
             data = chat_input([_chat_message(m) for m in messages])
     except OSError as exc:
-        raise fail(f"cannot read {file}: {exc.strerror}") from None
+        raise os_fail(exc, "file", file) from None
     except (ValueError, TypeError, KeyError):
         raise fail(f'{file} is not a JSON list of {{"role", "content"}} messages') from None
     sys.stdout.write(keys.text_hmac(data) + "\n")
@@ -312,7 +334,10 @@ def checkpoints_command(
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise os_fail(exc, "output file", out) from None
 
 
 @app.command("migrate")
@@ -383,8 +408,11 @@ def _pg_export(
         columns = exporting.PG_CSV_COLUMNS
         if out is None:
             return exporting.write(items, sys.stdout, fmt, columns)
-        with out.open("w", encoding="utf-8", newline="") as f:
-            return exporting.write(items, f, fmt, columns)
+        try:
+            with out.open("w", encoding="utf-8", newline="") as f:
+                return exporting.write(items, f, fmt, columns)
+        except OSError as exc:
+            raise os_fail(exc, "output file", out) from None
 
     n = _pg_read(url, run)
     err.print(f"{n} records", highlight=False)

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from medserve.errors import unusable_file
+
 log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
@@ -47,7 +49,16 @@ def _write_private(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     except OSError as exc:
-        raise AuditKeyError(f"cannot create the key file {path}: {exc.strerror}") from None
+        raise AuditKeyError(unusable_file(exc, "key file (to create)", path)) from None
+
+
+def _exists(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; a path that cannot even be looked at (a directory without
+    search permission, a name too long) is an :class:`AuditKeyError` naming it."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise AuditKeyError(unusable_file(exc, what, path)) from None
 
 
 def _read_hex_key(path: Path, what: str) -> bytes:
@@ -55,7 +66,7 @@ def _read_hex_key(path: Path, what: str) -> bytes:
         raw = path.read_text(encoding="ascii").strip()
         key = bytes.fromhex(raw)
     except OSError as exc:
-        raise AuditKeyError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        raise AuditKeyError(unusable_file(exc, what, path)) from None
     except ValueError:
         raise AuditKeyError(f"the {what} {path} is not {SECRET_BYTES} bytes of hex") from None
     if len(key) != SECRET_BYTES:
@@ -65,7 +76,7 @@ def _read_hex_key(path: Path, what: str) -> bytes:
 
 def load_or_create_secret(path: Path, what: str = "audit secret") -> bytes:
     """The 32-byte secret in ``path``; a new random one is written if the file is absent."""
-    if not path.exists():
+    if not _exists(path, what):
         _write_private(path, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
         log.warning(f"created a new {what}; keep a copy in escrow", extra={"path": str(path)})
     return _read_hex_key(path, what)
@@ -105,7 +116,7 @@ def signing_key_paths(path: Path) -> tuple[Path, Path]:
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 checkpoint key in ``path`` (PEM); created, with its ``.pub``, if absent."""
     private_path, public_path = signing_key_paths(path)
-    if not private_path.exists():
+    if not _exists(private_path, "signing key"):
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -116,11 +127,13 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
         try:
             public_path.write_bytes(public_pem(key.public_key()))
         except OSError as exc:
-            raise AuditKeyError(f"cannot write {public_path}: {exc.strerror}") from None
+            raise AuditKeyError(unusable_file(exc, "public key (to write)", public_path)) from None
         log.warning("created a new checkpoint signing key", extra={"path": str(private_path)})
     try:
         loaded = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise AuditKeyError(unusable_file(exc, "signing key", private_path)) from None
+    except ValueError as exc:
         what = type(exc).__name__
         raise AuditKeyError(f"cannot load the signing key {private_path}: {what}") from None
     if not isinstance(loaded, Ed25519PrivateKey):
@@ -139,7 +152,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise AuditKeyError(f"cannot read the public key {path}: {exc.strerror}") from None
+        raise AuditKeyError(unusable_file(exc, "public key", path)) from None
     try:
         if b"PRIVATE KEY" in data:
             private = serialization.load_pem_private_key(data, password=None)

@@ -28,10 +28,12 @@ from medserve.console import (
     ConfigOpt,
     check_roles,
     fail,
+    os_fail,
     report_migration,
     typer_app,
 )
 from medserve.errors import ConfigError
+from medserve.pgsql import is_postgres_url
 
 app = typer_app(help="API keys: who may ask what.", no_args_is_help=True)
 
@@ -47,12 +49,25 @@ DbOpt = Annotated[
 
 
 def _store(config: Path | None, db: str | None = None) -> KeyBackend:
-    if db is not None:
-        return open_keys(db)
     try:
-        return open_keys(load_settings(config).auth.keys_target())
+        target = db if db is not None else load_settings(config).auth.keys_target()
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if not (isinstance(target, str) and is_postgres_url(target)):
+        _check_file(Path(target))
+    return open_keys(target)
+
+
+def _check_file(path: Path) -> None:
+    """A SQLite keys database this user cannot open (every command writes: the schema, WAL)
+    fails the command with one line naming it, not with SQLite's "unable to open database
+    file" traceback. A missing file is created by the store."""
+    try:
+        if path.exists():
+            with path.open("r+b"):
+                pass
+    except OSError as exc:
+        raise os_fail(exc, "keys database", path) from None
 
 
 @app.command("create")

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -120,3 +122,75 @@ def test_keygen_creates_private_keys_once(tmp_path: Path) -> None:
     before = key.read_bytes()
     code, out, _ = cli(*args)
     assert code == 0 and out.count("kept") == 2 and key.read_bytes() == before
+
+
+# Files the user names that cannot be used: one line naming the file and the fix, exit 2,
+# never a traceback. "L" is a directory this user may not enter (chmod 000; as root, who
+# ignores modes, the EACCES is injected at the OS boundary, os.stat / io.open, for paths
+# under it); "LONG" a name the kernel refuses (ENAMETOOLONG, real for every user).
+UNUSABLE = [
+    ("audit verify --db {db} --key {L}/audit.key", "audit secret", "{L}/audit.key"),
+    ("audit verify --db {db} --key {LONG}", "audit secret", "{LONG}"),
+    ("audit verify --db {L}/audit.db", "audit log", "{L}/audit.db"),
+    ("audit verify --db {db} --public-key {L}/s.pub", "public key", "{L}/s.pub"),
+    ("audit verify --db {db} --checkpoints {L}/c.jsonl", "checkpoints", "{L}/c.jsonl"),
+    ("audit hash {L}/text.txt --key {key}", "file", "{L}/text.txt"),
+    ("audit hash {text} --key {L}/audit.key", "audit secret", "{L}/audit.key"),
+    ("audit export --db {db} --out {L}/out.jsonl", "output file", "{L}/out.jsonl"),
+    ("audit checkpoints --db {db} --out {L}/c.jsonl", "output file", "{L}/c.jsonl"),
+    ("audit keygen --key {L}/new.key --signing-key {L}/s.key", "audit secret", "{L}/new.key"),
+    ("keys list --db {L}/keys.db", "keys database", "{L}/keys.db"),
+    ("keys list --config {L}/medserve.toml", "config file", "{L}/medserve.toml"),
+]
+
+
+@pytest.fixture
+def locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    import errno
+    import os
+
+    where = tmp_path / "locked"
+    where.mkdir()
+    for name in ("audit.key", "audit.db", "s.pub", "c.jsonl", "text.txt", "medserve.toml"):
+        (where / name).write_text("x")
+    if os.geteuid() != 0:
+        where.chmod(0)
+        yield where
+        where.chmod(0o700)
+        return
+
+    def denied(path: Any) -> bool:
+        return isinstance(path, (str, Path)) and str(path).startswith(f"{where}/")
+
+    def guard(real: Any) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if denied(path):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", guard(os.stat))
+    monkeypatch.setattr(io, "open", guard(io.open))
+    yield where
+
+
+@pytest.mark.parametrize(("args", "what", "named"), UNUSABLE)
+def test_an_unusable_file_is_one_line_with_the_fix_and_exit_2(
+    args: str, what: str, named: str, db: Path, locked: Path, tmp_path: Path
+) -> None:
+    key = db.with_name("audit.key")
+    text = tmp_path / "text.txt"
+    text.write_text("hello")
+    names = {"db": db, "L": locked, "LONG": tmp_path / ("x" * 300), "key": key, "text": text}
+    result = runner.invoke(app, [a.format(**names) for a in args.split()])
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert f"{what} " in message
+    assert named.format(**names) in "".join(result.stderr.split())
+    reason = "File name too long" if "{LONG}" in named else "Permission denied"
+    assert reason in message
+    if reason == "Permission denied":
+        assert "runuser -u medserve" in message and "a user that may use it" in message

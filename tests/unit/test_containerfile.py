@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from medserve.config import Settings
+from medserve.config import Settings, load_settings
 from medserve.privacy import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +87,36 @@ def final(name: str) -> Stage:
     return parse(ROOT / name)[1][-1]
 
 
+SETTINGS_FILE = "/etc/medserve/medserve.toml"
+
+
+def image_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """What medserve in the image reads: the settings file the image ships, at the path its
+    MEDSERVE_CONFIG names, with the image's MEDSERVE_* variables (and no others) over it."""
+    stage = final(name)
+    env = stage.env()
+    assert env.get("MEDSERVE_CONFIG") == SETTINGS_FILE
+    sources = [a.split()[0] for a in stage.all("COPY") if a.split()[-1] == SETTINGS_FILE]
+    assert len(sources) == 1, "the settings file is copied to MEDSERVE_CONFIG once"
+    for key in [k for k in os.environ if k.startswith("MEDSERVE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("MEDSERVE_") and key != "MEDSERVE_CONFIG":
+            monkeypatch.setenv(key, value)
+    return load_settings(ROOT / sources[0])
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_settings_are_a_file_a_site_can_mount_not_env(name: str) -> None:
+    """ENV beats the file (file < env < flags): a MEDSERVE_* setting baked as ENV would
+    silently override the file a site mounts at MEDSERVE_CONFIG (the fresh user's finding)."""
+    baked = [k for k in final(name).env() if k.startswith("MEDSERVE_") and k != "MEDSERVE_CONFIG"]
+    assert not baked
+    cmd = " ".join(final(name).all("CMD") + final(name).all("ENTRYPOINT"))
+    # No flag on the command line either: a flag beats the file too.
+    assert "--" not in cmd.replace("[", " "), cmd
+
+
 @pytest.mark.parametrize("name", FILES)
 @pytest.mark.parametrize(("variable", "value"), sorted(OFFLINE_ENV.items()))
 def test_every_offline_variable_is_set_to_its_value(name: str, variable: str, value: str) -> None:
@@ -108,7 +138,13 @@ def test_exposes_only_the_api_port(name: str) -> None:
     stage = final(name)
     ports = [p for args in stage.all("EXPOSE") for p in args.split()]
     assert ports == ["8000"]
-    assert stage.env()["MEDSERVE_PORT"] == "8000"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_image_settings_listen_on_the_exposed_port(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert image_settings(name, monkeypatch).port == 8000
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -120,14 +156,15 @@ def test_healthcheck_asks_health_on_loopback(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_binds_all_interfaces_only_inside_the_container(name: str) -> None:
+def test_binds_all_interfaces_only_inside_the_container(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stage = final(name)
-    assert stage.env()["MEDSERVE_HOST"] == "0.0.0.0"
-    # Nothing else sets the address: not the command line, not another variable.
+    assert image_settings(name, monkeypatch).host == "0.0.0.0"
+    # Nothing else sets the address: not the command line, not a variable.
     cmd = " ".join(stage.all("CMD") + stage.all("ENTRYPOINT"))
     assert "--host" not in cmd and "0.0.0.0" not in cmd
-    others = {k: v for k, v in stage.env().items() if "0.0.0.0" in v and k != "MEDSERVE_HOST"}
-    assert not others
+    assert not {k: v for k, v in stage.env().items() if "0.0.0.0" in v}
     # Outside a container the server's own default stays loopback.
     assert Settings.model_fields["host"].default == "127.0.0.1"
 
@@ -139,17 +176,11 @@ def test_audit_keys_and_state_live_on_the_volume(
     stage = final(name)
     volumes = [v for args in stage.all("VOLUME") for v in args.split()]
     assert volumes == [VOLUME]
-    # The names must be ones medserve's settings model reads (a misspelled one would leave
-    # the log in the default var/audit.db, inside the container's writable layer).
-    for key in [k for k in os.environ if k.startswith("MEDSERVE_")]:
-        monkeypatch.delenv(key)
-    for key, value in stage.env().items():
-        if key.startswith("MEDSERVE_"):
-            monkeypatch.setenv(key, value)
-    settings = Settings()
+    # Read back through medserve's settings model: a misspelled key fails (extra="forbid")
+    # instead of leaving the log in the default var/audit.db, in the writable layer.
+    settings = image_settings(name, monkeypatch)
     for path in (settings.audit.path, settings.auth.keys_path, settings.state_dir):
         assert path.is_relative_to(VOLUME), path
-    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert settings.models_dir == Path("/srv/medserve/models")
 
 

@@ -10,7 +10,7 @@ on what ``kubectl kustomize`` renders for the base and each overlay, patches app
 - Services are ClusterIP and expose only port 8000 of medserve and vLLM.
 - NetworkPolicies: a default deny; no rule open to every peer, no 0.0.0.0/0 or ::/0.
 - Secrets: none committed inline; no password in an environment value or URL.
-- Compose: only medserve's port published beyond loopback (Grafana on 127.0.0.1), the
+- Compose: nothing published beyond loopback by default (medserve: MEDSERVE_PUBLISH), the
   other services on internal networks only, secrets from files.
 - The model registries in the ConfigMaps load with medserve's own registry loader.
 - No medserve container widens its egress guard (``MEDSERVE_EGRESS_ALLOW``): medserve
@@ -47,6 +47,7 @@ OVERLAYS = ("base", "overlays/cpu", "overlays/gpu")
 SECRET_FILES = (
     "audit.key",
     "audit-signing.key",
+    "audit-signing.pub",
     "db-gateway-password",
     "db-owner-password",
     "db-ca.crt",
@@ -285,12 +286,18 @@ def all_problems(docs: list[Doc], rendered: bool) -> list[str]:
 # ---- compose ---------------------------------------------------------------------------
 
 
+INTERPOLATED = re.compile(r"\$\{\w+(?::?-([^}]*))?\}")
+
+
 def published(entry: Any) -> tuple[str, str]:
-    """(host address, container port) of one compose `ports` entry."""
+    """(host address, container port) of one compose `ports` entry, with every variable
+    at its default (``${MEDSERVE_PUBLISH:-127.0.0.1}``: what an unconfigured stack does; a
+    variable without a default is empty, i.e. every address)."""
     if isinstance(entry, dict):
         return str(entry.get("host_ip", "0.0.0.0")), str(entry["target"])
-    parts = str(entry).split("/")[0].rsplit(":", 2)
-    host = parts[0] if len(parts) == 3 else "0.0.0.0"
+    text = INTERPOLATED.sub(lambda m: m.group(1) or "", str(entry))
+    parts = text.split("/")[0].rsplit(":", 2)
+    host = parts[0] if len(parts) == 3 and parts[0] else "0.0.0.0"
     return host.strip("[]"), parts[-1]
 
 
@@ -303,11 +310,14 @@ def compose_problems(stack: Doc) -> list[str]:
     for name, svc in stack["services"].items():
         for entry in svc.get("ports") or []:
             host, port = published(entry)
-            if name == "medserve":
-                if port != "8000":
-                    problems.append(f"medserve publishes container port {port}")
-            elif host not in LOOPBACK:
+            if name == "medserve" and port != "8000":
+                problems.append(f"medserve publishes container port {port}")
+            elif name != "medserve" and host not in LOOPBACK:
                 problems.append(f"{name} publishes {port} on {host}")
+            # medserve's port too stays on loopback by default: plain HTTP on every
+            # interface only when the operator asks (MEDSERVE_PUBLISH, with TLS on).
+            if name == "medserve" and host not in LOOPBACK:
+                problems.append(f"medserve publishes {port} on {host} by default")
         nets = set(svc.get("networks") or ["default"])
         if not svc.get("ports") and not nets <= internal:
             problems.append(f"{name} is on a network with a host side: {sorted(nets - internal)}")
@@ -380,6 +390,33 @@ def test_gpu_registry_points_at_the_rendered_vllm_services(tmp_path: Path) -> No
     hosts = {re.sub(r"^https?://([^:/]+).*$", r"\1", str(url)) for url in urls}
     assert len(urls) == len(spec.replicas) == 2
     assert hosts == {"vllm-0", "vllm-1"} and hosts <= services
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_startup_probe_outlasts_its_replicas_start(
+    overlay: str, tmp_path: Path
+) -> None:
+    """medserve answers nothing, not /health, until every replica started or its
+    start_timeout_s passed: a shorter startup window kills the gateways on a cold start."""
+    docs = render(overlay, tmp_path)
+    (registry,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("medserve-models")
+    ]
+    (tmp_path / "models").mkdir()
+    for name, text in registry["data"].items():
+        (tmp_path / "models" / name).write_text(text)
+    waits = [
+        float(getattr(r, "start_timeout_s", 0))
+        for spec in load_registry(tmp_path / "models")
+        for r in [*spec.replicas, *spec.fallback]
+    ]
+    probe = _container(docs, "medserve")["startupProbe"]
+    window = (
+        probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
+    )
+    assert window >= max(waits, default=0) + 60, (overlay, window, waits)
 
 
 @pytest.mark.parametrize(
@@ -504,6 +541,13 @@ BROKEN_COMPOSE = [
     ("grafana on every address", _svc("grafana", ports=["3000:3000"]), "on 0.0.0.0"),
     ("prometheus on a host network", _svc("prometheus", networks=["edge"]), "host side"),
     ("another medserve port", _svc("medserve", ports=["8000:8000", "9000:9000"]), "port 9000"),
+    ("medserve on every address", _svc("medserve", ports=["8000:8000"]), "on 0.0.0.0 by"),
+    (
+        "medserve widened by default",
+        _svc("medserve", ports=["${MEDSERVE_PUBLISH:-0.0.0.0}:8000:8000"]),
+        "on 0.0.0.0 by default",
+    ),
+    ("medserve on an unset variable", _svc("medserve", ports=["${HOST}:8000:8000"]), "0.0.0.0"),
     ("offline variable missing", _drop_offline, "DO_NOT_TRACK"),
     ("writable root fs", _svc("medserve", read_only=False), "read_only"),
     ("inline password", _svc("postgres", environment={"POSTGRES_PASSWORD": "x"}), "inline"),
