@@ -57,6 +57,7 @@ from medserve.audit.writer import AuditWriteError as AuditWriteError
 from medserve.audit.writer import ChainWriter, Row
 from medserve.audit.writer import Lost as Lost
 from medserve.audit.writer import StoreStats as StoreStats
+from medserve.sqlite_wal import use_wal
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def connect(
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(conn, timeout_s=busy_timeout_ms / 1000)
         conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return conn

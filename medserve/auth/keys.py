@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from medserve.audit.record import now
+from medserve.sqlite_wal import use_wal
 
 Role = Literal["user", "admin", "auditor"]
 ROLES: tuple[Role, ...] = ("user", "admin", "auditor")
@@ -243,7 +244,7 @@ class KeyStore:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.path.touch(mode=0o600)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
-        conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(conn)  # a server and a `medserve keys` command may open a new file together
         conn.executescript(SCHEMA)
         if _missing_columns(conn):
             # Another process may be migrating too: decide again inside the write lock.

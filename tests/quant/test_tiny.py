@@ -161,7 +161,16 @@ def test_ctrl_c_during_a_real_run_removes_the_work_directory(
     out = tmp_path / "artifact"
     cmd = [sys.executable, "-m", "medserve", "quantize", str(tiny_llama), "--to", "gptq",
            "--samples", "16", "--out", str(out), "--json"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even when this run's SIGINT is ignored: a shell
+    # that starts a command with `&` ignores SIGINT for it, and Python keeps an ignored
+    # SIGINT ignored (then the run finished, exit 0, under `bash .ci/run &`).
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         # Interrupt once the run is inside its work directory (bounded wait for it).
         deadline = time.monotonic() + 120
