@@ -15,11 +15,12 @@
 Targets (issue 4): >= 2,000 durable records/s; <= 5% p50 cost. Issue 19: the PostgreSQL
 store >= 5,000 durable records/s with 64 concurrent writers.
 
-Measured (2026-11-30, `--rounds 3`, this 2-core machine while a CI run shared it, load
-about 4): durable records/s with 64 writers: SQLite 9,276, PostgreSQL 6,251 (runs 5,413,
-6,251, 7,064); one writer: SQLite 381, PostgreSQL 223. Fake engine, 64 concurrent, p50:
-SQLite 223 ms, PostgreSQL 202 ms, audit off 252 ms (p90 361 / 326 / 347 ms): the load
-swamps the audit's cost; rerun on an idle machine for the ratios.
+Measured (2026-11-30, `--rounds 3`, this 2-core machine beside image builds, load 2-4,
+two runs): durable records/s with 64 writers: PostgreSQL 13,101 and 8,178, SQLite 15,066
+and 11,027; one writer: PostgreSQL 1,315 and 894, SQLite 1,584 and 1,612. Fake engine, 64
+concurrent, p50 SQLite / PostgreSQL / off: 231 / 154 / 181 ms and 245 / 205 / 192 ms (the
+load swamps the audit's cost); server CPU per request 1.52 / 1.43 / 1.26 ms and 2.06 /
+2.13 / 1.88 ms: the audit log costs about 0.2 ms of CPU a request on either store.
 
     .venv/bin/python tests/bench/audit.py [--rounds 5] [--engine fake|llamacpp] [--json]
 """
