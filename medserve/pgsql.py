@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     import psycopg
@@ -125,8 +126,6 @@ def passwords_of(url: str) -> list[str]:
 def scrub(text: str, url: str) -> str:
     """``text`` (a driver's error message) without the passwords of ``url``, in any form:
     as written, percent-decoded, and the pieces of them that a misparse would show."""
-    from urllib.parse import unquote
-
     forms = {f for secret in passwords_of(url) for f in (secret, unquote(secret))}
     forms |= {p for f in list(forms) for p in _CUTS.split(f) if len(p) >= _PIECE_MIN}
     for form in sorted(forms, key=len, reverse=True):  # whole before pieces
@@ -167,8 +166,6 @@ def hosts_of(url: str) -> list[str]:
     query = rest.split("?", 1)[1] if "?" in rest else ""
     listed = re.search(r"(?i)(?:^|&)host=([^&]*)", query)
     ports = re.search(r"(?i)(?:^|&)port=([^&]*)", query)
-    from urllib.parse import unquote
-
     names: list[str] = []
     if authority:
         for item in authority.split(","):
